@@ -1,0 +1,54 @@
+"""The ``blackmamba`` command.
+
+Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and ``run(args) -> int``;
+this file only lists them. User mistakes (missing files, bad values) print one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name → (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("blackmamba.info", "print a model's parameters (total/active), layer pattern and FLOPs per token"),
+}
+
+
+class UserError(Exception):
+    """A mistake on the command line or in the inputs: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blackmamba", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log backend choices and other details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    try:
+        return int(args._run(args) or 0)
+    except (UserError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        msg = str(e).strip() or type(e).__name__
+        print(f"blackmamba {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"blackmamba {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Mamba-1 selective-SSM mixer (H = hidden, I = expand·H, N = state, R = dt rank, K = conv width).
+
+    x, z   = split(in_proj(h), [I, I])
+    x      = silu(causal_conv1d(x) + conv_bias)
+    dt,B,C = split(x_proj(x), [R, N, N])
+    delta  = softplus(dt_proj(dt))                 (fp32)
+    y      = selective_scan(x, delta, -exp(A_log), B, C, D, z)
+    out    = out_proj(y)
+
+Recurrent state per sequence: conv (I, K-1) — the last K-1 conv inputs — and ssm (I, N) in fp32.
+A padding mask (b, l) zeroes the conv input and the step size at padded positions, so padding
+never reaches the conv or SSM state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.conv import causal_conv1d, causal_conv1d_step
+from ..ops.scan import selective_scan, selective_scan_step
+
+
+@dataclass
+class MambaState:
+    conv: torch.Tensor  # (b, I, K-1), model dtype
+    ssm: torch.Tensor  # (b, I, N), fp32
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, hidden_size: int, state_size: int = 16, conv_width: int = 4, expand: int = 2,
+                 dt_rank: int | None = None):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.d_inner = I = expand * hidden_size
+        self.state_size = N = state_size
+        self.conv_width = K = conv_width
+        self.dt_rank = R = dt_rank if dt_rank is not None else math.ceil(hidden_size / 16)
+        self.in_proj = nn.Linear(hidden_size, 2 * I, bias=False)
+        self.conv1d = nn.Conv1d(I, I, K, groups=I, padding=K - 1, bias=True)  # weight (I, 1, K)
+        self.x_proj = nn.Linear(I, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, I, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(I, 1))
+        self.D = nn.Parameter(torch.ones(I))
+        self.out_proj = nn.Linear(I, hidden_size, bias=False)
+        self.reset_dt(dt_min=1e-3, dt_max=0.1)
+
+    @torch.no_grad()
+    def reset_dt(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
+        """Mamba's initialisation: dt_proj weight U(±R^-1/2), softplus(bias) log-uniform in [dt_min, dt_max]."""
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def new_state(self, batch_size: int, dtype: torch.dtype, device) -> MambaState:
+        return MambaState(
+            conv=torch.zeros(batch_size, self.d_inner, self.conv_width - 1, dtype=dtype, device=device),
+            ssm=torch.zeros(batch_size, self.d_inner, self.state_size, dtype=torch.float32, device=device),
+        )
+
+    def _delta(self, dt: torch.Tensor) -> torch.Tensor:
+        # matmul in the model dtype, bias and softplus in fp32 (as the release's scan does)
+        return F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+
+    def forward(self, h: torch.Tensor, state: MambaState | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h (b, l, H) → (b, l, H); consumes and updates ``state`` in place when given."""
+        if state is not None and h.shape[1] == 1 and mask is None:
+            return self.step(h[:, 0], state).unsqueeze(1)
+        I, N, R = self.d_inner, self.state_size, self.dt_rank
+        x, z = self.in_proj(h).split([I, I], dim=-1)  # (b, l, I) each
+        if mask is not None:
+            x = x * mask.unsqueeze(-1).to(x.dtype)
+        x, conv_final = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias,
+                                      state.conv if state is not None else None)
+        x = F.silu(x)
+        dt, B, C = self.x_proj(x).split([R, N, N], dim=-1)
+        delta = self._delta(dt)  # (b, l, I) fp32
+        if mask is not None:
+            delta = delta * mask.unsqueeze(-1).to(delta.dtype)
+        A = -torch.exp(self.A_log.float())  # (I, N)
+        y, ssm_final = selective_scan(x, delta, A, B, C, self.D, z,
+                                      initial_state=state.ssm if state is not None else None)
+        if state is not None:
+            state.conv.copy_(conv_final.detach())
+            state.ssm.copy_(ssm_final.detach())
+        return self.out_proj(y)
+
+    def step(self, h: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """One token per sequence: h (b, H) → (b, H); updates ``state`` in place."""
+        I, N, R = self.d_inner, self.state_size, self.dt_rank
+        x, z = self.in_proj(h).split([I, I], dim=-1)  # (b, I)
+        x = F.silu(causal_conv1d_step(x, self.conv1d.weight[:, 0], self.conv1d.bias, state.conv))
+        dt, B, C = self.x_proj(x).split([R, N, N], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan_step(x, self._delta(dt), A, B, C, self.D, z, state.ssm)
+        return self.out_proj(y)

@@ -1,0 +1,20 @@
+"""Gated MLP (the release's expert and dense layer): fc2(act(a) * b) with a, b = split(fc1(x))."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACT = {"silu": F.silu, "gelu": F.gelu}  # gelu: exact (erf), as the released inference code
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str = "silu"):
+        super().__init__()
+        self.ffn_hidden_size = ffn_hidden_size
+        self.activation = activation
+        self.linear_fc1 = nn.Linear(hidden_size, 2 * ffn_hidden_size, bias=False)  # gate rows first
+        self.linear_fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, **_) -> torch.Tensor:
+        a, b = self.linear_fc1(x).chunk(2, dim=-1)
+        return self.linear_fc2(_ACT[self.activation](a) * b)

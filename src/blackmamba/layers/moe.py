@@ -1,0 +1,73 @@
+"""Top-1 routed mixture of gated-MLP experts (Switch style, dropless).
+
+Router: Linear(H, E) with bias; gate = sigmoid(router logits).
+- eval:  expert = argmax of sigmoid(logits) (the released inference code's choice);
+- train: expert = argmax of a Sinkhorn-balanced assignment of the detached fp32 logits
+  (``router_train_mode``: ``sinkhorn_blackmamba`` (default), ``sinkhorn`` (Megatron's vanilla), ``top1``).
+The output is expert(x) * sigmoid(chosen logit): the router learns through that gate only.
+Tokens are dispatched by sorting them by expert: one matmul pair per expert, no capacity, no dropping.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.sinkhorn import sinkhorn
+from .mlp import GatedMLP
+
+_SINKHORN_VARIANT = {"sinkhorn_blackmamba": "blackmamba", "sinkhorn": "vanilla"}
+
+
+def dispatch_sorted(x: torch.Tensor, expert_idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
+    """Apply ``experts[expert_idx[t]]`` to every row x[t]; x (T, H), expert_idx (T,) → (T, H)."""
+    T = x.shape[0]
+    order = torch.argsort(expert_idx, stable=True)
+    counts = torch.bincount(expert_idx, minlength=len(experts)).tolist()
+    xs = x[order]
+    outs, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            outs.append(experts[e](xs[start:start + c]))
+            start += c
+    out_sorted = torch.cat(outs, dim=0) if outs else x.new_zeros(0, x.shape[1])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(T, device=x.device)
+    return out_sorted[inverse]
+
+
+class MoE(nn.Module):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, activation: str = "silu",
+                 router_train_mode: str = "sinkhorn_blackmamba"):
+        super().__init__()
+        self.num_experts = num_experts
+        self.router_train_mode = router_train_mode
+        self.router = nn.Linear(hidden_size, num_experts, bias=True)
+        self.local_experts = nn.ModuleList(
+            GatedMLP(hidden_size, ffn_hidden_size, activation) for _ in range(num_experts))
+        # routing statistics of the last forward: tokens per expert (E,) and Sinkhorn iterations
+        self.last_stats: dict | None = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """x (T, H) → (expert index (T,), gate (T, 1), sinkhorn iterations)."""
+        logits = self.router(x)  # (T, E)
+        probs = torch.sigmoid(logits)
+        iters = 0
+        if self.training and self.router_train_mode != "top1":
+            assignment, iters = sinkhorn(logits, _SINKHORN_VARIANT[self.router_train_mode])
+            idx = assignment.argmax(dim=1)
+            gate = probs.gather(1, idx.unsqueeze(1))
+        else:
+            gate, idx = probs.max(dim=1, keepdim=True)
+            idx = idx.squeeze(1)
+        return idx, gate, iters
+
+    def forward(self, h: torch.Tensor, state=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        shape = h.shape
+        x = h.reshape(-1, shape[-1])
+        idx, gate, iters = self.route(x)
+        out = dispatch_sorted(x, idx, self.local_experts) * gate.to(x.dtype)
+        counted = idx if mask is None else idx[mask.reshape(-1).bool()]
+        self.last_stats = {"tokens_per_expert": torch.bincount(counted.detach(), minlength=self.num_experts),
+                           "sinkhorn_iters": iters}
+        return out.reshape(shape)

@@ -1,0 +1,228 @@
+"""The BlackMamba language model: embedding → N pre-norm residual blocks → final LayerNorm → tied head.
+
+Residual stream (as released; fp32 residual):
+
+    residual = h + residual (h for the first block)
+    h = mixer(RMSNorm(residual))
+    out = LayerNorm(h + residual);  logits = out @ embedding.weightᵀ
+
+Module names equal the release checkpoint's keys (``embedding.word_embeddings``,
+``decoder.layers.{i}.norm`` / ``.mixer``, ``decoder.final_layernorm``), so a release state dict loads as is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BlackMambaConfig
+from .layers import Attention, GatedMLP, MambaMixer, MoE, RMSNorm
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (b, l, padded vocab)
+    loss: torch.Tensor | None = None
+
+
+@dataclass
+class State:
+    """Recurrent state of a batch: one entry per layer (Mamba: conv + SSM; attention: KV; MLP/MoE: None)."""
+
+    layers: list = field(default_factory=list)
+    batch_size: int = 0
+    seqlen: int = 0  # tokens consumed so far
+
+    def nbytes(self) -> int:
+        total = 0
+        for s in self.layers:
+            if s is not None:
+                total += sum(t.numel() * t.element_size() for t in vars(s).values() if torch.is_tensor(t))
+        return total
+
+
+class Block(nn.Module):
+    def __init__(self, config: BlackMambaConfig, kind: str, experts: int):
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        if kind == "mamba":
+            self.mixer = MambaMixer(config.hidden_size, config.state_size, config.conv_width, config.expand,
+                                    config.dt_rank)
+        elif kind == "moe":
+            self.mixer = MoE(config.hidden_size, config.ffn_hidden_size, experts, config.mlp_activation,
+                             config.router_train_mode)
+        elif kind == "mlp":
+            self.mixer = GatedMLP(config.hidden_size, config.ffn_hidden_size, config.mlp_activation)
+        else:
+            self.mixer = Attention(config.hidden_size, config.num_heads)
+
+    def new_state(self, batch_size: int, dtype: torch.dtype, device):
+        if self.kind in ("mamba", "attention"):
+            return self.mixer.new_state(batch_size, dtype, device)
+        return None
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, hidden: int):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab, hidden)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: BlackMambaConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(config, kind, e) for kind, e in config.layer_kinds())
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=True)
+
+
+class BlackMambaLM(nn.Module):
+    """The language model. See DESIGN.md §3 for the public contract."""
+
+    def __init__(self, config: BlackMambaConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = Embedding(config.padded_vocab_size, config.hidden_size)
+        self.decoder = Decoder(config)
+        self.output_layer = (None if config.tie_embeddings
+                             else nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialisation for training from scratch (the release's scheme)."""
+        n = self.config.num_layers
+        nn.init.normal_(self.embedding.word_embeddings.weight, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for name, p in self.named_parameters():
+            # GPT-2 scheme: scale the projections that write into the residual stream by 1/sqrt(n_layers)
+            if name.endswith(("out_proj.weight", "linear_fc2.weight")):
+                p.div_(math.sqrt(n))
+        for module in self.modules():
+            if isinstance(module, MambaMixer):
+                module.reset_dt()  # dt_proj bias is not zero: log-uniform softplus(bias)
+                module.A_log.copy_(torch.log(torch.arange(1, module.state_size + 1, dtype=torch.float32))
+                                   .repeat(module.d_inner, 1))
+                module.D.fill_(1.0)
+                module.conv1d.reset_parameters()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.word_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.word_embeddings.weight.dtype
+
+    def new_state(self, batch_size: int = 1, dtype: torch.dtype | None = None, device=None) -> State:
+        """Fresh recurrent state for ``batch_size`` sequences (zeros: nothing consumed yet)."""
+        dtype = dtype or self.dtype
+        device = device or self.device
+        return State(layers=[blk.new_state(batch_size, dtype, device) for blk in self.decoder.layers],
+                     batch_size=batch_size, seqlen=0)
+
+    # ------------------------------------------------------------------ forward
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, length) integer tensor, got {shape}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: give at least one token per sequence")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        V = self.config.padded_vocab_size
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is out of range: the model's vocabulary has ids 0..{V - 1}")
+
+    def forward(self, input_ids: torch.Tensor, state: State | None = None,
+                attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids (b, l) → logits (b, l, V).
+
+        ``state``: consume the tokens from it and update it in place (chunked prefill and decode).
+        ``attention_mask`` (b, l): 1 for tokens, 0 for (left) padding, which then never reaches any state.
+        ``targets`` (b, l): also return the mean cross-entropy (positions with target -100 are ignored).
+        """
+        self._check_ids(input_ids)
+        b, l = input_ids.shape
+        if state is not None and state.batch_size != b:
+            raise ValueError(f"state was made for batch size {state.batch_size}, input has batch size {b}")
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                                 f"{tuple(input_ids.shape)}")
+            if not bool(attention_mask.all()):
+                mask = attention_mask.bool()
+        h = self.embedding.word_embeddings(input_ids.long())
+        residual = None
+        fp32 = self.config.residual_in_fp32
+        for i, blk in enumerate(self.decoder.layers):
+            residual = h if residual is None else h + residual
+            h = blk.norm(residual.to(blk.norm.weight.dtype))
+            if fp32:
+                residual = residual.float()
+            h = blk.mixer(h, state=state.layers[i] if state is not None else None, mask=mask)
+        residual = h + residual
+        fn = self.decoder.final_layernorm
+        h = fn(residual.to(fn.weight.dtype))
+        weight = self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+        logits = F.linear(h, weight)
+        if state is not None:
+            state.seqlen += l
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long(),
+                                   ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss)
+
+    # ------------------------------------------------------------------ routing statistics
+    def routing_stats(self) -> list[dict]:
+        """Per MoE layer, from the last forward: layer index, tokens per expert, Sinkhorn iterations."""
+        out = []
+        for i, blk in enumerate(self.decoder.layers):
+            if blk.kind == "moe" and blk.mixer.last_stats is not None:
+                out.append({"layer": i, **blk.mixer.last_stats})
+        return out
+
+    # ------------------------------------------------------------------ counts
+    def num_parameters(self, active: bool = False) -> int:
+        """Total parameters, or those used per token (one expert per MoE layer)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        for blk in self.decoder.layers:
+            if blk.kind == "moe":
+                per_expert = sum(p.numel() for p in blk.mixer.local_experts[0].parameters())
+                total -= per_expert * (blk.mixer.num_experts - 1)
+        return total
+
+    # ------------------------------------------------------------------ generation and checkpoints
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+        """Prompt + up to ``max_new_tokens`` new tokens, (b, l + n). See ``blackmamba.generation.generate``."""
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs):
+        """Yield the new tokens (b,) one step at a time. See ``blackmamba.generation.stream``."""
+        from .generation import stream
+
+        return stream(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    def save_pretrained(self, directory, **kwargs) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (atomically) to ``directory``."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, directory, **kwargs)

@@ -1,0 +1,11 @@
+"""Numerical ops, each with one contract and several backends (see ``ops.backend``)."""
+
+from .backend import available_backends, requested_backend, set_backend
+from .conv import causal_conv1d, causal_conv1d_step
+from .scan import selective_scan, selective_scan_reference, selective_scan_step
+from .sinkhorn import sinkhorn
+
+__all__ = [
+    "available_backends", "requested_backend", "set_backend", "causal_conv1d", "causal_conv1d_step",
+    "selective_scan", "selective_scan_reference", "selective_scan_step", "sinkhorn",
+]
