@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -191,7 +192,12 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
             return dict(obj)
     except CheckpointError:
         raise
-    except (OSError, SafetensorError, RuntimeError, KeyError, ValueError, json.JSONDecodeError) as e:
+    except pickle.UnpicklingError as e:
+        # weights_only=True refuses anything but tensors and plain containers: no pickled code runs
+        why = re.search(r"WeightsUnpickler error: ([^\n]*)", str(e))
+        raise CheckpointError(f"{directory}: unreadable weights (not a plain tensor pickle, refused: "
+                              f"{why.group(1).strip()[:160] if why else type(e).__name__})") from None
+    except (OSError, SafetensorError, RuntimeError, KeyError, ValueError, EOFError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{directory}: unreadable weights ({type(e).__name__}: {e})") from None
     raise CheckpointError(f"{directory}: no weights ({SAFETENSORS_NAME}, {SAFETENSORS_INDEX} or {RELEASE_WEIGHTS})")
 

@@ -20,6 +20,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         prev = xt.new_zeros(b, d, K - 1)
     else:
         prev = initial_state.to(xt.dtype)
+    if l == 0:
+        return x.new_zeros(b, 0, d), prev
     xs = torch.cat([prev, xt], dim=2)  # (b, d, l + K - 1)
     y = F.conv1d(xs, weight.unsqueeze(1).to(xt.dtype), bias.to(xt.dtype) if bias is not None else None, groups=d)
     final = xs[:, :, xs.shape[2] - (K - 1):]

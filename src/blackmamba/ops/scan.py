@@ -12,7 +12,7 @@ Contract (every backend):
 
     s_t = exp(delta_t * A) * s_{t-1} + delta_t * B_t * x_t          (state (b, d, n), fp32)
     y_t = <s_t, C_t> + D * x_t;  y_t *= silu(z_t) if z is given
-    y: (b, l, d) in x's dtype; final_state: (b, d, n) fp32
+    y: (b, l, d) in x's dtype; final_state: (b, d, n) fp32 (float64 for float64 inputs)
 
 The function is differentiable in every tensor argument (initial_state included).
 A position with delta = 0 and x = 0 leaves the state untouched: that is how padding is masked.
@@ -31,12 +31,13 @@ from . import backend as _backend
 
 
 def selective_scan_reference(x, delta, A, B, C, D=None, z=None, initial_state=None):
-    """The oracle: a plain sequential loop over time in fp32."""
+    """The oracle: a plain sequential loop over time in fp32 (float64 for float64 inputs)."""
     b, l, d = x.shape
     n = A.shape[1]
     dtype = x.dtype
-    xf, df, Af, Bf, Cf = x.float(), delta.float(), A.float(), B.float(), C.float()
-    s = initial_state.float() if initial_state is not None else xf.new_zeros(b, d, n)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    xf, df, Af, Bf, Cf = x.to(acc), delta.to(acc), A.to(acc), B.to(acc), C.to(acc)
+    s = initial_state.to(acc) if initial_state is not None else xf.new_zeros(b, d, n)
     ys = []
     for t in range(l):
         dt = df[:, t, :, None]  # (b, d, 1)
@@ -44,22 +45,23 @@ def selective_scan_reference(x, delta, A, B, C, D=None, z=None, initial_state=No
         ys.append((s * Cf[:, t, None, :]).sum(-1))  # (b, d)
     y = torch.stack(ys, dim=1) if ys else xf.new_zeros(b, 0, d)
     if D is not None:
-        y = y + xf * D.float()
+        y = y + xf * D.to(acc)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(acc))
     return y.to(dtype), s
 
 
 def selective_scan_step_reference(x, delta, A, B, C, D, z, state):
     """One token for every sequence of the batch; updates ``state`` in place."""
-    dt = delta.float().unsqueeze(-1)  # (b, d, 1)
-    s = torch.exp(dt * A.float()) * state.float() + (dt * x.float().unsqueeze(-1)) * B.float().unsqueeze(1)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = delta.to(acc).unsqueeze(-1)  # (b, d, 1)
+    s = torch.exp(dt * A.to(acc)) * state.to(acc) + (dt * x.to(acc).unsqueeze(-1)) * B.to(acc).unsqueeze(1)
     state.copy_(s)
-    y = (s * C.float().unsqueeze(1)).sum(-1)
+    y = (s * C.to(acc).unsqueeze(1)).sum(-1)
     if D is not None:
-        y = y + x.float() * D.float()
+        y = y + x.to(acc) * D.to(acc)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(acc))
     return y.to(x.dtype)
 
 

@@ -1,0 +1,141 @@
+"""Model contract: chunked state == one pass, greedy == argmax of full forwards, any prompt length."""
+
+import pytest
+import torch
+from conftest import SMALL, random_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blackmamba import BlackMambaConfig
+from blackmamba.generation import pad_prompts
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(BlackMambaConfig(**SMALL), seed=0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(l=st.integers(2, 20), data=st.data())
+def test_chunked_prefill_equals_full(model, l, data):
+    ids = torch.randint(0, 97, (2, l), generator=torch.Generator().manual_seed(l))
+    cut = data.draw(st.integers(1, l - 1))
+    with torch.no_grad():
+        full = model(ids).logits
+        state = model.new_state(batch_size=2)
+        a = model(ids[:, :cut], state=state).logits
+        b = model(ids[:, cut:], state=state).logits
+    torch.testing.assert_close(b, full[:, cut:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(a, full[:, :cut], rtol=0, atol=1e-5)
+    assert state.seqlen == l
+
+
+def test_token_by_token_decode_equals_full(model):
+    ids = torch.randint(0, 97, (3, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        state = model.new_state(batch_size=3)
+        steps = torch.cat([model(ids[:, t:t + 1], state=state).logits for t in range(12)], 1)
+    torch.testing.assert_close(steps, full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 2, 3, 4, 9])
+def test_greedy_generate_equals_repeated_full_forwards(model, prompt_len):
+    ids = torch.randint(0, 97, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape == (2, prompt_len + 8) and torch.equal(out[:, :prompt_len], ids)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(8):
+            nxt = model(seq).logits[:, -1, :97].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
+def test_padded_batch_equals_each_prompt_alone(model):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]
+    ids, mask = pad_prompts(prompts, pad_id=0)
+    batch = model.generate(ids, max_new_tokens=6, attention_mask=mask)
+    for i, p in enumerate(prompts):
+        alone = model.generate(torch.tensor([p]), max_new_tokens=6)
+        assert batch[i, ids.shape[1]:].tolist() == alone[0, len(p):].tolist()
+    with torch.no_grad():  # the logits of the real tokens agree too
+        padded = model(ids, attention_mask=mask).logits
+        alone = model(torch.tensor([prompts[2]])).logits
+    torch.testing.assert_close(padded[2, -3:], alone[0], rtol=0, atol=1e-5)
+
+
+def test_sampling_is_reproducible_with_a_seed(model):
+    ids = torch.tensor([[1, 2, 3]])
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.3, top_k=20, top_p=0.9, seed=7)
+    a, b = model.generate(ids, **kw), model.generate(ids, **kw)
+    assert torch.equal(a, b)
+    c = model.generate(ids, **{**kw, "seed": 8})
+    assert not torch.equal(a, c)
+
+
+def test_generation_never_emits_padding_rows():
+    cfg = BlackMambaConfig(**{**SMALL, "vocab_size": 90, "pad_vocab_size_multiple": 64})
+    m = random_model(cfg)
+    with torch.no_grad():
+        m.embedding.word_embeddings.weight[90:] = 50.0  # padded rows would win every argmax
+    out = m.generate(torch.tensor([[1, 2]]), max_new_tokens=5)
+    assert out.max() < 90
+
+
+def test_eos_stops_and_pads_with_eos(model):
+    ids = torch.tensor([[4, 5, 6]])
+    free = model.generate(ids, max_new_tokens=6)
+    eos = int(free[0, 4])
+    stopped = model.generate(ids, max_new_tokens=6, eos_token_id=eos)
+    assert stopped[0, -1] == eos and stopped.shape[1] <= free.shape[1]
+
+
+def test_bad_token_ids_and_shapes_are_named(model):
+    with pytest.raises(ValueError, match="token id 97 is out of range.*0..96"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match=r"\(batch, length\)"):
+        model(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="batch size 1"):
+        model(torch.tensor([[1], [2]]), state=model.new_state(batch_size=1))
+
+
+def test_loss_and_backward(model):
+    m = random_model(BlackMambaConfig(**SMALL), seed=3).train()
+    ids = torch.randint(0, 97, (2, 16))
+    out = m(ids[:, :-1], targets=ids[:, 1:])
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, p in m.named_parameters():
+        if "local_experts" not in name:  # experts that received no token have no gradient
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for blk in m.decoder.layers:
+        if blk.kind == "moe":
+            assert any(e.linear_fc1.weight.grad is not None for e in blk.mixer.local_experts)
+
+
+def test_attention_and_dense_layers_support_state():
+    cfg = BlackMambaConfig(layers=["a", "1", "r", "4", "a", "4"], hidden_size=32, vocab_size=50, ffn_hidden_size=32,
+                           num_heads=4)
+    m = random_model(cfg)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        full = m(ids).logits
+        st_ = m.new_state(2)
+        parts = [m(ids[:, :4], state=st_).logits] + [m(ids[:, t:t + 1], state=st_).logits for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-5)
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    ids, mask = pad_prompts(prompts)
+    batch = m.generate(ids, max_new_tokens=4, attention_mask=mask)
+    for i, p in enumerate(prompts):
+        assert batch[i, ids.shape[1]:].tolist() == m.generate(torch.tensor([p]), max_new_tokens=4)[0, len(p):].tolist()
+
+
+def test_state_size_is_independent_of_context(model):
+    state = model.new_state(batch_size=1)
+    before = state.nbytes()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 50)), state=state)
+    assert state.nbytes() == before
