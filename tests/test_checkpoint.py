@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 from conftest import SMALL, random_model, write_release_checkpoint
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import blackmamba
 from blackmamba import BlackMambaConfig, CheckpointError
@@ -200,3 +202,22 @@ def test_overrides_and_bad_overrides(model, tmp_path):
         blackmamba.load_pretrained(tmp_path, mlp_activation="tanh")
     with pytest.raises(CheckpointError, match="unknown config keys: colour"):
         blackmamba.load_pretrained(tmp_path, colour=1)
+
+
+@settings(max_examples=8, deadline=None)
+@given(pattern=st.lists(st.sampled_from(["r", "1", "2", "5", "11"]), min_size=1, max_size=4),
+       hidden=st.sampled_from([8, 16, 24]), vocab=st.integers(3, 70), state=st.integers(1, 6),
+       conv=st.integers(1, 5), expand=st.integers(1, 3), seed=st.integers(0, 99))
+def test_round_trips_for_random_architectures(tmp_path_factory, pattern, hidden, vocab, state, conv, expand, seed):
+    cfg = BlackMambaConfig(layers=pattern, hidden_size=hidden, vocab_size=vocab, state_size=state, conv_width=conv,
+                           expand=expand, ffn_hidden_size=8)
+    m = random_model(cfg, seed=seed)
+    d = tmp_path_factory.mktemp("rt")
+    m.save_pretrained(d / "native")
+    blackmamba.save_release(m, d / "release")
+    for sub in ("native", "release"):
+        loaded = blackmamba.load_pretrained(d / sub)
+        assert_same(m, loaded)
+    ids = torch.randint(0, vocab, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, blackmamba.load_pretrained(d / "release")(ids).logits)
