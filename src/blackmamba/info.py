@@ -17,6 +17,15 @@ def flops_per_token(cfg: BlackMambaConfig, context: int = 0) -> int:
     return matmul + scan + attn
 
 
+def compact_pattern(layers: list[str]) -> str:
+    """["r","8","r","8"] → '["r", "8"] × 2'; a pattern with no repeating unit is shown as is."""
+    n = len(layers)
+    for unit in range(1, n // 2 + 1):
+        if n % unit == 0 and layers == layers[:unit] * (n // unit):
+            return f"{layers[:unit]} × {n // unit}".replace("'", '"')
+    return str(layers).replace("'", '"')
+
+
 def describe(cfg: BlackMambaConfig) -> str:
     total, active = cfg.param_counts()
     counts: dict[str, int] = {}
@@ -27,7 +36,7 @@ def describe(cfg: BlackMambaConfig) -> str:
                 for k, _ in cfg.layer_kinds() if k == "mamba")
     lines = [
         f"layers          {cfg.num_layers}: {runs}",
-        f"pattern         {cfg.layers}",
+        f"pattern         {compact_pattern(cfg.layers)}",
         f"hidden / inner  {cfg.hidden_size} / {cfg.d_inner} (state {cfg.state_size}, conv {cfg.conv_width}, "
         f"dt rank {cfg.dt_rank_value})",
         f"ffn             {cfg.ffn_hidden_size} ({cfg.mlp_activation} gated)",
