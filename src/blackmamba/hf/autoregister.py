@@ -8,8 +8,9 @@ already imported and otherwise waits, through an import hook, until transformers
 
     AutoModelForCausalLM.from_pretrained(folder)   # no trust_remote_code needed
 
-The classes are also marked with ``register_for_auto_class``, so ``save_pretrained`` writes ``auto_map`` and
-copies the code: such a folder loads with ``trust_remote_code=True`` wherever blackmamba is installed.
+The classes also carry ``_auto_class`` (what ``register_for_auto_class`` sets), so ``save_pretrained`` writes
+``auto_map`` and copies the code: such a folder loads with ``trust_remote_code=True`` wherever blackmamba is
+installed, even in a process that never imported blackmamba.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ def register_config() -> None:
     from .configuration import BlackMambaConfig
 
     AutoConfig.register(BlackMambaConfig.model_type, BlackMambaConfig, exist_ok=True)
-    BlackMambaConfig.register_for_auto_class("AutoConfig")
 
 
 def register_model() -> None:
@@ -39,7 +39,6 @@ def register_model() -> None:
 
     register_config()
     AutoModelForCausalLM.register(BlackMambaConfig, BlackMambaForCausalLM, exist_ok=True)
-    BlackMambaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 _ACTIONS = {CONFIG_AUTO: register_config, MODEL_AUTO: register_model}

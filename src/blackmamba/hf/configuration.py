@@ -26,6 +26,8 @@ class BlackMambaConfig(PreTrainedConfig):
     """Architecture of a BlackMamba model; see ``blackmamba.config.BlackMambaConfig`` for each field."""
 
     model_type = "blackmamba"
+    # as register_for_auto_class("AutoConfig") would: save_pretrained writes auto_map and copies this code
+    _auto_class = "AutoConfig"
 
     layers: list[str] = field(default_factory=lambda: ["r", "8"] * 2)
     hidden_size: int = 64

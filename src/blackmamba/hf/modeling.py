@@ -62,6 +62,10 @@ class BlackMambaPreTrainedModel(PreTrainedModel):
 
 
 class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
+    # as register_for_auto_class("AutoModelForCausalLM") would: save_pretrained writes auto_map and copies the
+    # code, so a saved folder loads with trust_remote_code=True wherever blackmamba is installed
+    _auto_class = "AutoModelForCausalLM"
+
     def __init__(self, config: BlackMambaConfig):
         super().__init__(config)
         self._adopt(BlackMambaLM(config.to_core()))
