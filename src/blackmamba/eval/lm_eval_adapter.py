@@ -76,7 +76,8 @@ class BlackMambaEvalLM(TemplateLM):
         from tokenizers import Tokenizer
 
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(pretrained, tokenizer)
-        self._tokenizer_name = str(tokenizer if tokenizer is not None else pretrained)
+        self._tokenizer_name = ("tokenizers.Tokenizer" if isinstance(tokenizer, Tokenizer)
+                                else str(tokenizer if tokenizer is not None else pretrained))
         prefix = prefix_token_id(self.tokenizer)
         if prefix is None:
             raise ValueError("the tokenizer has no end-of-text (or BOS) special token, which lm-eval needs "
