@@ -10,6 +10,7 @@
 
 from .checkpoint import CheckpointError, load_pretrained, save_release
 from .config import PRESETS, BlackMambaConfig, ConfigError, preset
+from .hf.autoregister import install as _register_with_transformers
 from .model import BlackMambaLM, ModelOutput, State
 
 __version__ = "0.1.0"
@@ -18,3 +19,5 @@ __all__ = [
     "BlackMambaConfig", "BlackMambaLM", "CheckpointError", "ConfigError", "ModelOutput", "PRESETS", "State",
     "load_pretrained", "preset", "save_release", "__version__",
 ]
+
+_register_with_transformers()  # with AutoConfig / AutoModelForCausalLM, once transformers loads them

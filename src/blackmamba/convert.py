@@ -1,0 +1,133 @@
+"""``blackmamba convert SRC DST --to {native,release,hf}``: between checkpoint formats, losslessly.
+
+- ``native``:  config.json (model_type "blackmamba" + the config fields) + model.safetensors (sharded above
+  ``--max-shard-size``: model-0000i-of-0000n.safetensors + model.safetensors.index.json);
+- ``release``: the released format, config.json + pytorch_model.bin ({"model": state_dict});
+- ``hf``:      a transformers folder: what ``BlackMambaForCausalLM.save_pretrained`` writes — the native
+  files plus ``architectures`` / ``auto_map`` in config.json and the model code for ``trust_remote_code``.
+
+All formats share one key layout, so a conversion moves the very same tensors: no model is run and every
+tensor keeps its dtype and bits unless ``--dtype`` asks for another (then native / hf hold the SSM parameters
+A_log and D in fp32, as ``load_pretrained`` does; the release format holds everything in that dtype). SRC is checked
+against the architecture its config describes before anything is written. The output is assembled in a
+temporary folder next to DST and renamed into place, so an interrupted conversion leaves no partial DST.
+A ``tokenizer.json`` (and its companions) in SRC is copied along.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMATS = ("native", "release", "hf")
+DTYPES = ("float32", "bfloat16", "float16")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes → bytes."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"{text!r} is not a size: use e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    n = float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
+    if n < 1:
+        raise ValueError(f"size {text!r} must be at least one byte")
+    return int(n)
+
+
+def read_model(src):
+    """(model holding SRC's tensors exactly as stored, source format)."""
+    from .checkpoint import check_state_dict, read_config, read_state_dict, resolve_path
+    from .model import BlackMambaLM
+
+    directory = resolve_path(src)
+    config, fmt = read_config(directory)
+    sd = read_state_dict(directory)
+    with torch.device("meta"):
+        model = BlackMambaLM(config)
+    check_state_dict(model, sd, f"{src} ({fmt} format)")
+    model.load_state_dict(sd, strict=True, assign=True)  # assign: the stored tensors themselves, dtype and all
+    return model.eval(), fmt, directory
+
+
+def cast(model, to: str, dtype: torch.dtype) -> None:
+    """Cast the floating-point weights to ``dtype``; native / hf keep A_log and D in fp32."""
+    from .checkpoint import cast_model
+
+    if to == "release":
+        model.to(dtype)
+    else:
+        cast_model(model, dtype)
+
+
+def write(model, directory: Path, to: str, *, max_shard_bytes: int) -> None:
+    from .checkpoint import save_pretrained, save_release
+
+    if to == "native":
+        save_pretrained(model, directory, max_shard_bytes=max_shard_bytes)
+    elif to == "release":
+        save_release(model, directory)
+    else:
+        try:
+            from .hf.modeling import BlackMambaForCausalLM
+        except ImportError as e:
+            raise ValueError(f"--to hf needs transformers: pip install 'blackmamba[hf]' ({e})") from None
+        BlackMambaForCausalLM.from_core(model).save_pretrained(directory, max_shard_size=max_shard_bytes)
+
+
+def convert(src, dst, to: str, *, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9) -> str:
+    """Convert SRC (folder or hub id) into the new folder DST; returns SRC's format."""
+    if to not in FORMATS:
+        raise ValueError(f"--to {to!r}: choose one of {', '.join(FORMATS)}")
+    dst = Path(dst).expanduser()
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ValueError(f"{dst} already exists and is not an empty folder: choose a new destination")
+    model, fmt, directory = read_model(src)
+    if dtype is not None:
+        cast(model, to, dtype)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+    try:
+        write(model, tmp, to, max_shard_bytes=max_shard_bytes)
+        for name in TOKENIZER_FILES:
+            if (directory / name).is_file():
+                shutil.copyfile(directory / name, tmp / name)
+        if dst.exists():
+            dst.rmdir()  # empty, checked above
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return fmt
+
+
+# ----------------------------------------------------------------------------- command
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="checkpoint folder (native, release or transformers format) or hub id")
+    p.add_argument("dst", type=Path, help="new folder to write")
+    p.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    p.add_argument("--dtype", choices=DTYPES, help="cast floating-point weights (default: keep each tensor's dtype)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="native / hf: split the safetensors file above this size (default 5GB)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import UserError
+
+    try:
+        max_shard = parse_size(args.max_shard_size)
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        fmt = convert(args.src, args.dst, args.to, dtype=dtype, max_shard_bytes=max_shard)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    files = sorted(p.name for p in args.dst.iterdir())
+    size = sum(p.stat().st_size for p in args.dst.iterdir())
+    print(f"{args.src} ({fmt} format) → {args.dst} ({args.to} format): {', '.join(files)} ({size / 1e6:,.1f} MB)")
+    return 0
