@@ -74,8 +74,8 @@ def _check(ins, atol_y=1e-4, atol_g=1e-3, rtol=1e-4, use_y=True, use_h=True):
 
 
 def test_all_inputs_fp32_multi_chunk_ragged_sizes():
-    # l spans three chunks, the last one partial; d is not a multiple of the channel block
-    _check(_inputs(1, 70, 20, 16))
+    # l spans two chunks, the last one partial; d is not a multiple of the channel blocks
+    _check(_inputs(2, 40, 20, 16))
 
 
 def test_optional_inputs_absent():
@@ -93,7 +93,7 @@ def test_gradient_through_final_state_only_and_output_only():
 
 
 def test_bf16_inputs_against_reference_on_the_same_inputs():
-    ins = _inputs(2, 40, 20, 16, dtype=torch.bfloat16, seed=4)
+    ins = _inputs(1, 40, 20, 16, dtype=torch.bfloat16, seed=4)
     _check(ins, atol_y=3e-2, rtol=2e-2, atol_g=3e-2)
 
 
