@@ -126,3 +126,26 @@ def test_graph_is_recaptured_when_a_weight_is_replaced():
 @requires_cuda
 def test_graphs_disabled_for_attention_models():
     assert not graphs_enabled(_model(layers=("r", "a")))
+
+
+def test_failed_capture_falls_back_to_eager_once(monkeypatch, caplog):
+    import blackmamba.cuda_graphs as cg
+
+    calls = []
+
+    def failing(model, batch_size):
+        calls.append(batch_size)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cg, "GraphedDecode", failing)
+    monkeypatch.setattr(cg, "graphs_enabled", lambda model: True)
+    model = _model()
+    with caplog.at_level("WARNING", logger="blackmamba"):
+        state, step = cg.decode_stepper(model, 2)
+        cg.decode_stepper(model, 2)
+    assert calls == [2] and "capture failed" in caplog.text
+    ids = torch.randint(0, 256, (2, 3), device=DEVICE)
+    model(ids, state=state)
+    (ref_state,) = _prefilled(model, ids, 1)
+    tok = torch.tensor([1, 2], device=DEVICE)
+    assert torch.equal(step(tok), model(tok[:, None], state=ref_state).logits[:, -1])

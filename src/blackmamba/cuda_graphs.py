@@ -8,12 +8,14 @@ the eager ``decode_step`` runs, so greedy output is the same.
 
 ``decode_stepper(model, batch_size)`` is what generation uses: on CUDA (and with Triton, and a model of
 Mamba / MoE / MLP layers) it returns the graphed step, cached on the model per batch size and
-recaptured when a weight is replaced; elsewhere, or with ``BLACKMAMBA_CUDA_GRAPHS=0``, the eager model
-call. The returned logits buffer is overwritten by the next step.
+recaptured when a weight is replaced; elsewhere, with ``BLACKMAMBA_CUDA_GRAPHS=0``, or if the capture
+fails (logged as a warning), the eager model call. The returned logits buffer is overwritten by the
+next step.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable
 
@@ -21,6 +23,8 @@ import torch
 
 from .decode import decode_step
 from .ops.gpu import triton_available
+
+log = logging.getLogger("blackmamba")
 
 GRAPHABLE_KINDS = ("mamba", "moe", "mlp")  # attention's KV cache grows, so its step has no fixed shape
 
@@ -79,21 +83,27 @@ def _weights_key(model) -> tuple:
     return tuple((p.data_ptr(), p.dtype) for p in model.parameters())
 
 
-def graphed_decode(model, batch_size: int) -> GraphedDecode:
-    """The cached ``GraphedDecode`` of ``model`` for ``batch_size``; recaptured if a weight was replaced."""
+def graphed_decode(model, batch_size: int) -> GraphedDecode | None:
+    """The cached ``GraphedDecode`` of ``model`` for ``batch_size``, recaptured if a weight was replaced;
+    None if the capture failed (logged once per weights and batch size)."""
     cache = model.__dict__.setdefault("_graphed_decode", {})
     key = _weights_key(model)
     entry = cache.get(batch_size)
     if entry is None or entry[0] != key:
         cache.pop(batch_size, None)
-        cache[batch_size] = (key, GraphedDecode(model, batch_size))
+        try:
+            runner = GraphedDecode(model, batch_size)
+        except RuntimeError as e:  # a kernel that cannot be captured: decode eagerly rather than fail
+            log.warning("blackmamba: CUDA-graph capture failed (%s); decoding without a graph", e)
+            runner = None
+        cache[batch_size] = (key, runner)
     return cache[batch_size][1]
 
 
 def decode_stepper(model, batch_size: int) -> tuple[object, Callable[[torch.Tensor], torch.Tensor]]:
     """(fresh state, step) for generation: step(tokens (b,)) → next logits (b, V), updating the state."""
-    if graphs_enabled(model):
-        runner = graphed_decode(model, batch_size)
+    runner = graphed_decode(model, batch_size) if graphs_enabled(model) else None
+    if runner is not None:
         return runner.reset(), runner
     state = model.new_state(batch_size)
     return state, lambda tokens: model(tokens[:, None], state=state).logits[:, -1]
