@@ -5,9 +5,10 @@ whether ``@triton.jit`` compiles for the GPU or interprets (``TRITON_INTERPRET=1
 same tests run the compiled kernels on CUDA tensors.
 
 The interpreter evaluates ``tl.associative_scan`` with a user combine function one element at a time
-in Python (about a millisecond per element), which would make the scan tests take minutes. ``speed_up``
-replaces that loop with one that walks the scan axis and applies the same combine function to whole
-slices: the same sequential order of combines along the axis, vectorised across the other axes.
+in Python (about a millisecond per element), which would make the scan tests take many minutes.
+``speed_up_interpreter`` replaces that loop with a Hillis-Steele scan that applies the same combine
+function to whole arrays, log2(n) times: for an associative combine the same result up to rounding
+(the compiled GPU scan also combines in a tree, not left to right).
 """
 
 from __future__ import annotations
@@ -29,23 +30,25 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 def _vectorised_generic_scan(self, input):
-    datas = [arg.handle.data for arg in input]
+    # Hillis-Steele: after the step with offset k every element holds the combination of the (up to) 2k
+    # elements ending at it, earlier ones on the left — the same combine function, log2(n) whole-array
+    # calls (rolled copies keep the power-of-two block shapes; the wrapped-around part is discarded)
     dtypes = [arg.dtype for arg in input]
     axis = self.axis
-    outs = [np.empty_like(d) for d in datas]
-
-    def part(arrays, i):
-        return [self.to_tensor(np.take(a, [i], axis=axis), dt) for a, dt in zip(arrays, dtypes)]
-
-    acc = part(datas, 0)
-    for j, a in enumerate(acc):
-        np.put_along_axis(outs[j], np.zeros_like(a.handle.data, dtype=np.int64), a.handle.data, axis=axis)
-    for i in range(1, datas[0].shape[axis]):
-        ret = self.combine_fn.fn(*acc, *part(datas, i))
-        acc = list(ret) if isinstance(ret, tuple) else [ret]
-        for j, a in enumerate(acc):
-            np.put_along_axis(outs[j], np.full(a.handle.data.shape, i, dtype=np.int64), a.handle.data, axis=axis)
-    return [self.to_tensor(o, dt) for o, dt in zip(outs, dtypes)]
+    cur = [arg.handle.data for arg in input]
+    n = cur[0].shape[axis]
+    shape = [1] * cur[0].ndim
+    shape[axis] = n
+    index = np.arange(n).reshape(shape)
+    offset = 1
+    while offset < n:
+        earlier = [self.to_tensor(np.roll(c, offset, axis=axis), dt) for c, dt in zip(cur, dtypes)]
+        later = [self.to_tensor(c, dt) for c, dt in zip(cur, dtypes)]
+        ret = self.combine_fn.fn(*earlier, *later)
+        ret = ret if isinstance(ret, tuple) else (ret,)
+        cur = [np.where(index >= offset, r.handle.data, c).astype(c.dtype) for c, r in zip(cur, ret)]
+        offset *= 2
+    return [self.to_tensor(c, dt) for c, dt in zip(cur, dtypes)]
 
 
 def speed_up_interpreter() -> None:
