@@ -61,12 +61,21 @@ def test_grouped_dispatch_with_no_tokens():
     assert out.shape == (0, 32)
 
 
+@pytest.fixture
+def small_gemv_blocks(monkeypatch):
+    """Blocks small enough that tiny experts still span several row blocks and reduction slices."""
+    from blackmamba.ops import triton_moe
+
+    monkeypatch.setattr(triton_moe, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(triton_moe, "BLOCK_K", 16)
+
+
 @requires_triton
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
-def test_expert_gemv_matches_sorted_dispatch_times_gate(activation):
+def test_expert_gemv_matches_sorted_dispatch_times_gate(activation, small_gemv_blocks):
     from blackmamba.ops.triton_moe import expert_gemv
 
-    moe = _moe(activation, H=40, F=136)  # F spans two reduction slices, H three row blocks (ragged)
+    moe = _moe(activation, H=40, F=22)  # ragged: H spans 3 slices of 16, F 6 row blocks of 4
     x = torch.randn(5, 40, device=DEVICE)
     idx = torch.tensor([2, 0, 2, 3, 2], device=DEVICE)
     gate = torch.rand(5, device=DEVICE)
@@ -77,7 +86,7 @@ def test_expert_gemv_matches_sorted_dispatch_times_gate(activation):
 
 
 @requires_triton
-def test_expert_gemv_bf16_and_table_cache():
+def test_expert_gemv_bf16_and_table_cache(small_gemv_blocks):
     from blackmamba.ops.triton_moe import expert_gemv, expert_tables
 
     moe = _moe().to(torch.bfloat16)
