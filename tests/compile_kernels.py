@@ -13,7 +13,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from blackmamba.ops import triton_moe, triton_scan, triton_step
+from blackmamba.ops import triton_moe, triton_norm, triton_scan, triton_step
 
 BF, F32, I64 = "*bf16", "*fp32", "*i64"
 
@@ -59,6 +59,11 @@ def kernels():
            dict(HAS_BIAS=True, SILU=True, BD=st.BLOCK_D, BK=4), 4)
     yield ("expert fc1", tm._fc1_kernel, dict(x_ptr=BF, idx_ptr=I64, tab_ptr=I64, out_ptr=BF),
            dict(W_DTYPE=tl.bfloat16, GELU=False, BR=tm.BLOCK_ROWS, BK=tm.BLOCK_K), 4)
+    yield ("router top-1", tm._router_kernel, dict(x_ptr=BF, w_ptr=BF, b_ptr=BF, gate_ptr=BF, idx_ptr=I64),
+           dict(BE=8, BK=512), 4)
+    yield ("add + rmsnorm", triton_norm._add_rmsnorm_kernel,
+           dict(h_ptr=BF, res_ptr=F32, w_ptr=BF, out_ptr=BF, res_out_ptr=F32, eps="fp32"),
+           dict(HAS_RES=True, BH=2048), 4)
     yield ("expert fc2", tm._fc2_kernel, dict(a_ptr=BF, idx_ptr=I64, gate_ptr=BF, tab_ptr=I64, out_ptr=BF),
            dict(W_DTYPE=tl.bfloat16, BR=tm.BLOCK_ROWS, BK=tm.BLOCK_K), 4)
 

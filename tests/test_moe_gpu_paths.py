@@ -116,3 +116,18 @@ def test_expert_gemv_rejects_mixed_dtypes():
     with pytest.raises(ValueError, match="one dtype"):
         expert_gemv(torch.zeros(1, 32, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE),
                     torch.ones(1, device=DEVICE), moe.local_experts)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_top1_matches_the_layer_routing(dtype):
+    from blackmamba.ops.triton_moe import route_top1
+
+    moe = _moe(E=5).to(dtype).eval()  # 5 experts: not a power of two
+    x = torch.randn(7, 32, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        gate, idx = route_top1(x, moe.router)
+        ref_idx, ref_gate, _ = moe.route(x)
+    assert idx.dtype == torch.int64 and gate.dtype == dtype
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(gate, ref_gate[:, 0], atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=1e-2)

@@ -75,6 +75,46 @@ def _fc2_kernel(a_ptr, idx_ptr, gate_ptr, tab_ptr, out_ptr, H, F, sa_t, so_t,
     tl.store(out_ptr + t * so_t + offs_h, acc.to(out_ptr.dtype.element_ty), mask=mask_h)
 
 
+@triton.jit
+def _router_kernel(x_ptr, w_ptr, b_ptr, gate_ptr, idx_ptr, H, E, sx_t, sw_e,
+                   BE: tl.constexpr, BK: tl.constexpr):
+    # logits = x·Wᵀ + b (rounded to x's dtype, as nn.Linear returns them), gate = max sigmoid, its index
+    t = tl.program_id(0)
+    offs_e = tl.arange(0, BE)
+    mask_e = offs_e < E
+    acc = tl.zeros((BE,), dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mask_k = offs_k < H
+        xv = tl.load(x_ptr + t * sx_t + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_e[:, None] * sw_e + offs_k[None, :], mask=mask_e[:, None] & mask_k[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(w * xv[None, :], axis=1)
+    acc += tl.load(b_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    logits = acc.to(gate_ptr.dtype.element_ty).to(tl.float32)
+    probs = tl.sigmoid(logits).to(gate_ptr.dtype.element_ty).to(tl.float32)
+    probs = tl.where(mask_e, probs, -1.0)
+    gate, idx = tl.max(probs, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(gate_ptr + t, gate.to(gate_ptr.dtype.element_ty))
+    tl.store(idx_ptr + t, idx.to(tl.int64))
+
+
+def route_top1(x: torch.Tensor, router: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference routing in one kernel: (gate (T,) in x's dtype, expert index (T,) int64) =
+    max / argmax of sigmoid(router(x)) — what ``layers.moe.MoE.route`` does in eval mode."""
+    T, H = x.shape
+    E = router.weight.shape[0]
+    x = x if x.stride(1) == 1 else x.contiguous()
+    w = router.weight if router.weight.stride(1) == 1 else router.weight.contiguous()
+    gate = torch.empty(T, dtype=x.dtype, device=x.device)
+    idx = torch.empty(T, dtype=torch.int64, device=x.device)
+    ctx = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with ctx:
+        _router_kernel[(T,)](x, w, router.bias, gate, idx, H, E, x.stride(0), w.stride(0),
+                             BE=triton.next_power_of_2(E), BK=min(triton.next_power_of_2(H), 512), num_warps=4)
+    return gate, idx
+
+
 def _address_table(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64, device=weights[0].device)
 

@@ -38,7 +38,7 @@ def _ssm_update_kernel(
     DIM, N,
     ss_b, ss_d, ss_n, sx_b, sx_d, sdt_b, sdt_d, sA_d, sA_n, sB_b, sB_n, sC_b, sC_n, sz_b, sz_d, sy_b, sy_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BD: tl.constexpr, BN: tl.constexpr,
+    A_IS_LOG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BD + tl.arange(0, BD)  # (BD,)
@@ -55,6 +55,8 @@ def _ssm_update_kernel(
     if SOFTPLUS:
         dt = _softplus(dt)
     A = tl.load(A_ptr + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mask_dn, other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
     Bv = tl.load(B_ptr + pid_b * sB_b + offs_n * sB_n, mask=mask_n, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + pid_b * sC_b + offs_n * sC_n, mask=mask_n, other=0.0).to(tl.float32)
     s = tl.exp(dt[:, None] * A) * s + (dt * x)[:, None] * Bv[None, :]  # (BD, BN)
@@ -103,11 +105,13 @@ def _launch_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def ssm_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, softplus: bool = False):
+def ssm_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, softplus: bool = False,
+               a_is_log: bool = False):
     """One SSM step for every sequence: updates ``state`` (b, d, n) in place, returns y (b, d) in x's dtype.
 
     ``dt`` is the step size itself (``softplus=False``), or the pre-activation whose
     ``softplus(dt + dt_bias)`` is the step size (``softplus=True``, as the mixer computes it).
+    ``a_is_log``: ``A`` holds the mixer's ``A_log`` and the kernel uses -exp(A_log) (saves two kernels).
     """
     b, d = x.shape
     n = A.shape[1]
@@ -121,7 +125,7 @@ def ssm_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, softplus: bo
             d, n, *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
             *zz.stride(), *y.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=softplus,
-            BD=BLOCK_D, BN=triton.next_power_of_2(n), num_warps=4,
+            A_IS_LOG=a_is_log, BD=BLOCK_D, BN=triton.next_power_of_2(n), num_warps=4,
         )
     return y
 
