@@ -41,17 +41,18 @@ class GraphedDecode:
             raise ValueError(f"CUDA-graph decode supports layers {GRAPHABLE_KINDS}, the model has {sorted(kinds)}")
         self.state = model.new_state(batch_size)
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
-        # warm up on a side stream: compiles the Triton kernels, creates cuBLAS handles and the MoE
-        # address tables, none of which may happen during capture
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                decode_step(model, self.tokens, self.state, fused=True)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = decode_step(model, self.tokens, self.state, fused=True)  # (b, V), static
+        with torch.cuda.device(device):
+            # warm up on a side stream: compiles the Triton kernels, creates cuBLAS handles and the MoE
+            # address tables, none of which may happen during capture
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    decode_step(model, self.tokens, self.state, fused=True)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = decode_step(model, self.tokens, self.state, fused=True)  # (b, V), static
         self.reset()
 
     def reset(self):
