@@ -18,6 +18,7 @@ All baselines are measured in the same run, on the same GPU:
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Callable
@@ -135,76 +136,83 @@ def _random_model(preset_name: str, device: torch.device, dtype=torch.bfloat16, 
     return cast_model(model, dtype).eval()
 
 
-def bench_decode(device: torch.device, bandwidth: float, quick: bool, presets=DECODE_PRESETS) -> list[dict]:
+def _decode_times(name: str, device: torch.device, steps: int) -> tuple[float, float, float, int]:
+    """Seconds per batch-1 token: eager reference path, eager fused step, CUDA graph; bytes per token."""
     from ..cuda_graphs import GraphedDecode
     from ..decode import decode_step
     from ..ops import set_backend
 
-    steps = 16 if quick else 64
+    model = _random_model(name, device)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=device)
+    tok = prompt[:, -1]
+    with torch.no_grad():
+        set_backend("reference")
+        try:
+            ref_state = model.new_state(1)
+            model(prompt, state=ref_state)
+            t_ref = time_fn(lambda: model(tok[:, None], state=ref_state), device, warmup=2, iters=max(steps // 4, 2))
+        finally:
+            set_backend(None)
+        state = model.new_state(1)
+        model(prompt, state=state)
+        t_eager = time_fn(lambda: decode_step(model, tok, state, fused=True), device, iters=steps)
+        runner = GraphedDecode(model, 1)
+        model(prompt, state=runner.reset())
+        t_graph = time_fn(lambda: runner(tok), device, iters=steps)
+    return t_ref, t_eager, t_graph, decode_bytes_per_token(model, 1)
+
+
+def bench_decode(device: torch.device, bandwidth: float, quick: bool, presets=DECODE_PRESETS) -> list[dict]:
     rows = []
     for name in presets:
-        model = _random_model(name, device)
-        prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=device)
-        tok = prompt[:, -1]
-        with torch.no_grad():
-            set_backend("reference")
-            try:
-                state = model.new_state(1)
-                model(prompt, state=state)
-                t_ref = time_fn(lambda: model(tok[:, None], state=state), device, warmup=2, iters=steps // 4)
-            finally:
-                set_backend(None)
-            state = model.new_state(1)
-            model(prompt, state=state)
-            t_eager = time_fn(lambda: decode_step(model, tok, state, fused=True), device, iters=steps)
-            runner = GraphedDecode(model, 1)
-            model(prompt, state=runner.reset())
-            t_graph = time_fn(lambda: runner(tok), device, iters=steps)
-        roofline = bandwidth / decode_bytes_per_token(model, 1)
+        t_ref, t_eager, t_graph, nbytes = _decode_times(name, device, 16 if quick else 64)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        roofline = bandwidth / nbytes  # tokens/s if every step only streamed its bytes at full bandwidth
         for label, t in (("eager reference", t_ref), ("eager fused", t_eager), ("CUDA graph", t_graph)):
             rows.append(dict(bench=f"decode {name} bf16 batch 1, {label}", value=1 / t, unit="tok/s",
                              vs_reference=t_ref / t, roofline_fraction=(1 / t) / roofline))
-        del model, runner, state
-        torch.cuda.empty_cache()
     return rows
 
 
-def bench_training(device: torch.device, matmul_flops: float, quick: bool) -> list[dict]:
-    from ..config import preset
+def _train_step_time(cfg, ids: torch.Tensor, device: torch.device, fast: bool) -> tuple[float, int]:
+    """Seconds per optimizer step, and active parameters: fp32 reference path, or Triton + bf16 + fused AdamW."""
     from ..gpu_training import autocast, fused_adamw
     from ..model import BlackMambaLM
     from ..ops import set_backend
 
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = BlackMambaLM(cfg)
+    opt = fused_adamw(model.parameters(), lr=1e-4) if fast else torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        with autocast(device) if fast else contextlib.nullcontext():
+            loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    set_backend("triton" if fast else "reference")
+    try:
+        return time_fn(step, device, warmup=1, iters=5 if fast else 2), model.num_parameters(active=True)
+    finally:
+        set_backend(None)
+
+
+def bench_training(device: torch.device, matmul_flops: float, quick: bool) -> list[dict]:
+    from ..config import preset
+
     batch, seq = (2, 512) if quick else (4, 2048)
     cfg = preset("blackmamba-1.5b", layers=["r", "8"] * 2)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
-    results = {}
-    for label in ("reference fp32", "triton bf16 autocast + fused AdamW"):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = BlackMambaLM(cfg)
-        fast = label.startswith("triton")
-        opt = fused_adamw(model.parameters(), lr=1e-4) if fast else torch.optim.AdamW(model.parameters(), lr=1e-4)
-        ctx = (lambda: autocast(device)) if fast else (lambda: torch.autocast("cuda", enabled=False))
-
-        def step():
-            with ctx():
-                loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        set_backend("triton" if fast else "reference")
-        try:
-            results[label] = time_fn(step, device, warmup=1, iters=2 if not fast else 5)
-        finally:
-            set_backend(None)
-        active = model.num_parameters(active=True)
-        del model, opt
-        torch.cuda.empty_cache()
-    t_ref = results["reference fp32"]
     rows = []
-    for label, t in results.items():
+    t_ref = None
+    for label, fast in (("reference fp32", False), ("triton bf16 autocast + fused AdamW", True)):
+        t, active = _train_step_time(cfg, ids, device, fast)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        t_ref = t if t_ref is None else t_ref
         tokens = batch * seq / t
         rows.append(dict(bench=f"train 4-layer 1.5B-width L={seq} batch {batch}, {label}", value=tokens,
                          unit="tok/s", vs_reference=t_ref / t, roofline_fraction=6 * active * tokens / matmul_flops))
