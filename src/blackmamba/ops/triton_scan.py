@@ -214,8 +214,8 @@ def _scan_bwd_kernel(
             gB += g * Bn[:, None]
             ddt += g * prev * A[None, :]
             dA_acc += tl.where(col_n, tl.sum(g * prev * dt, axis=0)[:, None], 0.0)
-            tl.atomic_add(dB_ptr + tn + n, tl.sum(g * dtx, axis=1), mask=mask_t)
-            tl.atomic_add(dC_ptr + tn + n, tl.sum(s * dyp, axis=1), mask=mask_t)
+            tl.atomic_add(dB_ptr + tn + n, tl.sum(g * dtx, axis=1), mask=mask_t, sem="relaxed")
+            tl.atomic_add(dC_ptr + tn + n, tl.sum(s * dyp, axis=1), mask=mask_t, sem="relaxed")
             # carry to the chunk before: its last step sees this chunk's first decay and adjoint
             a_next0 = tl.where(col_n, tl.sum(tl.where(first_row, a, 0.0), axis=0)[:, None], a_next0)
             g_next = tl.where(col_n, tl.sum(tl.where(first_row, g, 0.0), axis=0)[:, None], g_next)
