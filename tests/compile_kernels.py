@@ -18,10 +18,20 @@ from blackmamba.ops import triton_moe, triton_norm, triton_scan, triton_step
 BF, F32, I64 = "*bf16", "*fp32", "*i64"
 
 
+UNIT_STRIDES = {"sx_d", "sdt_d", "sz_d", "sB_n", "sC_n", "sA_n", "sy_d", "sdy_d", "ss_n", "sst_k", "sw_k"}
+
+
 def compile_one(fn, pointer_types: dict, constexprs: dict, num_warps: int, arch: int):
+    """Compile as a launch on realistic shapes would specialise it: unit strides become the constant 1,
+    pointers and the other integers (sizes, strides: multiples of 16 on the released models) are
+    marked 16-divisible, which is what lets Triton vectorise the loads."""
+    constexprs = dict(constexprs)
+    constexprs.update({name: 1 for name in fn.arg_names if name in UNIT_STRIDES})
     signature = {name: "constexpr" if name in constexprs else pointer_types.get(name, "i32") for name in fn.arg_names}
     positions = {(fn.arg_names.index(name),): value for name, value in constexprs.items()}
-    src = ASTSource(fn=fn, signature=signature, constexprs=positions)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if signature[name] != "constexpr" and signature[name] != "fp32"}
+    src = ASTSource(fn=fn, signature=signature, constexprs=positions, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
@@ -58,14 +68,14 @@ def kernels():
     yield ("conv update", st._conv_update_kernel, dict(st_ptr=BF, x_ptr=BF, w_ptr=F32, bias_ptr=F32, y_ptr=BF),
            dict(HAS_BIAS=True, SILU=True, BD=st.BLOCK_D, BK=4), 4)
     yield ("expert fc1", tm._fc1_kernel, dict(x_ptr=BF, idx_ptr=I64, tab_ptr=I64, out_ptr=BF),
-           dict(W_DTYPE=tl.bfloat16, GELU=False, BR=tm.BLOCK_ROWS, BK=tm.BLOCK_K), 4)
+           dict(W_DTYPE=tl.bfloat16, ALIGNED=True, GELU=False, BR=tm.BLOCK_ROWS, BK=tm.BLOCK_K), 4)
     yield ("router top-1", tm._router_kernel, dict(x_ptr=BF, w_ptr=BF, b_ptr=BF, gate_ptr=BF, idx_ptr=I64),
            dict(BE=8, BK=512), 4)
     yield ("add + rmsnorm", triton_norm._add_rmsnorm_kernel,
            dict(h_ptr=BF, res_ptr=F32, w_ptr=BF, out_ptr=BF, res_out_ptr=F32, eps="fp32"),
            dict(HAS_RES=True, BH=2048), 4)
     yield ("expert fc2", tm._fc2_kernel, dict(a_ptr=BF, idx_ptr=I64, gate_ptr=BF, tab_ptr=I64, out_ptr=BF),
-           dict(W_DTYPE=tl.bfloat16, BR=tm.BLOCK_ROWS, BK=tm.BLOCK_K), 4)
+           dict(W_DTYPE=tl.bfloat16, ALIGNED=True, BR=tm.BLOCK_ROWS, BK=tm.BLOCK_K), 4)
 
 
 def main(arch: int) -> int:

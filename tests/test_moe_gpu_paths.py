@@ -97,7 +97,8 @@ def test_expert_gemv_bf16_and_table_cache(small_gemv_blocks):
         y1 = expert_gemv(x, idx, gate, moe.local_experts)
         y2 = dispatch_sorted(x, idx, moe.local_experts) * gate[:, None]
     torch.testing.assert_close(y1, y2, atol=3e-2, rtol=3e-2)
-    t1 = expert_tables(moe.local_experts)[0]
+    t1, _, aligned = expert_tables(moe.local_experts)
+    assert aligned  # separately allocated weights start on 16-byte boundaries
     assert expert_tables(moe.local_experts)[0] is t1  # cached
     with torch.no_grad():  # replacing a weight (new storage) must invalidate the cached addresses
         moe.local_experts[1].linear_fc1.weight = torch.nn.Parameter(moe.local_experts[1].linear_fc1.weight * 2)

@@ -31,12 +31,15 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 @triton.jit
 def _fc1_kernel(x_ptr, idx_ptr, tab_ptr, out_ptr, H, F, sx_t, so_t,
-                W_DTYPE: tl.constexpr, GELU: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+                W_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, GELU: tl.constexpr, BR: tl.constexpr,
+                BK: tl.constexpr):
     t = tl.program_id(0)
     offs_f = tl.program_id(1) * BR + tl.arange(0, BR)  # (BR,) rows of the gate half
     mask_f = offs_f < F
     e = tl.load(idx_ptr + t)
     w = tl.load(tab_ptr + e).to(tl.pointer_type(W_DTYPE))  # this expert's fc1 weight (2F, H)
+    if ALIGNED:  # 16-byte aligned (checked on the host): lets the weight loads be vectorised
+        w = tl.multiple_of(w, 16)
     acc_a = tl.zeros((BR,), dtype=tl.float32)
     acc_b = tl.zeros((BR,), dtype=tl.float32)
     for k0 in range(0, H, BK):
@@ -57,12 +60,14 @@ def _fc1_kernel(x_ptr, idx_ptr, tab_ptr, out_ptr, H, F, sx_t, so_t,
 
 @triton.jit
 def _fc2_kernel(a_ptr, idx_ptr, gate_ptr, tab_ptr, out_ptr, H, F, sa_t, so_t,
-                W_DTYPE: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+                W_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
     t = tl.program_id(0)
     offs_h = tl.program_id(1) * BR + tl.arange(0, BR)  # (BR,) output rows
     mask_h = offs_h < H
     e = tl.load(idx_ptr + t)
     w = tl.load(tab_ptr + e).to(tl.pointer_type(W_DTYPE))  # this expert's fc2 weight (H, F)
+    if ALIGNED:
+        w = tl.multiple_of(w, 16)
     acc = tl.zeros((BR,), dtype=tl.float32)
     for k0 in range(0, F, BK):
         offs_k = k0 + tl.arange(0, BK)
@@ -119,8 +124,9 @@ def _address_table(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.tensor([w.data_ptr() for w in weights], dtype=torch.int64, device=weights[0].device)
 
 
-def expert_tables(experts) -> tuple[torch.Tensor, torch.Tensor]:
-    """Device tables (E,) of the experts' fc1 / fc2 weight addresses, cached on the module list.
+def expert_tables(experts) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Device tables (E,) of the experts' fc1 / fc2 weight addresses, cached on the module list, and
+    whether every weight starts on a 16-byte boundary.
 
     Rebuilt only when a weight was replaced (new storage); a CUDA graph captured with them stays valid
     while the weights are updated in place.
@@ -130,12 +136,13 @@ def expert_tables(experts) -> tuple[torch.Tensor, torch.Tensor]:
     key = tuple(w.data_ptr() for w in w1 + w2) + (w1[0].dtype, w1[0].device)
     cached = getattr(experts, "_triton_tables", None)
     if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
+        return cached[1:]
     if any(not w.is_contiguous() or w.dtype != w1[0].dtype for w in w1 + w2):
         raise ValueError("expert weights must be contiguous and share one dtype")
     if any(w.shape != w1[0].shape for w in w1) or any(w.shape != w2[0].shape for w in w2):
         raise ValueError("all experts must have the same shapes")
-    tables = (_address_table(w1), _address_table(w2))
+    aligned = all(w.data_ptr() % 16 == 0 for w in w1 + w2)
+    tables = (_address_table(w1), _address_table(w2), aligned)
     experts._triton_tables = (key, *tables)
     return tables
 
@@ -150,7 +157,8 @@ def expert_gemv(x: torch.Tensor, expert_idx: torch.Tensor, gate: torch.Tensor, e
     wdtype = experts[0].linear_fc1.weight.dtype
     if wdtype not in _TL_DTYPE:
         raise ValueError(f"expert_gemv: unsupported weight dtype {wdtype}")
-    tab1, tab2 = expert_tables(experts)
+    tab1, tab2, aligned = expert_tables(experts)
+    aligned = aligned and H % 8 == 0 and F % 8 == 0  # every weight row then starts 16-byte aligned
     x = x if x.stride(1) == 1 else x.contiguous()
     idx = expert_idx.to(torch.int64).contiguous()
     a = torch.empty((T, F), dtype=x.dtype, device=x.device)
@@ -160,8 +168,8 @@ def expert_gemv(x: torch.Tensor, expert_idx: torch.Tensor, gate: torch.Tensor, e
     with ctx:
         _fc1_kernel[(T, triton.cdiv(F, BLOCK_ROWS))](
             x, idx, tab1, a, H, F, x.stride(0), a.stride(0),
-            W_DTYPE=_TL_DTYPE[wdtype], GELU=gelu, BR=BLOCK_ROWS, BK=BLOCK_K, num_warps=4)
+            W_DTYPE=_TL_DTYPE[wdtype], ALIGNED=aligned, GELU=gelu, BR=BLOCK_ROWS, BK=BLOCK_K, num_warps=4)
         _fc2_kernel[(T, triton.cdiv(H, BLOCK_ROWS))](
             a, idx, gate.contiguous(), tab2, out, H, F, a.stride(0), out.stride(0),
-            W_DTYPE=_TL_DTYPE[wdtype], BR=BLOCK_ROWS, BK=BLOCK_K, num_warps=4)
+            W_DTYPE=_TL_DTYPE[wdtype], ALIGNED=aligned, BR=BLOCK_ROWS, BK=BLOCK_K, num_warps=4)
     return out
