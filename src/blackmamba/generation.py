@@ -13,6 +13,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .cuda_graphs import decode_stepper
+
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into (ids (b, l), attention_mask (b, l))."""
@@ -92,7 +94,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sampl
             for i in range(b):
                 ids = real[i][real[i] >= 0]
                 seen[i, ids] = True
-        state = model.new_state(b)
+        state, step = decode_stepper(model, b)  # on CUDA: a preallocated state and a CUDA-graph step
         logits = model(input_ids, state=state,
                        attention_mask=attention_mask.to(device) if attention_mask is not None else None).logits[:, -1]
         done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -116,7 +118,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sampl
                 done |= stop(history).to(device)
             if bool(done.all()):
                 return
-            logits = model(nxt[:, None], state=state).logits[:, -1]
+            logits = step(nxt)
     finally:
         model.train(was_training)
 

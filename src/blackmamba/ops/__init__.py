@@ -1,5 +1,6 @@
 """Numerical ops, each with one contract and several backends (see ``ops.backend``)."""
 
+from . import gpu as _gpu  # noqa: F401  (registers the triton backends)
 from .backend import available_backends, requested_backend, set_backend
 from .conv import causal_conv1d, causal_conv1d_step
 from .scan import selective_scan, selective_scan_reference, selective_scan_step

@@ -1,0 +1,47 @@
+"""Fused residual add + RMSNorm (decode) against the model's own block entry."""
+
+import pytest
+import torch
+
+from triton_cpu import DEVICE, requires_triton  # noqa: I001  (must precede the kernels)
+
+from blackmamba.layers.norm import RMSNorm
+
+pytestmark = requires_triton
+
+
+def _reference(h, residual, norm, fp32):
+    residual = h if residual is None else h + residual
+    out = norm(residual.to(norm.weight.dtype))
+    return out, residual.float() if fp32 else residual
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fp32_residual", [True, False])
+@pytest.mark.parametrize("first_block", [True, False])
+def test_add_rmsnorm_matches_block_entry(dtype, fp32_residual, first_block):
+    from blackmamba.ops.triton_norm import add_rmsnorm
+
+    g = torch.Generator().manual_seed(0)
+    H = 40  # not a power of two
+    norm = RMSNorm(H).to(DEVICE).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(H, generator=g) + 0.5)
+    h = torch.randn(3, H, generator=g).to(dtype).to(DEVICE)
+    res_dtype = torch.float32 if fp32_residual else dtype
+    residual = None if first_block else (torch.randn(3, H, generator=g) * 3).to(res_dtype).to(DEVICE)
+    with torch.no_grad():
+        out, res = add_rmsnorm(h, residual, norm.weight, norm.eps, res_dtype)
+        ref_out, ref_res = _reference(h, residual, norm, fp32_residual)
+    assert out.dtype == dtype and res.dtype == ref_res.dtype
+    # the interpreter rounds fp32 -> bf16 toward zero; the GPU rounds to nearest like torch: one bf16 ulp
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(res, ref_res, **tol)
+    torch.testing.assert_close(out, ref_out, **tol)
+
+
+def test_add_rmsnorm_rejects_mismatched_shapes():
+    from blackmamba.ops.triton_norm import add_rmsnorm
+
+    with pytest.raises(ValueError, match="add_rmsnorm"):
+        add_rmsnorm(torch.zeros(2, 8, device=DEVICE), None, torch.ones(7, device=DEVICE), 1e-5, torch.float32)
