@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import PRESETS, BlackMambaConfig, ConfigError, preset
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -44,21 +49,21 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1  # not applied to A_log, D, norms, biases
-    warmup_steps: int = 50  # linear warmup, then cosine to min_lr at train.steps
+    warmup_steps: int = 30  # linear warmup, then cosine to min_lr at train.steps
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
-    batch_size: int = 16  # sequences per micro-batch
+    batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # optimizer steps
+    steps: int = 600  # optimizer steps
     seed: int = 0  # model initialisation and data order
     device: str = "auto"  # auto (cuda when available), cpu, cuda
     precision: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu), fp32, bf16
     log_every: int = 10  # steps between train records in metrics.jsonl
-    eval_every: int = 250  # steps between validation passes (and at the end)
-    checkpoint_every: int = 250  # steps between checkpoints (and at the end)
+    eval_every: int = 200  # steps between validation passes (and at the end)
+    checkpoint_every: int = 200  # steps between checkpoints (and at the end)
     keep_checkpoints: int = 2  # most recent checkpoints kept in RUN_DIR/checkpoints
     sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO.\n", "KING HENRY.\n", "To be, or not"])
     sample_tokens: int = 80  # new tokens per sample printed at the end
