@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from textdata import corpus_dir, isolated_cache, one_thread, play_text  # noqa: F401  (fixtures)
+from textdata import corpus_dir, isolated_cache, one_thread  # noqa: F401  (fixtures)
 
 from blackmamba.cli import main
 from blackmamba.train.checkpoints import list_checkpoints
@@ -75,6 +75,10 @@ def test_cli_train_generate_info_end_to_end(tmp_path, corpus_dir, capsys):
     assert "tokenizes to nothing" in capsys.readouterr().err
     assert train(run, corpus_dir, "--steps", "1") == 2  # the run exists: --resume or another --out
     assert "already holds a run" in capsys.readouterr().err
+    with open(corpus_dir / "play0.txt", "a") as f:
+        f.write("An edit after the run started.\n")
+    assert main(["train", "--out", str(run), "--resume", "--steps", "9", "--no-progress"]) == 2
+    assert "trained on other data" in capsys.readouterr().err
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path, corpus_dir, capsys):

@@ -5,7 +5,8 @@
     config.json, model.safetensors, tokenizer.json   the model (loadable by load_pretrained / generate)
     train_config.json                                the resolved run configuration
     trainer_state.safetensors                        optimizer moments, RNG states
-    trainer_state.json                               step, data position, tokens, optimizer hyper-parameters
+    trainer_state.json                               step, data position (and which data), tokens,
+                                                     optimizer hyper-parameters
 
 The folder is written under a temporary name and renamed when complete, so a crash (even SIGKILL)
 never leaves a torn checkpoint; ``trainer_state.json`` is written last. No pickles anywhere.
@@ -112,8 +113,9 @@ def save_model_files(directory: Path, model, tokenizer: TextTokenizer) -> None:
 
 
 def save_checkpoint(run_dir: Path, *, model, optimizer, tokenizer: TextTokenizer, run_config: RunConfig,
-                    progress: Progress) -> Path:
-    """Write checkpoint ``step-N`` atomically (temp folder + rename); returns its path."""
+                    progress: Progress, data_key: dict) -> Path:
+    """Write checkpoint ``step-N`` atomically (temp folder + rename); returns its path.
+    ``data_key`` identifies the training data (corpus and tokenizer sha256) the data position refers to."""
     final = checkpoint_dir(run_dir, progress.step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
@@ -125,7 +127,7 @@ def save_checkpoint(run_dir: Path, *, model, optimizer, tokenizer: TextTokenizer
         tensors, opt_meta = _optimizer_tensors(optimizer)
         tensors.update(_rng_tensors())
         atomic_write_with(tmp / STATE_TENSORS, lambda p: save_file(tensors, p))
-        write_json(tmp / STATE_JSON, {"progress": asdict(progress), "optimizer": opt_meta})
+        write_json(tmp / STATE_JSON, {"progress": asdict(progress), "data": data_key, "optimizer": opt_meta})
         if final.exists():  # the same step saved before (a resumed run): replace it
             old = final.parent / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
@@ -144,8 +146,8 @@ def save_checkpoint(run_dir: Path, *, model, optimizer, tokenizer: TextTokenizer
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer) -> Progress:
-    """Load weights, optimizer state and RNG states from checkpoint ``path``; returns its progress."""
+def load_checkpoint(path: Path, model, optimizer) -> tuple[Progress, dict]:
+    """Load weights, optimizer state and RNG states from checkpoint ``path``; returns (progress, data key)."""
     from ..checkpoint import check_state_dict, read_state_dict
 
     path = Path(path)
@@ -156,13 +158,13 @@ def load_checkpoint(path: Path, model, optimizer) -> Progress:
     tensors = load_file(str(path / STATE_TENSORS))
     optimizer.load_state_dict(_optimizer_state(tensors, meta["optimizer"]))
     _restore_rng(tensors)
-    return Progress(**meta["progress"])
+    return Progress(**meta["progress"]), meta["data"]
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the ``keep`` most recent complete checkpoints, and stale temporary folders."""
     found = list_checkpoints(run_dir)
-    for _, p in found[:-keep] if keep > 0 else []:
+    for _, p in found[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():

@@ -57,13 +57,14 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 600  # optimizer steps
+    steps: int = 500  # optimizer steps
     seed: int = 0  # model initialisation and data order
     device: str = "auto"  # auto (cuda when available), cpu, cuda
     precision: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu), fp32, bf16
+    threads: int = 1  # CPU threads for PyTorch ops; 0: one per core (see the README: busy machines)
     log_every: int = 10  # steps between train records in metrics.jsonl
-    eval_every: int = 200  # steps between validation passes (and at the end)
-    checkpoint_every: int = 200  # steps between checkpoints (and at the end)
+    eval_every: int = 250  # steps between validation passes (and at the end)
+    checkpoint_every: int = 250  # steps between checkpoints (and at the end)
     keep_checkpoints: int = 2  # most recent checkpoints kept in RUN_DIR/checkpoints
     sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO.\n", "KING HENRY.\n", "To be, or not"])
     sample_tokens: int = 80  # new tokens per sample printed at the end
@@ -126,6 +127,7 @@ class RunConfig:
             (t.steps >= 1, "train.steps", "must be at least 1"),
             (t.device in DEVICES, "train.device", f"must be one of {', '.join(DEVICES)}"),
             (t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}"),
+            (t.threads >= 0, "train.threads", "must be >= 0 (0: one per core)"),
             (t.log_every >= 1, "train.log_every", "must be at least 1"),
             (t.eval_every >= 1, "train.eval_every", "must be at least 1"),
             (t.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1"),

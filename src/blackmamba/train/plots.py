@@ -77,10 +77,11 @@ def plot_expert_usage(records: list[dict], path: Path) -> Path | None:
     for r in range(mat.shape[0]):
         for c in range(mat.shape[1]):
             if not np.isnan(mat[r, c]):
-                ax.text(c, r, f"{mat[r, c]:.0%}", ha="center", va="center", color="w", fontsize=8)
+                light = mat[r, c] > 0.6 * np.nanmax(mat)  # dark text on the bright cells
+                ax.text(c, r, f"{mat[r, c]:.0%}", ha="center", va="center", color="k" if light else "w", fontsize=8)
     ax.set_xticks(range(mat.shape[1]))
     ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
-    ax.set(xlabel="expert", title=f"share of training tokens per expert (uniform: {1 / mat.shape[1]:.0%})")
+    ax.set(xlabel="expert", title=f"share of training tokens per expert (uniform: {1 / mat.shape[1]:.1%})")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

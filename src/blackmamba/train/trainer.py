@@ -66,6 +66,8 @@ class Trainer:
         self.progress_bar = progress_bar
         self.log = log
         self.device = pick_device(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         self.model = BlackMambaLM(cfg.model_config(data.tokenizer.vocab_size)).to(self.device)
         self.model.train()
@@ -80,17 +82,26 @@ class Trainer:
         path = latest_checkpoint(self.run_dir)
         if path is None:
             return False
-        self.progress = load_checkpoint(path, self.model, self.optimizer)
+        progress, data_key = load_checkpoint(path, self.model, self.optimizer)
+        if data_key != self.data_key():
+            raise ConfigError(f"{path} was trained on other data (corpus or tokenizer changed since the run started): "
+                              f"resume with the same data, or start a new run")
+        self.progress = progress
         self.last_checkpoint = path
         truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.step)
         return True
 
     # ------------------------------------------------------------------ pieces
+    def data_key(self) -> dict:
+        """What the data position refers to: the corpus and the tokenizer."""
+        meta = self.data.train.meta
+        return {"corpus_sha256": meta["corpus_sha256"], "tokenizer_sha256": meta["tokenizer_sha256"]}
+
     def _checkpoint(self) -> None:
         c = self.cfg.train
         self.last_checkpoint = save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer,
                                                tokenizer=self.data.tokenizer, run_config=self.cfg,
-                                               progress=self.progress)
+                                               progress=self.progress, data_key=self.data_key())
         save_model_files(self.run_dir, self.model, self.data.tokenizer)  # RUN_DIR itself: the latest model
         prune_checkpoints(self.run_dir, c.keep_checkpoints)
 
