@@ -40,8 +40,11 @@ def test_encoding_in_pieces_equals_encoding_whole(bpe):
     text = play_text(3, 400) + "  indented line\n\nnext\n" + play_text(4, 400)
     pieces = split_for_encoding(text, size=500)
     assert len(pieces) > 10 and "".join(pieces) == text
-    (ids,) = encode_documents([Document("d", text)], bpe)
-    assert ids[0] == bpe.eos_id and ids[1:].tolist() == bpe.encode(text)
+    docs = [Document("d", text), Document("e", "second document")]
+    batches = list(encode_documents(docs, bpe, batch_chars=2000))  # several batches, as for a large corpus
+    assert len(batches) > 3
+    ids = np.concatenate(batches).tolist()
+    assert ids == [bpe.eos_id, *bpe.encode(text), bpe.eos_id, *bpe.encode("second document")]
 
 
 def _sdist(tmp_path, texts: dict[str, str]) -> tuple:

@@ -10,9 +10,9 @@ matching ``.json`` is never used.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -21,14 +21,16 @@ from .corpus import DataError, Document
 from .tokenizer import TextTokenizer
 
 FORMAT_VERSION = 1
-PIECE_CHARS = 1 << 14  # documents are encoded in pieces of about this many characters, in parallel
+PIECE_CHARS = 1 << 14  # text is cut into pieces of about this many characters, encoded in parallel threads
+BATCH_CHARS = 1 << 23  # pieces are encoded and written this many characters at a time (bounded memory)
 
 
 # ----------------------------------------------------------------------------- encoding
 def split_for_encoding(text: str, size: int = PIECE_CHARS) -> list[str]:
     """Cut ``text`` into pieces of about ``size`` characters at places where byte-level BPE cannot merge
-    across: just after a newline that follows a non-space character and precedes one. Encoding the
-    pieces separately then gives exactly the ids of encoding the whole text."""
+    across: just after a newline that follows a non-space character and precedes one. With the GPT-2
+    split pattern of byte-level BPE (ours, GPT-NeoX's) no pre-token spans such a place, so encoding the
+    pieces separately gives exactly the ids of encoding the whole text."""
     pieces, start = [], 0
     while len(text) - start > size:
         p = start + size
@@ -42,19 +44,36 @@ def split_for_encoding(text: str, size: int = PIECE_CHARS) -> list[str]:
     return pieces
 
 
-def encode_documents(docs: list[Document], tokenizer: TextTokenizer) -> list[np.ndarray]:
-    """Every document as ``[EOS] + ids(text)`` (the EOS id is 0 when the tokenizer has none)."""
+def encode_documents(docs: list[Document], tokenizer: TextTokenizer, batch_chars: int = BATCH_CHARS
+                     ) -> Iterator[np.ndarray]:
+    """The token stream of ``docs``, every document as ``[EOS] + ids(text)`` (EOS id 0 when the tokenizer
+    has none), yielded in order, one int64 array per batch of about ``batch_chars`` characters: pieces
+    of a batch are encoded in parallel, and memory stays bounded however large the corpus is."""
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    pieces, owner = [], []
-    for i, d in enumerate(docs):
-        for piece in split_for_encoding(d.text):
+    pieces: list[str] = []
+    starts: list[bool] = []  # whether the piece begins a document (gets the EOS in front)
+    size = 0
+
+    def flush() -> np.ndarray:
+        out: list[int] = []
+        for first, ids in zip(starts, tokenizer.encode_batch(pieces)):
+            if first:
+                out.append(eos)
+            out.extend(ids)
+        pieces.clear()
+        starts.clear()
+        return np.asarray(out, dtype=np.int64)
+
+    for d in docs:
+        for i, piece in enumerate(split_for_encoding(d.text)):
             pieces.append(piece)
-            owner.append(i)
-    encoded = tokenizer.encode_batch(pieces)  # parallel threads inside the tokenizers library
-    per_doc: list[list[int]] = [[eos] for _ in docs]
-    for i, ids in zip(owner, encoded):
-        per_doc[i].extend(ids)
-    return [np.asarray(ids, dtype=np.int64) for ids in per_doc]
+            starts.append(i == 0)
+            size += len(piece)
+            if size >= batch_chars:
+                yield flush()
+                size = 0
+    if pieces:
+        yield flush()
 
 
 # ----------------------------------------------------------------------------- token files
@@ -95,18 +114,14 @@ def write_token_file(path: Path, docs: list[Document], tokenizer: TextTokenizer,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    arrays = encode_documents(docs, tokenizer)
-    n = sum(len(a) for a in arrays)
+    n = 0
 
     def write(tmp: str) -> None:
-        mm = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(n, 1),))
-        pos = 0
-        for a in arrays:
-            mm[pos:pos + len(a)] = a.astype(dtype)
-            pos += len(a)
-        mm.flush()
-        del mm
-        os.truncate(tmp, n * dtype.itemsize)
+        nonlocal n
+        with open(tmp, "wb") as f:
+            for ids in encode_documents(docs, tokenizer):
+                f.write(ids.astype(dtype).tobytes())
+                n += len(ids)
 
     atomic_write_with(path, write)
     meta = {"format": FORMAT_VERSION, "dtype": dtype.name, "num_tokens": n, "num_docs": len(docs),
