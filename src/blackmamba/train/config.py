@@ -14,6 +14,7 @@ TOML layout (every key optional)::
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
 import types
@@ -137,6 +138,8 @@ class RunConfig:
         for ok, name, why in checks:
             if not ok:
                 raise ConfigError(f"{name}: {why}")
+        if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("train.tensorboard = true needs the tensorboard package: pip install tensorboard")
 
 
 # ----------------------------------------------------------------------------- overrides

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
+
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -59,7 +61,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ImportError("train.tensorboard = true needs the tensorboard package: "
+                raise ConfigError("train.tensorboard = true needs the tensorboard package: "
                                   "pip install tensorboard") from None
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
