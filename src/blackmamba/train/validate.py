@@ -3,7 +3,8 @@
 bits per byte = (sum of the token NLLs in nats) / ln 2 / (UTF-8 bytes of the text those tokens encode).
 The held-out stream is cut into consecutive windows; window i reads tokens [iL, iL + L) and predicts
 [iL + 1, iL + L + 1), so every token after the first (the leading EOS, zero bytes) is scored exactly
-once and the byte count is exactly that of the validation text.
+once and the byte count is exactly that of the validation text. Probabilities are over the tokenizer's
+ids only (``config.vocab_size``), not the padded embedding rows.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def evaluate(model, tokens: TokenFile, seq_len: int, batch_size: int,
     device = model.device
     data = tokens.tokens
     n = tokens.num_tokens
+    vocab = model.config.vocab_size
     starts = list(range(0, n - 1, seq_len))
     nll, scored = 0.0, 0
     try:
@@ -38,9 +40,8 @@ def evaluate(model, tokens: TokenFile, seq_len: int, batch_size: int,
                 w = torch.from_numpy(np.stack([np.asarray(data[s:s + lens + 1], dtype=np.int64) for s in rows]))
                 x, y = w[:, :-1].to(device), w[:, 1:].to(device)
                 with autocast or contextlib.nullcontext():
-                    logits = model(x).logits
-                nll += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                             reduction="sum"))
+                    logits = model(x).logits[..., :vocab]  # padded embedding rows are never tokens
+                nll += float(F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1), reduction="sum"))
                 scored += y.numel()
     finally:
         model.train(was_training)
