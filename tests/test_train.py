@@ -210,3 +210,11 @@ def test_warmup_then_cosine_schedule():
     assert lr_at(0, **kw) == pytest.approx(0.1) and lr_at(9, **kw) == pytest.approx(1.0)
     assert lr_at(60, **kw) == pytest.approx(0.55) and lr_at(110, **kw) == pytest.approx(0.1)
     assert all(lr_at(s, **kw) >= lr_at(s + 1, **kw) for s in range(10, 120))
+
+
+def test_activation_checkpointing_changes_memory_not_results(tmp_path, corpus_dir):
+    args = ["--steps", "3", "--set", "train.log_every=1", "--set", "train.sample_tokens=0"]
+    assert train(tmp_path / "plain", corpus_dir, *args) == 0
+    assert train(tmp_path / "ckpt", corpus_dir, *args, "--set", "train.activation_checkpointing=true") == 0
+    a, b = records(tmp_path / "plain", "train"), records(tmp_path / "ckpt", "train")
+    assert [a[s]["loss"] for s in (1, 2, 3)] == pytest.approx([b[s]["loss"] for s in (1, 2, 3)], rel=1e-6)

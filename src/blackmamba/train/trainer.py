@@ -70,8 +70,12 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         self.model = BlackMambaLM(cfg.model_config(data.tokenizer.vocab_size)).to(self.device)
+        if cfg.train.activation_checkpointing:
+            from ..gpu_training import enable_activation_checkpointing
+
+            enable_activation_checkpointing(self.model)
         self.model.train()
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.sampler = WindowSampler(data.train.num_tokens, cfg.data.seq_len, cfg.train.seed)
         self.progress = Progress()
         self.last_checkpoint: Path | None = None
