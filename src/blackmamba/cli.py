@@ -14,6 +14,9 @@ import sys
 # name → (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("blackmamba.info", "print a model's parameters (total/active), layer pattern and FLOPs per token"),
+    "train": ("blackmamba.train.command",
+              "train a model on a text corpus (default: Shakespeare's complete works); --resume continues a run"),
+    "generate": ("blackmamba.generate_cli", "continue prompts with a trained model, streaming the text"),
     "convert": ("blackmamba.convert", "convert a checkpoint between the native, release and transformers formats"),
     "eval": ("blackmamba.eval.command", "lm-evaluation-harness tasks, or perplexity / bits per byte of a text file"),
 }

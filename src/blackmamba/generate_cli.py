@@ -1,0 +1,118 @@
+"""``blackmamba generate MODEL "prompt" ["prompt" ...]``: continue prompts with a model.
+
+MODEL is a run directory (``blackmamba train --out``), a model folder or a hub id. The tokenizer is the
+folder's ``tokenizer.json``, ``--tokenizer``, or for the release checkpoints (which ship none)
+GPT-NeoX-20B's. One prompt is streamed to the terminal token by token; several prompts are generated
+together in one padded batch (each comes out exactly as it would alone) and printed when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+NEOX_VOCAB = (50277, 50304)  # GPT-NeoX-20B's ids, and the release's padded embedding rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="run directory, model folder or hub id (owner/name)")
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text to continue (several: one batch)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="at most this many new tokens (default 200)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
+    p.add_argument("--min-p", type=float, help="drop tokens less likely than min-p × the most likely one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already present (default 1: off)")
+    p.add_argument("--seed", type=int, help="seed for sampling (same seed, same text)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (not printed; repeatable); EOS always stops")
+    p.add_argument("--tokenizer", metavar="FILE_OR_HUB_ID", help="tokenizer.json (or hub id) to use")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+
+
+def _check(args) -> None:
+    from .cli import UserError
+
+    problems = []
+    if args.max_new_tokens < 0:
+        problems.append(f"--max-new-tokens {args.max_new_tokens}: must be >= 0")
+    if not args.greedy and not args.temperature > 0:
+        problems.append(f"--temperature {args.temperature}: must be > 0 (or use --greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        problems.append(f"--top-k {args.top_k}: must be >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        problems.append(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.min_p is not None and not 0 <= args.min_p <= 1:
+        problems.append(f"--min-p {args.min_p}: must be in [0, 1]")
+    if not args.repetition_penalty > 0:
+        problems.append(f"--repetition-penalty {args.repetition_penalty}: must be > 0")
+    if args.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device {args.device!r}: choose auto, cpu or cuda")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def load_model_and_tokenizer(spec: str, tokenizer: str | None = None, device: str = "auto"):
+    """(model in eval mode, TextTokenizer) for a run directory, model folder or hub id."""
+    import torch
+
+    from .checkpoint import load_pretrained, resolve_path
+    from .cli import UserError
+    from .data.corpus import DataError
+    from .data.tokenizer import NEOX_TOKENIZER, TOKENIZER_NAME, load_tokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    directory = resolve_path(spec)
+    model = load_pretrained(directory, device=device)
+    try:
+        if tokenizer is not None:
+            tok = load_tokenizer(tokenizer)
+        elif (directory / TOKENIZER_NAME).is_file():
+            tok = load_tokenizer(directory / TOKENIZER_NAME)
+        elif model.config.vocab_size in NEOX_VOCAB:
+            tok = load_tokenizer(NEOX_TOKENIZER)
+        else:
+            raise UserError(f"{spec}: no {TOKENIZER_NAME} next to the model; give one with --tokenizer")
+    except DataError as e:
+        raise UserError(str(e)) from None
+    if tok.vocab_size > model.config.padded_vocab_size:
+        raise UserError(f"the tokenizer ({tok.source}) has {tok.vocab_size} ids but the model only "
+                        f"{model.config.padded_vocab_size} embedding rows: they do not belong together")
+    return model, tok
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import UserError
+    from .textgen import encode_prompt, generate_text, stream_text
+
+    _check(args)
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device)
+    for p in args.prompts:
+        try:
+            encode_prompt(tok, p)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    sampling = {"do_sample": not args.greedy, "repetition_penalty": args.repetition_penalty}
+    if not args.greedy:
+        sampling.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                        seed=args.seed)
+    if len(args.prompts) == 1:
+        prompt = args.prompts[0]
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        for piece in stream_text(model, tok, prompt, args.max_new_tokens, stop=args.stop, **sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    texts = generate_text(model, tok, args.prompts, args.max_new_tokens, stop=args.stop, **sampling)
+    for i, (prompt, text) in enumerate(zip(args.prompts, texts)):
+        if i:
+            print("-" * 40)
+        print(prompt + text)
+    return 0

