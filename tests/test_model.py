@@ -65,6 +65,16 @@ def test_padded_batch_equals_each_prompt_alone(model):
     torch.testing.assert_close(padded[2, -3:], alone[0], rtol=0, atol=1e-5)
 
 
+def test_sampled_padded_batch_equals_each_prompt_alone(model):
+    prompts = [[5, 6, 7, 8, 9], [3], [40, 41, 42]]
+    ids, mask = pad_prompts(prompts, pad_id=0)
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.95, seed=11)
+    batch = model.generate(ids, attention_mask=mask, **kw)
+    for i, p in enumerate(prompts):
+        alone = model.generate(torch.tensor([p]), **kw)
+        assert batch[i, ids.shape[1]:].tolist() == alone[0, len(p):].tolist()
+
+
 def test_sampling_is_reproducible_with_a_seed(model):
     ids = torch.tensor([[1, 2, 3]])
     kw = dict(max_new_tokens=10, do_sample=True, temperature=1.3, top_k=20, top_p=0.9, seed=7)

@@ -83,10 +83,11 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sampl
         input_ids = input_ids.to(device)
         vocab = model.config.vocab_size
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-        generator = None
+        generators = []
         if do_sample:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+            # one generator per row, each seeded alike: a row samples the same tokens in any batch as alone
+            row_seed = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            generators = [torch.Generator(device=device).manual_seed(row_seed) for _ in range(b)]
         seen = None
         if repetition_penalty != 1.0:
             seen = torch.zeros(b, model.config.padded_vocab_size, dtype=torch.bool, device=device)
@@ -104,7 +105,8 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sampl
                                     top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                     seen=seen)
             if do_sample:
-                nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+                probs = torch.softmax(scores, dim=-1)
+                nxt = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
             else:
                 nxt = scores.argmax(dim=-1)
             nxt = torch.where(done, history[:, -1], nxt)
