@@ -43,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .data.corpus import DataError
 
     try:
         return int(args._run(args) or 0)
-    except (UserError, CheckpointError, ConfigError, FileNotFoundError) as e:
+    except (UserError, CheckpointError, ConfigError, DataError, FileNotFoundError) as e:
         msg = str(e).strip() or type(e).__name__
         print(f"blackmamba {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -6,35 +6,24 @@ Checkpoints written by ``blackmamba train`` carry their ``tokenizer.json``; the 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-TOKENIZER_FILE = "tokenizer.json"
 # special tokens that can stand before a text's first token (end-of-text first, as in GPT-style training)
 _PREFIX_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<s>", "<bos>", "<|begin_of_text|>")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 def load_tokenizer(model: str | Path, path: str | Path | None = None):
-    """``path`` — a tokenizer.json, a folder holding one, or a hub id — else the model folder's tokenizer.json."""
-    from tokenizers import Tokenizer
+    """The raw ``tokenizers.Tokenizer`` of ``path`` (a tokenizer.json, a folder holding one, or a hub id),
+    else the model folder's tokenizer.json (or ``model`` itself when it is a tokenizer.json file)."""
+    from ..data.tokenizer import TOKENIZER_NAME
+    from ..data.tokenizer import load_tokenizer as load
 
-    where = Path(str(path if path is not None else model)).expanduser()
-    file = where / TOKENIZER_FILE if where.is_dir() else where
-    if file.is_file():
-        try:
-            return Tokenizer.from_file(str(file))
-        except Exception as e:  # tokenizers raises plain Exceptions for malformed files
-            raise ValueError(f"{file}: not a tokenizers tokenizer.json ({e})") from None
-    if path is not None and not where.exists() and _HUB_ID.match(str(path)):
-        try:
-            return Tokenizer.from_pretrained(str(path))
-        except Exception as e:
-            raise ValueError(f"could not fetch the tokenizer {path!r} from the Hugging Face hub: {e}") from None
     if path is None:
-        raise FileNotFoundError(f"{model}: no {TOKENIZER_FILE} next to the model; give the tokenizer with "
-                                f"--tokenizer PATH (the released BlackMamba uses EleutherAI/gpt-neox-20b)")
-    raise FileNotFoundError(f"{file}: no such tokenizer file")
+        path = Path(str(model)).expanduser()
+        if not (path.is_file() or (path / TOKENIZER_NAME).is_file()):
+            raise FileNotFoundError(f"{model}: no {TOKENIZER_NAME} next to the model; give the tokenizer with "
+                                    f"--tokenizer PATH (the released BlackMamba uses EleutherAI/gpt-neox-20b)")
+    return load(path).tokenizer
 
 
 def prefix_token_id(tokenizer) -> int | None:
