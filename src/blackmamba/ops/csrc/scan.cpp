@@ -71,8 +71,9 @@ void forward_block(const Args<S, TX, TD>& a, TX* y, S* final_state, int64_t bi, 
   constexpr int NM = NS ? NS : kMaxState;
   const int n = NS ? NS : static_cast<int>(a.n);
   const auto [d0, cnt] = block_of<S>(blk, a.d);
-  V At[NM], s[NM];
+  V At[NM], s[NM];  // At: A log2(e), so that exp(delta A) = 2^(delta At)
   load_transposed<S>(At, a.A, d0, cnt, n);
+  for (int k = 0; k < n; ++k) At[k] *= kLog2e<S>;
   if (a.init) {
     load_transposed<S>(s, a.init + bi * a.d * n, d0, cnt, n);
   } else {
@@ -94,7 +95,7 @@ void forward_block(const Args<S, TX, TD>& a, TX* y, S* final_state, int64_t bi, 
 #pragma GCC unroll 16
     for (int k = 0; k < NM; ++k) {
       if (k >= n) break;
-      const V da = vexp(dl * At[k]);
+      const V da = vexp2(dl * At[k]);
       s[k] = da * s[k] + dx * Bt[k];
       acc += s[k] * Ct[k];
     }
@@ -151,7 +152,7 @@ void backward_chunk(const Args<S, TX, TD>& a, const Grads<S, TX, TD>& g, Scratch
   const auto [d0, cnt] = block_of<S>(blk, a.d);
   const int64_t nchunk = (a.l + kChunk - 1) / kChunk;
   const int64_t t0 = c * kChunk, t1 = std::min<int64_t>(a.l, t0 + kChunk);
-  const V* At = w.At.get() + jb * nm;
+  const V* At = w.At.get() + jb * nm;  // A log2(e)
 
   // 1. recompute s_t (sbuf[j + 1]) and a_t = exp(delta_t A) (abuf[j]) for t = t0 + j
   V s[NM];
@@ -167,7 +168,7 @@ void backward_chunk(const Args<S, TX, TD>& a, const Grads<S, TX, TD>& g, Scratch
 #pragma GCC unroll 16
     for (int k = 0; k < NM; ++k) {
       if (k >= n) break;
-      const V da = vexp(dl * At[k]);
+      const V da = vexp2(dl * At[k]);
       s[k] = da * s[k] + dx * Bt[k];
       ab[k] = da;
       sb[k] = s[k];
@@ -220,7 +221,7 @@ void backward_chunk(const Args<S, TX, TD>& a, const Grads<S, TX, TD>& g, Scratch
       hr[k] = hk * ab[k];
     }
     vstore_as<S>(g.dx + off, gy * Dv + dl * hb, cnt);
-    vstore_as<S>(g.ddelta + off, ddl + xv * hb, cnt);
+    vstore_as<S>(g.ddelta + off, ddl * kLn2<S> + xv * hb, cnt);
   }
   for (int k = 0; k < n; ++k) {
     hsave[k] = hr[k];
@@ -247,7 +248,9 @@ void backward_item(const Args<S, TX, TD>& a, const Grads<S, TX, TD>& g, int64_t 
   Scratch<S> w(n, bhi - blo);
   for (int64_t blk = blo; blk < bhi; ++blk) {
     const auto [d0, cnt] = block_of<S>(blk, a.d);
-    load_transposed<S>(w.At.get() + (blk - blo) * n, a.A, d0, cnt, n);
+    V* At = w.At.get() + (blk - blo) * n;  // A log2(e)
+    load_transposed<S>(At, a.A, d0, cnt, n);
+    for (int k = 0; k < n; ++k) At[k] *= kLog2e<S>;
     if (g.dfinal) load_transposed<S>(w.h.get() + (blk - blo) * n, g.dfinal + bi * a.d * n, d0, cnt, n);
   }
   for (int64_t c = nchunk - 1; c >= 0; --c) {

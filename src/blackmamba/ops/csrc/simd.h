@@ -6,14 +6,19 @@
 //   vload / vstore   from / to float, double or bfloat16 memory; `cnt` < lanes reads/writes a partial
 //                    vector (the missing lanes read as 0)
 //   parallel_for     OpenMP over work items
-//   vexp         exp: float uses a Cody-Waite reduction + degree-6 polynomial (about 2 ulp, validated
-//                against torch.exp by the tests); double uses std::exp lane by lane (tests only)
+//   vexp2, vexp  2^x and e^x: float uses a range reduction + a degree-6 polynomial (about 1 ulp,
+//                validated against torch.exp by the tests), with AVX-512's vreduceps/vscalefps where
+//                available; double uses the C library lane by lane (float64 is for gradcheck only)
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#endif
 
 namespace bm {
 
@@ -115,26 +120,50 @@ template <typename S, typename T> inline void vstore_as(T* p, Vec<S> v, int cnt)
 template <typename S> inline Vec<S> splat(S a) { return Vec<S>{} + a; }
 
 // ---- exp
-inline vfloat vexp(vfloat x) {
-  const vfloat lo = splat<float>(-87.3f), hi = splat<float>(88.3f);
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  // x = n ln2 + r with n = round(x / ln2), |r| <= ln2 / 2; rounding by the 1.5 * 2^23 trick
+template <typename S> constexpr S kLog2e = S(1.44269504088896340736);
+template <typename S> constexpr S kLn2 = S(0.69314718055994530942);
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// 2^t = 2^floor(t + 1/2) * 2^(u - 1/2) with u = frac(t + 1/2): the +1/2 fuses into the caller's
+// multiply, vreduceps gives u, a degree-6 polynomial (fitted for minimal relative error, 2e-9 before
+// rounding) gives 2^(u - 1/2), vscalefps applies 2^floor with exact underflow to 0 and overflow to inf.
+// 9 instructions.
+inline vfloat vexp2(vfloat t) {
+  const vfloat th = t + 0.5f;
+  const vfloat u = (vfloat)_mm512_reduce_ps((__m512)th, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  vfloat p = u * 1.53457979e-4f + 8.79618980e-4f;
+  p = p * u + 6.84397388e-3f;
+  p = p * u + 3.92326489e-2f;
+  p = p * u + 1.69868141e-1f;
+  p = p * u + 4.90128934e-1f;
+  p = p * u + 7.07106769e-1f;
+  return (vfloat)_mm512_scalef_ps((__m512)p, (__m512)th);
+}
+#else
+// Portable: 2^t = 2^n * 2^f with n = round(t) by the 1.5 * 2^23 trick, 2^n from the exponent bits
+// (t clamped to [-126, 127]) and 2^f, |f| <= 1/2, by a degree-6 polynomial (2e-9 before rounding).
+inline vfloat vexp2(vfloat t) {
+  t = t < -126.0f ? splat<float>(-126.0f) : t;
+  t = t > 127.0f ? splat<float>(127.0f) : t;
   const vfloat magic = splat<float>(12582912.0f);
-  vfloat t = x * 1.44269504088896341f + magic;
-  vfloat n = t - magic;
-  vint ni = (vint)t - (vint)magic;
-  vfloat r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  // exp(r) = 1 + r + r^2 p(r)  (Cephes expf coefficients)
-  vfloat p = r * 1.9875691500E-4f + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * (r * r) + r + 1.0f;
-  vfloat scale = (vfloat)((ni + 127) << 23);  // 2^n, n in [-126, 127]
-  return p * scale;
+  const vfloat tm = t + magic;
+  const vint n = (vint)tm - (vint)magic;
+  const vfloat f = t - (tm - magic);
+  vfloat p = f * 1.5353342e-4f + 1.3398872e-3f;
+  p = p * f + 9.6184374e-3f;
+  p = p * f + 5.5503325e-2f;
+  p = p * f + 2.4022648e-1f;
+  p = p * f + 6.9314720e-1f;
+  p = p * f + 1.0f;
+  return p * (vfloat)((n + 127) << 23);
+}
+#endif
+
+inline vfloat vexp(vfloat x) { return vexp2(x * kLog2e<float>); }
+
+inline vdouble vexp2(vdouble x) {
+  for (int i = 0; i < lanes<double>; ++i) x[i] = std::exp2(x[i]);
+  return x;
 }
 
 inline vdouble vexp(vdouble x) {

@@ -13,7 +13,10 @@ inline float hsum(vfloat v) {
   return s;
 }
 
-template <typename T> inline T from_acc(float v) {
+// conv accumulator: float64 for float64 data, float32 otherwise
+template <typename T> using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T> inline T from_acc(acc_t<T> v) {
   if constexpr (std::is_same_v<T, bf16>) {
     return to_bf16(v);
   } else {
@@ -30,7 +33,7 @@ void conv_step(const T* x, const T* w, const T* bias, T* state, T* y, int64_t b,
       const int64_t di = i % d;
       const T* wi = w + di * K;
       T* s = state + i * (K - 1);
-      float out = bias ? to_float(bias[di]) : 0.0f;
+      acc_t<T> out = bias ? to_float(bias[di]) : acc_t<T>(0);
       for (int64_t k = 0; k < K - 1; ++k) out += to_float(wi[k]) * to_float(s[k]);
       out += to_float(wi[K - 1]) * to_float(x[i]);
       for (int64_t k = 0; k + 1 < K - 1; ++k) s[k] = s[k + 1];
@@ -76,7 +79,7 @@ void bm_ssm_step(const float* x, const float* delta, const float* A, const float
 }
 
 // x, y (b, d); weight (d, K); bias (d,) or null; state (b, d, K-1) oldest first, shifted in place.
-// All of one dtype (0 float32, 1 bfloat16, 2 float64), contiguous; accumulates in float32.
+// All of one dtype (0 float32, 1 bfloat16, 2 float64), contiguous; accumulates in float32 (float64).
 int bm_conv_step(int dtype, const void* x, const void* w, const void* bias, void* state, void* y, int64_t b,
                  int64_t d, int64_t K, int threads) {
   using namespace bm;
