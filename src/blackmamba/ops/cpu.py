@@ -150,6 +150,11 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
+def _threads(work: int) -> int:
+    """torch's thread count, or 1 for work (state updates) too small to repay waking the others."""
+    return torch.get_num_threads() if work >= 1 << 16 else 1
+
+
 # --------------------------------------------------------------------------- scan
 def _kernel_dtypes(x, delta, A, B, C, D, z, initial_state):
     """Cast the inputs to what the kernels take (differentiable casts; no-ops when already right)."""
@@ -202,7 +207,7 @@ def scan_forward(x, delta, A, B, C, D, z, initial_state, save_checkpoints: bool)
     if save_checkpoints:
         ckpt = torch.empty(b, -(-l // lib.bm_scan_chunk()), nblk, n, lanes, dtype=A.dtype)
     desc = _describe(x, delta, A, B, C, D, z, initial_state)
-    rc = lib.bm_scan_forward(ctypes.byref(desc), _ptr(y), _ptr(final), _ptr(ckpt), torch.get_num_threads())
+    rc = lib.bm_scan_forward(ctypes.byref(desc), _ptr(y), _ptr(final), _ptr(ckpt), _threads(b * l * d * n))
     if rc:
         raise RuntimeError(f"blackmamba cpu scan: unsupported inputs (code {rc})")
     return y, final, ckpt
@@ -214,7 +219,8 @@ def scan_backward(x, delta, A, B, C, D, z, ckpt, dy, dfinal):
     b, l, d = x.shape
     n = A.shape[1]
     _, nblk = _blocks(A, d)
-    parts = max(1, min(nblk, torch.get_num_threads()))
+    threads = _threads(b * l * d * n)
+    parts = max(1, min(nblk, threads))
     S = A.dtype
     dx = torch.empty(b, l, d, dtype=x.dtype)
     ddelta = torch.empty(b, l, d, dtype=delta.dtype)
@@ -226,8 +232,7 @@ def scan_backward(x, delta, A, B, C, D, z, ckpt, dy, dfinal):
     dinit = torch.empty(b, d, n, dtype=S)
     desc = _describe(x, delta, A, B, C, D, z, None)
     rc = lib.bm_scan_backward(ctypes.byref(desc), _ptr(ckpt), _ptr(dy), _ptr(dfinal), _ptr(dx), _ptr(ddelta),
-                              _ptr(dz), _ptr(dA), _ptr(dD), _ptr(dB), _ptr(dC), _ptr(dinit), parts,
-                              torch.get_num_threads())
+                              _ptr(dz), _ptr(dA), _ptr(dD), _ptr(dB), _ptr(dC), _ptr(dinit), parts, threads)
     if rc:
         raise RuntimeError(f"blackmamba cpu scan backward: unsupported inputs (code {rc})")
     return (dx, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0) if dD is not None else None, dz, dinit)
@@ -276,7 +281,7 @@ def selective_scan_step_cpu(x, delta, A, B, C, D, z, state):
     b, d = x.shape
     f32 = [None if t is None else t.float().contiguous() for t in (x, delta, A, B, C, D, z)]
     y = torch.empty(b, d, dtype=torch.float32)
-    library().bm_ssm_step(*(_ptr(t) for t in f32), _ptr(state), _ptr(y), b, d, A.shape[1], torch.get_num_threads())
+    library().bm_ssm_step(*(_ptr(t) for t in f32), _ptr(state), _ptr(y), b, d, A.shape[1], _threads(b * d * A.shape[1]))
     return y.to(x.dtype)
 
 
@@ -291,7 +296,7 @@ def causal_conv1d_step_cpu(x, weight, bias, state):
     bias = bias.to(x.dtype).contiguous() if bias is not None else None
     y = torch.empty_like(x)
     library().bm_conv_step(DTYPE_CODE[x.dtype], _ptr(x), _ptr(weight), _ptr(bias), _ptr(state), _ptr(y), b, d,
-                           weight.shape[1], torch.get_num_threads())
+                           weight.shape[1], _threads(b * d * weight.shape[1]))
     return y
 
 
