@@ -108,7 +108,8 @@ def _declare(lib) -> None:
         "bm_vector_bytes": (INT, []),
         "bm_scan_chunk": (INT, []),
         "bm_scan_max_state": (INT, []),
-        "bm_scan_forward": (INT, [ctypes.POINTER(_Tensors), P, P, P, INT]),
+        "bm_scan_ranges": (I64, [I64, I64, INT, INT]),
+        "bm_scan_forward": (INT, [ctypes.POINTER(_Tensors), P, P, P, I64, INT]),
         "bm_scan_backward": (INT, [ctypes.POINTER(_Tensors)] + [P] * 10 + [I64, INT]),
         "bm_ssm_step": (None, [P] * 9 + [I64, I64, I64, INT]),
         "bm_conv_step": (INT, [INT] + [P] * 5 + [I64, I64, I64, INT]),
@@ -207,7 +208,9 @@ def scan_forward(x, delta, A, B, C, D, z, initial_state, save_checkpoints: bool)
     if save_checkpoints:
         ckpt = torch.empty(b, -(-l // lib.bm_scan_chunk()), nblk, n, lanes, dtype=A.dtype)
     desc = _describe(x, delta, A, B, C, D, z, initial_state)
-    rc = lib.bm_scan_forward(ctypes.byref(desc), _ptr(y), _ptr(final), _ptr(ckpt), _threads(b * l * d * n))
+    threads = _threads(b * l * d * n)
+    ranges = lib.bm_scan_ranges(b, d, A.element_size(), threads)
+    rc = lib.bm_scan_forward(ctypes.byref(desc), _ptr(y), _ptr(final), _ptr(ckpt), ranges, threads)
     if rc:
         raise RuntimeError(f"blackmamba cpu scan: unsupported inputs (code {rc})")
     return y, final, ckpt
@@ -218,21 +221,20 @@ def scan_backward(x, delta, A, B, C, D, z, ckpt, dy, dfinal):
     lib = library()
     b, l, d = x.shape
     n = A.shape[1]
-    _, nblk = _blocks(A, d)
     threads = _threads(b * l * d * n)
-    parts = max(1, min(nblk, threads))
+    ranges = lib.bm_scan_ranges(b, d, A.element_size(), threads)
     S = A.dtype
     dx = torch.empty(b, l, d, dtype=x.dtype)
     ddelta = torch.empty(b, l, d, dtype=delta.dtype)
     dz = torch.empty(b, l, d, dtype=x.dtype) if z is not None else None
     dA = torch.empty(b, d, n, dtype=S)
     dD = torch.empty(b, d, dtype=S) if D is not None else None
-    dB = torch.empty(parts, b, l, n, dtype=S)
-    dC = torch.empty(parts, b, l, n, dtype=S)
+    dB = torch.empty(ranges, b, l, n, dtype=S)  # partial sums per range of channels
+    dC = torch.empty(ranges, b, l, n, dtype=S)
     dinit = torch.empty(b, d, n, dtype=S)
     desc = _describe(x, delta, A, B, C, D, z, None)
     rc = lib.bm_scan_backward(ctypes.byref(desc), _ptr(ckpt), _ptr(dy), _ptr(dfinal), _ptr(dx), _ptr(ddelta),
-                              _ptr(dz), _ptr(dA), _ptr(dD), _ptr(dB), _ptr(dC), _ptr(dinit), parts, threads)
+                              _ptr(dz), _ptr(dA), _ptr(dD), _ptr(dB), _ptr(dC), _ptr(dinit), ranges, threads)
     if rc:
         raise RuntimeError(f"blackmamba cpu scan backward: unsupported inputs (code {rc})")
     return (dx, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0) if dD is not None else None, dz, dinit)

@@ -1,16 +1,18 @@
 // Fused selective scan on CPU: forward (initial state in, final state out) and backward.
 //
 // Shapes (see ops/scan.py): x, delta, z (b, l, d) with unit stride along d; B, C (b, l, n);
-// A (d, n); D (d,); states (b, d, n). The state is kept in registers as n vectors of `lanes`
-// channels (one "block" of channels), so the recurrence runs along t with no memory traffic for
-// the state; work is split over (batch, channel block) pairs.
+// A (d, n); D (d,); states (b, d, n). Channels are vectorised: a "block" is one vector of `lanes`
+// channels, its state n vectors. Work items are (batch row, range of up to kRange blocks); an item
+// walks time in the outer loop and its blocks in the inner loop, so every step reads contiguous
+// pieces of the x / delta / z rows, and its states (kRange * n vectors, 16 KiB for n = 16) stay
+// in L1.
 //
-// Backward: the forward saves the state at the start of every chunk of kChunk steps (1/kChunk of
-// the full state history). The backward walks the chunks in reverse; for each block it recomputes
-// the chunk's states and decay factors into a small scratch buffer, then runs the adjoint
-// recurrence  h_t = g_t C_t + a_{t+1} h_{t+1}  backwards. dB and dC (sums over channels) are
-// accumulated per lane over all blocks of a channel partition and reduced across lanes once per
-// chunk; partitions write separate partial sums that the caller adds.
+// Backward: the forward saves the state at the start of every chunk of kChunk steps. The backward
+// walks the chunks in reverse; for each chunk it recomputes the states and decay factors
+// a_t = exp(delta_t A) into a scratch buffer, then runs the adjoint recurrence
+// h_t = g_t C_t + a_{t+1} h_{t+1} backwards in time. dB_t and dC_t (sums over channels) are
+// accumulated over the item's blocks lane-wise and reduced across lanes once per step; each range
+// writes its own partial sums, which the caller adds (so results do not depend on thread timing).
 #include "simd.h"
 
 #include <algorithm>
@@ -20,8 +22,10 @@ namespace bm {
 
 namespace {
 
-constexpr int kChunk = 32;     // the forward saves the state every kChunk steps for the backward
+constexpr int kChunk = 16;     // the forward saves the state every kChunk steps for the backward
 constexpr int kMaxState = 64;  // the generic path keeps up to this many states per channel
+constexpr int kRange = 16;     // blocks per work item
+constexpr int kGroup = 4;      // blocks processed together in the backward's adjoint step
 
 // A (b, l, last) sequence with unit stride along the last dimension.
 template <typename T> struct Seq {
@@ -64,221 +68,266 @@ template <typename S> inline void store_transposed(S* dst, const Vec<S>* v, int6
     for (int i = 0; i < cnt; ++i) dst[(d0 + i) * n + k] = v[k][i];
 }
 
+// Blocks [lo, hi) of range r when nblk blocks are split into `ranges` ranges.
+struct Range {
+  int64_t lo, hi;
+};
+
+inline Range range_of(int64_t r, int64_t nblk, int64_t ranges) {
+  const int64_t per = (nblk + ranges - 1) / ranges;
+  return {std::min(nblk, r * per), std::min(nblk, (r + 1) * per)};
+}
+
+template <typename S> using VecBuf = std::unique_ptr<Vec<S>[]>;
+template <typename S> VecBuf<S> vec_buffer(int64_t count) { return VecBuf<S>(new Vec<S>[count]()); }
+
+// At[j * n + k] = A[d0 + lane, k] * log2(e) for the range's blocks (so exp(delta A) = 2^(delta At)).
+template <typename S> void load_scaled_A(Vec<S>* At, const S* A, Range rg, int64_t d, int n) {
+  for (int64_t blk = rg.lo; blk < rg.hi; ++blk) {
+    const auto [d0, cnt] = block_of<S>(blk, d);
+    Vec<S>* out = At + (blk - rg.lo) * n;
+    load_transposed<S>(out, A, d0, cnt, n);
+    for (int k = 0; k < n; ++k) out[k] *= kLog2e<S>;
+  }
+}
+
 // ------------------------------------------------------------------------------------------ forward
 template <typename S, typename TX, typename TD, int NS>
-void forward_block(const Args<S, TX, TD>& a, TX* y, S* final_state, int64_t bi, int64_t blk) {
+void forward_range(const Args<S, TX, TD>& a, TX* y, S* final_state, int64_t bi, Range rg) {
   using V = Vec<S>;
   constexpr int NM = NS ? NS : kMaxState;
   const int n = NS ? NS : static_cast<int>(a.n);
-  const auto [d0, cnt] = block_of<S>(blk, a.d);
-  V At[NM], s[NM];  // At: A log2(e), so that exp(delta A) = 2^(delta At)
-  load_transposed<S>(At, a.A, d0, cnt, n);
-  for (int k = 0; k < n; ++k) At[k] *= kLog2e<S>;
-  if (a.init) {
-    load_transposed<S>(s, a.init + bi * a.d * n, d0, cnt, n);
-  } else {
-    for (int k = 0; k < n; ++k) s[k] = V{};
-  }
-  const V Dv = a.D ? vload<S>(a.D + d0, cnt) : V{};
+  const int64_t nb = rg.hi - rg.lo;
+  if (nb <= 0) return;
   const int64_t nchunk = (a.l + kChunk - 1) / kChunk;
+  VecBuf<S> At = vec_buffer<S>(nb * n), state = vec_buffer<S>(nb * n), Dv = vec_buffer<S>(nb);
+  load_scaled_A<S>(At.get(), a.A, rg, a.d, n);
+  for (int64_t blk = rg.lo; blk < rg.hi; ++blk) {
+    const auto [d0, cnt] = block_of<S>(blk, a.d);
+    if (a.init) load_transposed<S>(state.get() + (blk - rg.lo) * n, a.init + bi * a.d * n, d0, cnt, n);
+    if (a.D) Dv[blk - rg.lo] = vload<S>(a.D + d0, cnt);
+  }
   for (int64_t t = 0; t < a.l; ++t) {
     if (a.ckpt && t % kChunk == 0) {
-      V* ck = reinterpret_cast<V*>(a.ckpt) + ((bi * nchunk + t / kChunk) * a.nblk + blk) * n;
-      for (int k = 0; k < n; ++k) ck[k] = s[k];
+      V* ck = reinterpret_cast<V*>(a.ckpt) + ((bi * nchunk + t / kChunk) * a.nblk + rg.lo) * n;
+      std::copy(state.get(), state.get() + nb * n, ck);
     }
-    const V dl = vload_as<S>(a.delta.at(bi, t) + d0, cnt);
-    const V xv = vload_as<S>(a.x.at(bi, t) + d0, cnt);
-    const V dx = dl * xv;
+    const TD* drow = a.delta.at(bi, t);
+    const TX* xrow = a.x.at(bi, t);
+    const TX* zrow = a.z.p ? a.z.at(bi, t) : nullptr;
     const S* Bt = a.B.at(bi, t);
     const S* Ct = a.C.at(bi, t);
-    V acc = Dv * xv;
+    TX* yrow = y + (bi * a.l + t) * a.d;
+    for (int64_t j = 0; j < nb; ++j) {
+      const auto [d0, cnt] = block_of<S>(rg.lo + j, a.d);
+      const V dl = vload_as<S>(drow + d0, cnt);
+      const V xv = vload_as<S>(xrow + d0, cnt);
+      const V dx = dl * xv;
+      V* s = state.get() + j * n;
+      const V* Aj = At.get() + j * n;
+      V acc = Dv[j] * xv;
 #pragma GCC unroll 16
-    for (int k = 0; k < NM; ++k) {
-      if (k >= n) break;
-      const V da = vexp2(dl * At[k]);
-      s[k] = da * s[k] + dx * Bt[k];
-      acc += s[k] * Ct[k];
+      for (int k = 0; k < NM; ++k) {
+        if (k >= n) break;
+        const V sk = vexp2(dl * Aj[k]) * s[k] + dx * Bt[k];
+        s[k] = sk;
+        acc += sk * Ct[k];
+      }
+      if (zrow) {
+        const V zv = vload_as<S>(zrow + d0, cnt);
+        acc *= zv * vsigmoid(zv);
+      }
+      vstore_as<S>(yrow + d0, acc, cnt);
     }
-    if (a.z.p) {
-      const V zv = vload_as<S>(a.z.at(bi, t) + d0, cnt);
-      acc *= zv * vsigmoid(zv);
-    }
-    vstore_as<S>(y + (bi * a.l + t) * a.d + d0, acc, cnt);
   }
-  store_transposed<S>(final_state + bi * a.d * n, s, d0, cnt, n);
+  for (int64_t blk = rg.lo; blk < rg.hi; ++blk) {
+    const auto [d0, cnt] = block_of<S>(blk, a.d);
+    store_transposed<S>(final_state + bi * a.d * n, state.get() + (blk - rg.lo) * n, d0, cnt, n);
+  }
 }
 
 // ------------------------------------------------------------------------------------------ backward
 template <typename S, typename TX, typename TD> struct Grads {
-  const TX* dy;   // (b, l, d) contiguous
+  const TX* dy;     // (b, l, d) contiguous
   const S* dfinal;  // (b, d, n) or null
-  TX* dx;         // (b, l, d)
-  TD* ddelta;     // (b, l, d)
-  TX* dz;         // (b, l, d) or null
-  S* dA;          // (b, d, n) per-batch partial sums
-  S* dD;          // (b, d) per-batch partial sums, or null
-  S* dB;          // (P, b, l, n) per-partition partial sums
-  S* dC;          // (P, b, l, n)
-  S* dinit;       // (b, d, n)
-  int64_t parts;
+  TX* dx;           // (b, l, d)
+  TD* ddelta;       // (b, l, d)
+  TX* dz;           // (b, l, d) or null
+  S* dA;            // (b, d, n) per-batch-row partial sums
+  S* dD;            // (b, d) per-batch-row partial sums, or null
+  S* dB;            // (ranges, b, l, n) per-range partial sums
+  S* dC;            // (ranges, b, l, n)
+  S* dinit;         // (b, d, n)
+  int64_t ranges;
 };
 
-// Per-work-item scratch (one item = one batch row x one channel partition).
-template <typename S> struct Scratch {
-  int nm;
-  std::unique_ptr<Vec<S>[]> sbuf, abuf, bacc, cacc;  // (kChunk+1|kChunk, nm) each
-  std::unique_ptr<Vec<S>[]> h, dA, At;                 // (blocks, nm)
-  std::unique_ptr<Vec<S>[]> dD;                         // (blocks,)
-  Scratch(int nm_, int64_t blocks) : nm(nm_) {
-    sbuf.reset(new Vec<S>[(kChunk + 1) * nm]);
-    abuf.reset(new Vec<S>[kChunk * nm]);
-    bacc.reset(new Vec<S>[kChunk * nm]());
-    cacc.reset(new Vec<S>[kChunk * nm]());
-    h.reset(new Vec<S>[blocks * nm]());
-    dA.reset(new Vec<S>[blocks * nm]());
-    At.reset(new Vec<S>[blocks * nm]());
-    dD.reset(new Vec<S>[blocks]());
-  }
+template <typename S> inline S hsum(Vec<S> v) {
+  S s = 0;
+  for (int i = 0; i < lanes<S>; ++i) s += v[i];
+  return s;
+}
+
+// One time step of the adjoint for blocks j0 .. j0+G-1 of a range (G blocks share the broadcasts of
+// B_t, C_t and the loads/stores of the dB / dC lane accumulators).
+template <typename S, typename TX, typename TD> struct AdjointStep {
+  int64_t off;  // offset of row (b, t) in the (b, l, d) gradients
+  const TD* delta;
+  const TX *x, *z;
+  const S *B, *C;
+  const Vec<S>*s, *sprev, *a, *At, *Dv;  // per (block, state): s_t, s_{t-1}, a_t, A log2(e); D per block
+  Vec<S>*h, *dA, *dD;
 };
 
-// One block of channels over one chunk [t0, t1): recompute, then the adjoint recurrence.
-template <typename S, typename TX, typename TD, int NS>
-void backward_chunk(const Args<S, TX, TD>& a, const Grads<S, TX, TD>& g, Scratch<S>& w, int64_t bi,
-                    int64_t blk, int64_t jb, int64_t c) {
+template <typename S, typename TX, typename TD, int NS, int G>
+inline void adjoint_blocks(const Args<S, TX, TD>& a, const Grads<S, TX, TD>& g, const AdjointStep<S, TX, TD>& st,
+                           int64_t lo, int64_t j0, Vec<S>* bacc, Vec<S>* cacc) {
   using V = Vec<S>;
   constexpr int NM = NS ? NS : kMaxState;
   const int n = NS ? NS : static_cast<int>(a.n);
-  const int nm = w.nm;
-  const auto [d0, cnt] = block_of<S>(blk, a.d);
-  const int64_t nchunk = (a.l + kChunk - 1) / kChunk;
-  const int64_t t0 = c * kChunk, t1 = std::min<int64_t>(a.l, t0 + kChunk);
-  const V* At = w.At.get() + jb * nm;  // A log2(e)
-
-  // 1. recompute s_t (sbuf[j + 1]) and a_t = exp(delta_t A) (abuf[j]) for t = t0 + j
-  V s[NM];
-  const V* ck = reinterpret_cast<const V*>(a.ckpt) + ((bi * nchunk + c) * a.nblk + blk) * n;
-  for (int k = 0; k < n; ++k) s[k] = w.sbuf[k] = ck[k];
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t j = t - t0;
-    const V dl = vload_as<S>(a.delta.at(bi, t) + d0, cnt);
-    const V dx = dl * vload_as<S>(a.x.at(bi, t) + d0, cnt);
-    const S* Bt = a.B.at(bi, t);
-    V* sb = w.sbuf.get() + (j + 1) * nm;
-    V* ab = w.abuf.get() + j * nm;
-#pragma GCC unroll 16
-    for (int k = 0; k < NM; ++k) {
-      if (k >= n) break;
-      const V da = vexp2(dl * At[k]);
-      s[k] = da * s[k] + dx * Bt[k];
-      ab[k] = da;
-      sb[k] = s[k];
-    }
-  }
-
-  // 2. adjoint: hr[k] holds a_{t+1} h_{t+1} on entry to step t
-  V hr[NM], dAr[NM];
-  V* hsave = w.h.get() + jb * nm;
-  V* dAsave = w.dA.get() + jb * nm;
-  for (int k = 0; k < n; ++k) {
-    hr[k] = hsave[k];
-    dAr[k] = dAsave[k];
-  }
-  const V Dv = a.D ? vload<S>(a.D + d0, cnt) : V{};
-  V dDv = w.dD[jb];
-  for (int64_t t = t1 - 1; t >= t0; --t) {
-    const int64_t j = t - t0;
-    const int64_t off = (bi * a.l + t) * a.d + d0;
-    const V dl = vload_as<S>(a.delta.at(bi, t) + d0, cnt);
-    const V xv = vload_as<S>(a.x.at(bi, t) + d0, cnt);
-    const V dx = dl * xv;
-    const S* Bt = a.B.at(bi, t);
-    const S* Ct = a.C.at(bi, t);
-    const V* sb = w.sbuf.get() + (j + 1) * nm;  // s_t; s_{t-1} is sb - nm
-    const V* ab = w.abuf.get() + j * nm;
-    V* bacc = w.bacc.get() + j * nm;
-    V* cacc = w.cacc.get() + j * nm;
-    V gy = vload_as<S>(g.dy + off, cnt);
-    if (a.z.p) {
-      const V zv = vload_as<S>(a.z.at(bi, t) + d0, cnt);
+  int64_t d0[G];
+  int cnt[G];
+  V dl[G], xv[G], dx[G], gy[G], hb[G], ddl[G];
+#pragma GCC unroll 4
+  for (int i = 0; i < G; ++i) {
+    const auto blk = block_of<S>(lo + j0 + i, a.d);
+    d0[i] = blk.d0;
+    cnt[i] = blk.cnt;
+    dl[i] = vload_as<S>(st.delta + d0[i], cnt[i]);
+    xv[i] = vload_as<S>(st.x + d0[i], cnt[i]);
+    dx[i] = dl[i] * xv[i];
+    gy[i] = vload_as<S>(g.dy + st.off + d0[i], cnt[i]);
+    if (st.z) {
+      const V* sj = st.s + (j0 + i) * n;
+      const V zv = vload_as<S>(st.z + d0[i], cnt[i]);
       const V sig = vsigmoid(zv);
-      V pre = Dv * xv;
-      for (int k = 0; k < n; ++k) pre += sb[k] * Ct[k];
-      vstore_as<S>(g.dz + off, gy * pre * sig * (1 + zv * (1 - sig)), cnt);
-      gy = gy * zv * sig;
+      V pre = st.Dv[j0 + i] * xv[i];
+      for (int k = 0; k < n; ++k) pre += sj[k] * st.C[k];
+      vstore_as<S>(g.dz + st.off + d0[i], gy[i] * pre * sig * (1 + zv * (1 - sig)), cnt[i]);
+      gy[i] = gy[i] * zv * sig;
     }
-    dDv += gy * xv;
-    V hb = V{}, ddl = V{};
+    st.dD[j0 + i] += gy[i] * xv[i];
+    hb[i] = ddl[i] = V{};
+  }
+  const V* s = st.s + j0 * n;
+  const V* sp = st.sprev + j0 * n;
+  const V* av = st.a + j0 * n;
+  const V* At = st.At + j0 * n;
+  V* h = st.h + j0 * n;
+  V* dA = st.dA + j0 * n;
 #pragma GCC unroll 16
-    for (int k = 0; k < NM; ++k) {
-      if (k >= n) break;
-      const V hk = hr[k] + gy * Ct[k];
-      cacc[k] += gy * sb[k];
-      bacc[k] += hk * dx;
-      hb += hk * Bt[k];
-      const V q = hk * ab[k] * sb[k - nm];
-      dAr[k] += q * dl;
-      ddl += q * At[k];
-      hr[k] = hk * ab[k];
+  for (int k = 0; k < NM; ++k) {
+    if (k >= n) break;
+    const S Ck = st.C[k], Bk = st.B[k];
+    V ca = cacc[k], ba = bacc[k];
+#pragma GCC unroll 4
+    for (int i = 0; i < G; ++i) {
+      const int64_t e = i * n + k;
+      const V hk = h[e] + gy[i] * Ck;
+      ca += gy[i] * s[e];
+      ba += hk * dx[i];
+      hb[i] += hk * Bk;
+      const V hn = hk * av[e];
+      h[e] = hn;
+      const V q = hn * sp[e];
+      dA[e] += q * dl[i];
+      ddl[i] += q * At[e];
     }
-    vstore_as<S>(g.dx + off, gy * Dv + dl * hb, cnt);
-    vstore_as<S>(g.ddelta + off, ddl * kLn2<S> + xv * hb, cnt);
+    cacc[k] = ca;
+    bacc[k] = ba;
   }
-  for (int k = 0; k < n; ++k) {
-    hsave[k] = hr[k];
-    dAsave[k] = dAr[k];
+#pragma GCC unroll 4
+  for (int i = 0; i < G; ++i) {
+    vstore_as<S>(g.dx + st.off + d0[i], gy[i] * st.Dv[j0 + i] + dl[i] * hb[i], cnt[i]);
+    vstore_as<S>(g.ddelta + st.off + d0[i], ddl[i] * kLn2<S> + xv[i] * hb[i], cnt[i]);
   }
-  w.dD[jb] = dDv;
 }
 
 template <typename S, typename TX, typename TD, int NS>
-void backward_item(const Args<S, TX, TD>& a, const Grads<S, TX, TD>& g, int64_t bi, int64_t p) {
+void backward_range(const Args<S, TX, TD>& a, const Grads<S, TX, TD>& g, int64_t bi, int64_t r) {
   using V = Vec<S>;
-  constexpr int W = lanes<S>;
-  const int n = static_cast<int>(a.n);
-  const int64_t per = (a.nblk + g.parts - 1) / g.parts;
-  const int64_t blo = p * per, bhi = std::min(a.nblk, blo + per);
-  const int64_t nchunk = (a.l + kChunk - 1) / kChunk;
-  S* dB = g.dB + (p * a.b + bi) * a.l * n;
-  S* dC = g.dC + (p * a.b + bi) * a.l * n;
-  if (blo >= bhi) {  // more partitions than blocks: this one has nothing to add
+  constexpr int NM = NS ? NS : kMaxState;
+  const int n = NS ? NS : static_cast<int>(a.n);
+  const Range rg = range_of(r, a.nblk, g.ranges);
+  const int64_t nb = rg.hi - rg.lo;
+  S* dB = g.dB + (r * a.b + bi) * a.l * n;
+  S* dC = g.dC + (r * a.b + bi) * a.l * n;
+  if (nb <= 0) {  // more ranges than blocks: this one adds nothing
     std::fill(dB, dB + a.l * n, S(0));
     std::fill(dC, dC + a.l * n, S(0));
     return;
   }
-  Scratch<S> w(n, bhi - blo);
-  for (int64_t blk = blo; blk < bhi; ++blk) {
+  const int64_t nchunk = (a.l + kChunk - 1) / kChunk;
+  const int64_t per_step = nb * n;  // vectors per time step in the scratch buffers
+  VecBuf<S> At = vec_buffer<S>(per_step), h = vec_buffer<S>(per_step), dA = vec_buffer<S>(per_step);
+  VecBuf<S> Dv = vec_buffer<S>(nb), dD = vec_buffer<S>(nb);
+  VecBuf<S> sbuf = vec_buffer<S>((kChunk + 1) * per_step), abuf = vec_buffer<S>(kChunk * per_step);
+  load_scaled_A<S>(At.get(), a.A, rg, a.d, n);
+  for (int64_t blk = rg.lo; blk < rg.hi; ++blk) {
     const auto [d0, cnt] = block_of<S>(blk, a.d);
-    V* At = w.At.get() + (blk - blo) * n;  // A log2(e)
-    load_transposed<S>(At, a.A, d0, cnt, n);
-    for (int k = 0; k < n; ++k) At[k] *= kLog2e<S>;
-    if (g.dfinal) load_transposed<S>(w.h.get() + (blk - blo) * n, g.dfinal + bi * a.d * n, d0, cnt, n);
+    if (g.dfinal) load_transposed<S>(h.get() + (blk - rg.lo) * n, g.dfinal + bi * a.d * n, d0, cnt, n);
+    if (a.D) Dv[blk - rg.lo] = vload<S>(a.D + d0, cnt);
   }
   for (int64_t c = nchunk - 1; c >= 0; --c) {
     const int64_t t0 = c * kChunk, t1 = std::min<int64_t>(a.l, t0 + kChunk);
-    for (int64_t blk = blo; blk < bhi; ++blk) backward_chunk<S, TX, TD, NS>(a, g, w, bi, blk, blk - blo, c);
+    // 1. recompute s_t (sbuf step t - t0 + 1) and a_t (abuf step t - t0) from the checkpoint
+    const V* ck = reinterpret_cast<const V*>(a.ckpt) + ((bi * nchunk + c) * a.nblk + rg.lo) * n;
+    std::copy(ck, ck + per_step, sbuf.get());
     for (int64_t t = t0; t < t1; ++t) {
-      V* bacc = w.bacc.get() + (t - t0) * n;
-      V* cacc = w.cacc.get() + (t - t0) * n;
-      for (int k = 0; k < n; ++k) {
-        S sb = 0, sc = 0;
-        for (int i = 0; i < W; ++i) {
-          sb += bacc[k][i];
-          sc += cacc[k][i];
+      const TD* drow = a.delta.at(bi, t);
+      const TX* xrow = a.x.at(bi, t);
+      const S* Bt = a.B.at(bi, t);
+      const V* sprev = sbuf.get() + (t - t0) * per_step;
+      V* snew = sbuf.get() + (t - t0 + 1) * per_step;
+      V* ab = abuf.get() + (t - t0) * per_step;
+      for (int64_t j = 0; j < nb; ++j) {
+        const auto [d0, cnt] = block_of<S>(rg.lo + j, a.d);
+        const V dl = vload_as<S>(drow + d0, cnt);
+        const V dx = dl * vload_as<S>(xrow + d0, cnt);
+        const V* Aj = At.get() + j * n;
+#pragma GCC unroll 16
+        for (int k = 0; k < NM; ++k) {
+          if (k >= n) break;
+          const V da = vexp2(dl * Aj[k]);
+          ab[j * n + k] = da;
+          snew[j * n + k] = da * sprev[j * n + k] + dx * Bt[k];
         }
-        dB[t * n + k] = sb;
-        dC[t * n + k] = sc;
-        bacc[k] = V{};
-        cacc[k] = V{};
+      }
+    }
+    // 2. adjoint, backwards in time; h holds a_{t+1} h_{t+1} on entry to step t
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      AdjointStep<S, TX, TD> st;
+      st.off = (bi * a.l + t) * a.d;
+      st.delta = a.delta.at(bi, t);
+      st.x = a.x.at(bi, t);
+      st.z = a.z.p ? a.z.at(bi, t) : nullptr;
+      st.B = a.B.at(bi, t);
+      st.C = a.C.at(bi, t);
+      st.s = sbuf.get() + (t - t0 + 1) * per_step;
+      st.sprev = st.s - per_step;
+      st.a = abuf.get() + (t - t0) * per_step;
+      st.At = At.get();
+      st.h = h.get();
+      st.dA = dA.get();
+      st.Dv = Dv.get();
+      st.dD = dD.get();
+      V bacc[NM], cacc[NM];
+      for (int k = 0; k < n; ++k) bacc[k] = cacc[k] = V{};
+      int64_t j = 0;
+      for (; j + kGroup <= nb; j += kGroup) adjoint_blocks<S, TX, TD, NS, kGroup>(a, g, st, rg.lo, j, bacc, cacc);
+      for (; j < nb; ++j) adjoint_blocks<S, TX, TD, NS, 1>(a, g, st, rg.lo, j, bacc, cacc);
+      for (int k = 0; k < n; ++k) {
+        dB[t * n + k] = hsum<S>(bacc[k]);
+        dC[t * n + k] = hsum<S>(cacc[k]);
       }
     }
   }
-  for (int64_t blk = blo; blk < bhi; ++blk) {
+  for (int64_t blk = rg.lo; blk < rg.hi; ++blk) {
     const auto [d0, cnt] = block_of<S>(blk, a.d);
-    const int64_t jb = blk - blo;
-    store_transposed<S>(g.dinit + bi * a.d * n, w.h.get() + jb * n, d0, cnt, n);
-    store_transposed<S>(g.dA + bi * a.d * n, w.dA.get() + jb * n, d0, cnt, n);
+    const int64_t j = blk - rg.lo;
+    store_transposed<S>(g.dinit + bi * a.d * n, h.get() + j * n, d0, cnt, n);
+    store_transposed<S>(g.dA + bi * a.d * n, dA.get() + j * n, d0, cnt, n);
     if (g.dD)
-      for (int i = 0; i < cnt; ++i) g.dD[bi * a.d + d0 + i] = w.dD[jb][i];
+      for (int i = 0; i < cnt; ++i) g.dD[bi * a.d + d0 + i] = dD[j][i];
   }
 }
 
@@ -330,32 +379,43 @@ int bm_vector_bytes() { return bm::kVecBytes; }
 int bm_scan_chunk() { return bm::kChunk; }
 int bm_scan_max_state() { return bm::kMaxState; }
 
+// How many ranges of channel blocks to split d channels into: ranges of at most kRange blocks, and
+// enough work items (batch rows x ranges) to occupy `threads` threads.
+int64_t bm_scan_ranges(int64_t b, int64_t d, int elem_bytes, int threads) {
+  const int64_t nblk = (d + bm::kVecBytes / elem_bytes - 1) / (bm::kVecBytes / elem_bytes);
+  const int64_t by_size = (nblk + bm::kRange - 1) / bm::kRange;
+  const int64_t by_threads = (threads + b - 1) / std::max<int64_t>(b, 1);
+  return std::max<int64_t>(1, std::min(nblk, std::max(by_size, by_threads)));
+}
+
 // y (b, l, d) contiguous of x's dtype; final_state (b, d, n); ckpt (b, nchunk, nblk, n, lanes) or null.
-int bm_scan_forward(const bm::Tensors* t, void* y, void* final_state, void* ckpt, int threads) {
+// Work items: batch rows x `ranges` ranges of channel blocks (see bm_scan_ranges).
+int bm_scan_forward(const bm::Tensors* t, void* y, void* final_state, void* ckpt, int64_t ranges, int threads) {
   using namespace bm;
-  if (t->n > kMaxState) return 1;
+  if (t->n > kMaxState || ranges < 1) return 1;
   const bool ok = dispatch_types(*t, [&]<typename S, typename TX, typename TD>() {
     const auto a = make_args<S, TX, TD>(*t, ckpt);
     TX* yp = static_cast<TX*>(y);
     S* fp = static_cast<S*>(final_state);
-    parallel_for(a.b * a.nblk, threads, [&](int64_t i) {
+    parallel_for(a.b * ranges, threads, [&](int64_t i) {
+      const Range rg = range_of(i % ranges, a.nblk, ranges);
       if (a.n == 16)
-        forward_block<S, TX, TD, 16>(a, yp, fp, i / a.nblk, i % a.nblk);
+        forward_range<S, TX, TD, 16>(a, yp, fp, i / ranges, rg);
       else
-        forward_block<S, TX, TD, 0>(a, yp, fp, i / a.nblk, i % a.nblk);
+        forward_range<S, TX, TD, 0>(a, yp, fp, i / ranges, rg);
     });
   });
   return ok ? 0 : 2;
 }
 
 // dy, dx, dz (b, l, d) contiguous of x's dtype, ddelta of delta's dtype; dfinal (b, d, n) or null;
-// per-batch partial sums dA (b, d, n), dD (b, d) or null; per-partition dB, dC (parts, b, l, n);
-// dinit (b, d, n). Work is split over batch rows x `parts` channel partitions.
+// per-batch-row partial sums dA (b, d, n), dD (b, d) or null; per-range dB, dC (ranges, b, l, n);
+// dinit (b, d, n).
 int bm_scan_backward(const bm::Tensors* t, const void* ckpt, const void* dy, const void* dfinal, void* dx,
-                     void* ddelta, void* dz, void* dA, void* dD, void* dB, void* dC, void* dinit, int64_t parts,
+                     void* ddelta, void* dz, void* dA, void* dD, void* dB, void* dC, void* dinit, int64_t ranges,
                      int threads) {
   using namespace bm;
-  if (t->n > kMaxState || parts < 1) return 1;
+  if (t->n > kMaxState || ranges < 1) return 1;
   const bool ok = dispatch_types(*t, [&]<typename S, typename TX, typename TD>() {
     const auto a = make_args<S, TX, TD>(*t, const_cast<void*>(ckpt));
     Grads<S, TX, TD> g;
@@ -369,12 +429,12 @@ int bm_scan_backward(const bm::Tensors* t, const void* ckpt, const void* dy, con
     g.dB = static_cast<S*>(dB);
     g.dC = static_cast<S*>(dC);
     g.dinit = static_cast<S*>(dinit);
-    g.parts = parts;
-    parallel_for(a.b * parts, threads, [&](int64_t i) {
+    g.ranges = ranges;
+    parallel_for(a.b * ranges, threads, [&](int64_t i) {
       if (a.n == 16)
-        backward_item<S, TX, TD, 16>(a, g, i / parts, i % parts);
+        backward_range<S, TX, TD, 16>(a, g, i / ranges, i % ranges);
       else
-        backward_item<S, TX, TD, 0>(a, g, i / parts, i % parts);
+        backward_range<S, TX, TD, 0>(a, g, i / ranges, i % ranges);
     });
   });
   return ok ? 0 : 2;
