@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from . import backend as _backend
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """y_t = bias + sum_k weight[:, k] * x_{t-K+1+k}; returns (y (b, l, d), final state (b, d, K-1))."""
     b, l, d = x.shape
     K = weight.shape[1]
@@ -41,7 +41,16 @@ def causal_conv1d_step_reference(x: torch.Tensor, weight: torch.Tensor, bias: to
     return y
 
 
+_backend.register("conv", "reference", causal_conv1d_reference)
 _backend.register("conv_step", "reference", causal_conv1d_step_reference)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  initial_state: torch.Tensor | None = None,
+                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """y_t = bias + sum_k weight[:, k] * x_{t-K+1+k}; returns (y (b, l, d), final state (b, d, K-1)) (op ``conv``)."""
+    _, fn = _backend.resolve("conv", x.device, backend)
+    return fn(x, weight, bias, initial_state)
 
 
 def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -1,4 +1,4 @@
-"""Fused CPU kernels, registered as backend ``cpu`` for the ops ``scan``, ``scan_step`` and ``conv_step``.
+"""Fused CPU kernels, registered as backend ``cpu`` for the ops ``scan``, ``conv``, ``scan_step``, ``conv_step``.
 
 The C++ sources (``ops/csrc``) use no torch headers: on first use they are compiled in ~15 s with the
 system C++ compiler (``$CXX``, else ``c++``) into a shared library and called through ``ctypes`` on the
@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 
 from . import backend as _backend
-from .conv import causal_conv1d_step_reference
+from .conv import causal_conv1d_reference, causal_conv1d_step_reference
 from .scan import selective_scan_reference, selective_scan_step_reference
 
 log = logging.getLogger("blackmamba")
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("scan.cpp", "step.cpp", "fastexp.cpp")
+SOURCES = ("scan.cpp", "conv.cpp", "step.cpp", "fastexp.cpp")
 HEADERS = ("simd.h",)
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
@@ -111,6 +111,8 @@ def _declare(lib) -> None:
         "bm_scan_ranges": (I64, [I64, I64, INT, INT]),
         "bm_scan_forward": (INT, [ctypes.POINTER(_Tensors), P, P, P, I64, INT]),
         "bm_scan_backward": (INT, [ctypes.POINTER(_Tensors)] + [P] * 10 + [I64, INT]),
+        "bm_conv_forward": (INT, [INT, P, I64, I64, P, P, P, P, P, I64, I64, I64, I64, INT]),
+        "bm_conv_backward": (INT, [INT, P, I64, I64, P, P, P, P, P, P, P, P, I64, I64, I64, I64, INT]),
         "bm_ssm_step": (None, [P] * 9 + [I64, I64, I64, INT]),
         "bm_conv_step": (INT, [INT] + [P] * 5 + [I64, I64, I64, INT]),
         "bm_exp": (None, [P, P, I64, INT]),
@@ -271,6 +273,67 @@ def selective_scan_cpu(x, delta, A, B, C, D=None, z=None, initial_state=None):
     return y.to(x.dtype), final
 
 
+# --------------------------------------------------------------------------- causal conv
+def conv_forward(x, weight, bias, initial_state):
+    """Kernel call on prepared inputs: (y (b, l, d) x.dtype, final state (b, d, K-1) in weight's dtype)."""
+    b, l, d = x.shape
+    K = weight.shape[1]
+    y = torch.empty(b, l, d, dtype=x.dtype)
+    final = torch.empty(b, d, K - 1, dtype=weight.dtype)
+    rc = library().bm_conv_forward(DTYPE_CODE[x.dtype], _ptr(x), x.stride(0), x.stride(1), _ptr(weight), _ptr(bias),
+                                   _ptr(initial_state), _ptr(y), _ptr(final), b, l, d, K, _threads(b * l * d * K))
+    if rc:
+        raise RuntimeError(f"blackmamba cpu conv: unsupported inputs (code {rc})")
+    return y, final
+
+
+class _ConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_state):
+        y, final = conv_forward(x, weight, bias, initial_state)
+        ctx.save_for_backward(x, weight, initial_state)
+        ctx.has_bias, ctx.has_initial_state = bias is not None, initial_state is not None
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dfinal):
+        x, weight, initial_state = ctx.saved_tensors
+        b, l, d = x.shape
+        K = weight.shape[1]
+        S = weight.dtype
+        dy = torch.zeros(b, l, d, dtype=x.dtype) if dy is None else dy.to(x.dtype).contiguous()
+        dfinal = None if dfinal is None else dfinal.to(S).contiguous()
+        dx = torch.empty(b, l, d, dtype=x.dtype)
+        dinit = torch.empty(b, d, K - 1, dtype=S)
+        dw = torch.empty(b, d, K, dtype=S)
+        dbias = torch.empty(b, d, dtype=S)
+        rc = library().bm_conv_backward(DTYPE_CODE[x.dtype], _ptr(x), x.stride(0), x.stride(1), _ptr(weight),
+                                        _ptr(initial_state), _ptr(dy), _ptr(dfinal), _ptr(dx), _ptr(dinit), _ptr(dw),
+                                        _ptr(dbias), b, l, d, K, _threads(b * l * d * K))
+        if rc:
+            raise RuntimeError(f"blackmamba cpu conv backward: unsupported inputs (code {rc})")
+        return (dx, dw.sum(0), dbias.sum(0) if ctx.has_bias else None,
+                dinit if ctx.has_initial_state else None)
+
+
+def causal_conv1d_cpu(x, weight, bias=None, initial_state=None):
+    """The ``cpu`` backend of ``causal_conv1d``: (b, l, d) in and out, no transposes or padding copies."""
+    if x.dtype not in DTYPE_CODE:
+        return causal_conv1d_reference(x, weight, bias, initial_state)
+    S = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = x.dtype
+    xk = x if x.stride(-1) == 1 else x.contiguous()
+    args = (xk, weight.to(S).contiguous(), bias.to(S).contiguous() if bias is not None else None,
+            initial_state.to(S).contiguous() if initial_state is not None else None)
+    if _grad_needed(*args):
+        y, final = _ConvFunction.apply(*args)
+    else:
+        y, final = conv_forward(*args)
+    return y, final.to(dtype)
+
+
 # --------------------------------------------------------------------------- decode steps
 def _grad_needed(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -311,5 +374,6 @@ def exp_approx(x: torch.Tensor) -> torch.Tensor:
 
 
 _backend.register("scan", "cpu", selective_scan_cpu, available, devices=("cpu",))
+_backend.register("conv", "cpu", causal_conv1d_cpu, available, devices=("cpu",))
 _backend.register("scan_step", "cpu", selective_scan_step_cpu, available, devices=("cpu",))
 _backend.register("conv_step", "cpu", causal_conv1d_step_cpu, available, devices=("cpu",))
