@@ -1,4 +1,4 @@
-"""Fused CPU kernels, registered as backend ``cpu`` for the ops ``scan``, ``conv``, ``scan_step``, ``conv_step``.
+"""Fused CPU kernels, registered as backend ``cpu`` of the ops ``scan``, ``conv``, ``scan_step``, ``conv_step``, ``linear``.
 
 The C++ sources (``ops/csrc``) use no torch headers: on first use they are compiled in ~15 s with the
 system C++ compiler (``$CXX``, else ``c++``) into a shared library and called through ``ctypes`` on the
@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from . import backend as _backend
 from .conv import causal_conv1d_reference, causal_conv1d_step_reference
@@ -39,7 +40,7 @@ from .scan import selective_scan_reference, selective_scan_step_reference
 log = logging.getLogger("blackmamba")
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("scan.cpp", "conv.cpp", "step.cpp", "fastexp.cpp")
+SOURCES = ("scan.cpp", "conv.cpp", "step.cpp", "gemv.cpp", "fastexp.cpp")
 HEADERS = ("simd.h",)
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
@@ -115,6 +116,8 @@ def _declare(lib) -> None:
         "bm_conv_backward": (INT, [INT, P, I64, I64, P, P, P, P, P, P, P, P, I64, I64, I64, I64, INT]),
         "bm_ssm_step": (None, [P] * 9 + [I64, I64, I64, INT]),
         "bm_conv_step": (INT, [INT] + [P] * 5 + [I64, I64, I64, INT]),
+        "bm_gemv_max_rows": (INT, []),
+        "bm_gemv": (INT, [INT, P, P, P, P, I64, I64, I64, INT]),
         "bm_exp": (None, [P, P, I64, INT]),
     }
     for name, (res, args) in sigs.items():
@@ -365,6 +368,25 @@ def causal_conv1d_step_cpu(x, weight, bias, state):
     return y
 
 
+def linear_cpu(x, weight, bias=None):
+    """The ``cpu`` backend of ``linear``: bfloat16 weights times a few rows, read once (see ops/linear.py)."""
+    i = x.shape[-1]
+    rows = x.numel() // i if i else 0
+    if (weight.dtype != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16) or rows == 0
+            or rows > library().bm_gemv_max_rows() or _grad_needed(x, weight, bias)):
+        return F.linear(x, weight, bias)
+    o = weight.shape[0]
+    xf = x.reshape(rows, i).float().contiguous()
+    w = weight.contiguous()
+    b = bias.float().contiguous() if bias is not None else None
+    y = torch.empty(rows, o, dtype=torch.float32)
+    rc = library().bm_gemv(DTYPE_CODE[w.dtype], _ptr(xf), _ptr(w), _ptr(b), _ptr(y), rows, i, o,
+                           _threads(rows * i * o))
+    if rc:
+        raise RuntimeError(f"blackmamba cpu linear: unsupported inputs (code {rc})")
+    return y.reshape(*x.shape[:-1], o).to(x.dtype)
+
+
 def exp_approx(x: torch.Tensor) -> torch.Tensor:
     """The kernels' float32 exp applied elementwise (to validate it against ``torch.exp``)."""
     x = x.float().contiguous()
@@ -377,3 +399,4 @@ _backend.register("scan", "cpu", selective_scan_cpu, available, devices=("cpu",)
 _backend.register("conv", "cpu", causal_conv1d_cpu, available, devices=("cpu",))
 _backend.register("scan_step", "cpu", selective_scan_step_cpu, available, devices=("cpu",))
 _backend.register("conv_step", "cpu", causal_conv1d_step_cpu, available, devices=("cpu",))
+_backend.register("linear", "cpu", linear_cpu, available, devices=("cpu",))
