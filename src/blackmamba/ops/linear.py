@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import backend as _backend
 
@@ -27,3 +28,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)`` through the backend registry (op ``linear``)."""
     _, fn = _backend.resolve("linear", x.device, backend)
     return fn(x, weight, bias)
+
+
+def linear_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a plain ``nn.Linear``, through op ``linear``; any other module (a LoRA wrapper,
+    a quantised layer, ...) is called as it is, so nothing it adds is skipped."""
+    if type(module) is nn.Linear:
+        return linear(x, module.weight, module.bias)
+    return module(x)
