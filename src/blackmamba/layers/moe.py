@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..ops.grouped_moe import dispatch_grouped, grouped_mm_supported
+from ..ops.linear import linear_module
 from ..ops.sinkhorn import sinkhorn
 from .mlp import GatedMLP
 
@@ -51,7 +52,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """x (T, H) → (expert index (T,), gate (T, 1), sinkhorn iterations)."""
-        logits = self.router(x)  # (T, E)
+        logits = linear_module(self.router, x)  # (T, E)
         probs = torch.sigmoid(logits)
         iters = 0
         if self.training and self.router_train_mode != "top1":
