@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("blackmamba.info", "print a model's parameters (total/active), layer pattern and FLOPs per token"),
     "convert": ("blackmamba.convert", "convert a checkpoint between the native, release and transformers formats"),
     "eval": ("blackmamba.eval.command", "lm-evaluation-harness tasks, or perplexity / bits per byte of a text file"),
+    "bench": ("blackmamba.bench.command", "benchmarks: ratios against baselines and machine limits measured in the same run"),
 }
 
 
