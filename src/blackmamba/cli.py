@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("blackmamba.generate_cli", "continue prompts with a trained model, streaming the text"),
     "convert": ("blackmamba.convert", "convert a checkpoint between the native, release and transformers formats"),
     "eval": ("blackmamba.eval.command", "lm-evaluation-harness tasks, or perplexity / bits per byte of a text file"),
+    "bench": ("blackmamba.bench.command", "benchmarks: ratios against baselines and machine limits measured in the same run"),
 }
 
 

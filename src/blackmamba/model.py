@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import BlackMambaConfig
 from .layers import Attention, GatedMLP, MambaMixer, MoE, RMSNorm
+from .ops.linear import linear
 
 
 @dataclass
@@ -178,7 +179,7 @@ class BlackMambaLM(nn.Module):
         fn = self.decoder.final_layernorm
         h = fn(residual.to(fn.weight.dtype))
         weight = self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
-        logits = F.linear(h, weight)
+        logits = linear(h, weight)  # op `linear`: on CPU a decode-sized gemv reads bf16 weights directly
         if state is not None:
             state.seqlen += l
         loss = None

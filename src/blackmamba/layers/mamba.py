@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.conv import causal_conv1d, causal_conv1d_step
+from ..ops.linear import linear, linear_module
 from ..ops.scan import selective_scan, selective_scan_step
 
 
@@ -66,7 +67,7 @@ class MambaMixer(nn.Module):
 
     def _delta(self, dt: torch.Tensor) -> torch.Tensor:
         # matmul in the model dtype, bias and softplus in fp32 (as the release's scan does)
-        return F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        return F.softplus(linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
 
     def forward(self, h: torch.Tensor, state: MambaState | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,9 +96,9 @@ class MambaMixer(nn.Module):
     def step(self, h: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One token per sequence: h (b, H) → (b, H); updates ``state`` in place."""
         I, N, R = self.d_inner, self.state_size, self.dt_rank
-        x, z = self.in_proj(h).split([I, I], dim=-1)  # (b, I)
+        x, z = linear_module(self.in_proj, h).split([I, I], dim=-1)  # (b, I); op `linear`: decode-sized gemv
         x = F.silu(causal_conv1d_step(x, self.conv1d.weight[:, 0], self.conv1d.bias, state.conv))
-        dt, B, C = self.x_proj(x).split([R, N, N], dim=-1)
+        dt, B, C = linear_module(self.x_proj, x).split([R, N, N], dim=-1)
         A = -torch.exp(self.A_log.float())
         y = selective_scan_step(x, self._delta(dt), A, B, C, self.D, z, state.ssm)
-        return self.out_proj(y)
+        return linear_module(self.out_proj, y)

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.linear import linear_module
+
 _ACT = {"silu": F.silu, "gelu": F.gelu}  # gelu: exact (erf), as the released inference code
 
 
@@ -16,5 +18,5 @@ class GatedMLP(nn.Module):
         self.linear_fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, **_) -> torch.Tensor:
-        a, b = self.linear_fc1(x).chunk(2, dim=-1)
-        return self.linear_fc2(_ACT[self.activation](a) * b)
+        a, b = linear_module(self.linear_fc1, x).chunk(2, dim=-1)  # op `linear`: decode-sized gemv on CPU
+        return linear_module(self.linear_fc2, _ACT[self.activation](a) * b)

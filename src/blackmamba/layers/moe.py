@@ -14,27 +14,43 @@ import torch
 from torch import nn
 
 from ..ops.grouped_moe import dispatch_grouped, grouped_mm_supported
+from ..ops.linear import linear_module
 from ..ops.sinkhorn import sinkhorn
 from .mlp import GatedMLP
 
 _SINKHORN_VARIANT = {"sinkhorn_blackmamba": "blackmamba", "sinkhorn": "vanilla"}
 
 
+class _PermuteRows(torch.autograd.Function):
+    """x[index] for a permutation ``index`` whose inverse is ``inverse``: the backward is the inverse gather
+    (indexing's generic backward is an accumulating index_put, several times slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 def dispatch_sorted(x: torch.Tensor, expert_idx: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
     """Apply ``experts[expert_idx[t]]`` to every row x[t]; x (T, H), expert_idx (T,) → (T, H)."""
     T = x.shape[0]
     order = torch.argsort(expert_idx, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(T, device=x.device)
     counts = torch.bincount(expert_idx, minlength=len(experts)).tolist()
-    xs = x[order]
+    xs = _PermuteRows.apply(x, order, inverse)
     outs, start = [], 0
     for e, c in enumerate(counts):
         if c:
             outs.append(experts[e](xs[start:start + c]))
             start += c
     out_sorted = torch.cat(outs, dim=0) if outs else x.new_zeros(0, x.shape[1])
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(T, device=x.device)
-    return out_sorted[inverse]
+    return _PermuteRows.apply(out_sorted, inverse, order)
 
 
 class MoE(nn.Module):
@@ -51,7 +67,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """x (T, H) → (expert index (T,), gate (T, 1), sinkhorn iterations)."""
-        logits = self.router(x)  # (T, E)
+        logits = linear_module(self.router, x)  # (T, E)
         probs = torch.sigmoid(logits)
         iters = 0
         if self.training and self.router_train_mode != "top1":

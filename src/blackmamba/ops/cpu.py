@@ -1,0 +1,402 @@
+"""Fused CPU kernels, registered as backend ``cpu`` of the ops ``scan``, ``conv``, ``scan_step``, ``conv_step``, ``linear``.
+
+The C++ sources (``ops/csrc``) use no torch headers: on first use they are compiled in ~15 s with the
+system C++ compiler (``$CXX``, else ``c++``) into a shared library and called through ``ctypes`` on the
+tensors' memory. The library is built for the host (``-march=native``) and cached in a folder keyed on
+the sources, the flags, the compiler and the CPU's instruction-set flags, so that a cache shared between
+machines never hands a binary to a CPU that cannot run it:
+
+    $BLACKMAMBA_CACHE/kernels/,  else ~/.cache/blackmamba/kernels/
+
+Concurrent first uses (threads, pytest processes) are safe: each build writes a private temporary
+file and renames it into place. If the build fails, one warning is issued and ``auto`` uses the
+``reference`` backend.
+
+Dtypes: x and z may be float32 or bfloat16 (other floating types are computed in float32), delta
+float32 or bfloat16; the scan accumulates in float32 (float64 when x is float64, which is what makes
+``gradcheck`` meaningful). Up to 64 states per channel (Mamba uses 16); more run the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import backend as _backend
+from .conv import causal_conv1d_reference, causal_conv1d_step_reference
+from .scan import selective_scan_reference, selective_scan_step_reference
+
+log = logging.getLogger("blackmamba")
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("scan.cpp", "conv.cpp", "step.cpp", "gemv.cpp", "fastexp.cpp")
+HEADERS = ("simd.h",)
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
+
+_lock = threading.Lock()
+_lib = None
+_tried = False
+
+
+# --------------------------------------------------------------------------- build and load
+def _cpu_signature() -> str:
+    """The host's instruction-set flags: a -march=native binary is only reused on a match."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()} {torch.backends.cpu.get_cpu_capability()}"
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++") or "c++"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("BLACKMAMBA_CACHE") or Path.home() / ".cache" / "blackmamba"
+    return Path(root) / "kernels"
+
+
+def library_path() -> Path:
+    h = hashlib.sha256()
+    for f in SOURCES + HEADERS:
+        h.update((CSRC / f).read_bytes())
+    for part in (" ".join(CFLAGS), _compiler(), _cpu_signature()):
+        h.update(part.encode())
+    return cache_dir() / f"blackmamba_cpu_{h.hexdigest()[:16]}.so"
+
+
+def _build(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+    cmd = [_compiler(), *CFLAGS, *(str(CSRC / f) for f in SOURCES), "-o", str(tmp)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            errors = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.splitlines() or ["?"]
+            raise RuntimeError(f"{cmd[0]} failed: {errors[0].strip()}")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _Tensors(ctypes.Structure):
+    """Mirror of ``bm::Tensors`` in scan.cpp: pointers, (batch, time) strides in elements, sizes, dtypes."""
+
+    _fields_ = ([(f, ctypes.c_void_p) for f in ("x", "delta", "z", "B", "C", "A", "D", "init")]
+                + [(f, ctypes.c_int64) for f in ("x_sb", "x_sl", "delta_sb", "delta_sl", "z_sb", "z_sl",
+                                                  "B_sb", "B_sl", "C_sb", "C_sl", "b", "l", "d", "n")]
+                + [("dtype_x", ctypes.c_int), ("dtype_delta", ctypes.c_int)])
+
+
+def _declare(lib) -> None:
+    P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    sigs = {
+        "bm_vector_bytes": (INT, []),
+        "bm_scan_chunk": (INT, []),
+        "bm_scan_max_state": (INT, []),
+        "bm_scan_ranges": (I64, [I64, I64, INT, INT]),
+        "bm_scan_forward": (INT, [ctypes.POINTER(_Tensors), P, P, P, I64, INT]),
+        "bm_scan_backward": (INT, [ctypes.POINTER(_Tensors)] + [P] * 10 + [I64, INT]),
+        "bm_conv_forward": (INT, [INT, P, I64, I64, P, P, P, P, P, I64, I64, I64, I64, INT]),
+        "bm_conv_backward": (INT, [INT, P, I64, I64, P, P, P, P, P, P, P, P, I64, I64, I64, I64, INT]),
+        "bm_ssm_step": (None, [P] * 9 + [I64, I64, I64, INT]),
+        "bm_conv_step": (INT, [INT] + [P] * 5 + [I64, I64, I64, INT]),
+        "bm_gemv_max_rows": (INT, []),
+        "bm_gemv": (INT, [INT, P, P, P, P, I64, I64, I64, INT]),
+        "bm_exp": (None, [P, P, I64, INT]),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+
+
+def library():
+    """The compiled kernels (ctypes.CDLL), built on first use; None if they cannot be built (warns once)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            try:
+                path = library_path()
+                if not path.exists():
+                    log.info("blackmamba: compiling the fused CPU kernels into %s", path)
+                    _build(path)
+                lib = ctypes.CDLL(str(path))
+                _declare(lib)
+                _lib = lib
+            except Exception as e:  # no compiler, unsupported flags or platform, unwritable cache, ...
+                warnings.warn(f"blackmamba: fused CPU kernels unavailable ({e}); using the reference PyTorch ops",
+                              RuntimeWarning, stacklevel=3)
+                log.debug("blackmamba: CPU kernel build failed", exc_info=True)
+            _tried = True
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _threads(work: int) -> int:
+    """torch's thread count, or 1 for work (state updates) too small to repay waking the others."""
+    return torch.get_num_threads() if work >= 1 << 16 else 1
+
+
+# --------------------------------------------------------------------------- scan
+def _kernel_dtypes(x, delta, A, B, C, D, z, initial_state):
+    """Cast the inputs to what the kernels take (differentiable casts; no-ops when already right)."""
+    S = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float64):
+        x = x.float()
+    if S == torch.float64 or delta.dtype not in (torch.float32, torch.bfloat16):
+        delta = delta.to(S)
+    z = z.to(x.dtype) if z is not None else None
+    A = A.to(S).contiguous()
+    B, C = B.to(S), C.to(S)
+    D = D.to(S).contiguous() if D is not None else None
+    initial_state = initial_state.to(S).contiguous() if initial_state is not None else None
+
+    def unit_last(t):  # the kernels take any batch / time strides, but unit stride along the last dim
+        return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+    return tuple(unit_last(t) for t in (x, delta, A, B, C, D, z, initial_state))
+
+
+def _describe(x, delta, A, B, C, D, z, initial_state) -> _Tensors:
+    b, l, d = x.shape
+    t = _Tensors(x=_ptr(x), delta=_ptr(delta), z=_ptr(z), B=_ptr(B), C=_ptr(C), A=_ptr(A), D=_ptr(D),
+                 init=_ptr(initial_state), b=b, l=l, d=d, n=A.shape[1],
+                 dtype_x=DTYPE_CODE[x.dtype], dtype_delta=DTYPE_CODE[delta.dtype])
+    t.x_sb, t.x_sl = x.stride(0), x.stride(1)
+    t.delta_sb, t.delta_sl = delta.stride(0), delta.stride(1)
+    t.B_sb, t.B_sl = B.stride(0), B.stride(1)
+    t.C_sb, t.C_sl = C.stride(0), C.stride(1)
+    if z is not None:
+        t.z_sb, t.z_sl = z.stride(0), z.stride(1)
+    return t
+
+
+def _blocks(A: torch.Tensor, d: int) -> tuple[int, int]:
+    """(lanes per vector, channel blocks) for compute dtype A.dtype."""
+    lanes = library().bm_vector_bytes() // A.element_size()
+    return lanes, -(-d // lanes)
+
+
+def scan_forward(x, delta, A, B, C, D, z, initial_state, save_checkpoints: bool):
+    """Kernel call on prepared inputs: (y (b, l, d) x.dtype, final state (b, d, n), checkpoints or None)."""
+    lib = library()
+    b, l, d = x.shape
+    n = A.shape[1]
+    lanes, nblk = _blocks(A, d)
+    y = torch.empty(b, l, d, dtype=x.dtype)
+    final = torch.empty(b, d, n, dtype=A.dtype)
+    ckpt = None
+    if save_checkpoints:
+        ckpt = torch.empty(b, -(-l // lib.bm_scan_chunk()), nblk, n, lanes, dtype=A.dtype)
+    desc = _describe(x, delta, A, B, C, D, z, initial_state)
+    threads = _threads(b * l * d * n)
+    ranges = lib.bm_scan_ranges(b, d, A.element_size(), threads)
+    rc = lib.bm_scan_forward(ctypes.byref(desc), _ptr(y), _ptr(final), _ptr(ckpt), ranges, threads)
+    if rc:
+        raise RuntimeError(f"blackmamba cpu scan: unsupported inputs (code {rc})")
+    return y, final, ckpt
+
+
+def scan_backward(x, delta, A, B, C, D, z, ckpt, dy, dfinal):
+    """Gradients (dx, ddelta, dA, dB, dC, dD, dz, dinitial_state) for prepared inputs."""
+    lib = library()
+    b, l, d = x.shape
+    n = A.shape[1]
+    threads = _threads(b * l * d * n)
+    ranges = lib.bm_scan_ranges(b, d, A.element_size(), threads)
+    S = A.dtype
+    dx = torch.empty(b, l, d, dtype=x.dtype)
+    ddelta = torch.empty(b, l, d, dtype=delta.dtype)
+    dz = torch.empty(b, l, d, dtype=x.dtype) if z is not None else None
+    dA = torch.empty(b, d, n, dtype=S)
+    dD = torch.empty(b, d, dtype=S) if D is not None else None
+    dB = torch.empty(ranges, b, l, n, dtype=S)  # partial sums per range of channels
+    dC = torch.empty(ranges, b, l, n, dtype=S)
+    dinit = torch.empty(b, d, n, dtype=S)
+    desc = _describe(x, delta, A, B, C, D, z, None)
+    rc = lib.bm_scan_backward(ctypes.byref(desc), _ptr(ckpt), _ptr(dy), _ptr(dfinal), _ptr(dx), _ptr(ddelta),
+                              _ptr(dz), _ptr(dA), _ptr(dD), _ptr(dB), _ptr(dC), _ptr(dinit), ranges, threads)
+    if rc:
+        raise RuntimeError(f"blackmamba cpu scan backward: unsupported inputs (code {rc})")
+    return (dx, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0) if dD is not None else None, dz, dinit)
+
+
+class _ScanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, delta, A, B, C, D, z, initial_state):
+        y, final, ckpt = scan_forward(x, delta, A, B, C, D, z, initial_state, True)
+        ctx.save_for_backward(x, delta, A, B, C, D, z, ckpt)
+        ctx.has_initial_state = initial_state is not None
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dfinal):
+        x, delta, A, B, C, D, z, ckpt = ctx.saved_tensors
+        dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
+        dfinal = None if dfinal is None else dfinal.to(A.dtype).contiguous()
+        dx, ddelta, dA, dB, dC, dD, dz, dinit = scan_backward(x, delta, A, B, C, D, z, ckpt, dy, dfinal)
+        return dx, ddelta, dA, dB, dC, dD, dz, (dinit if ctx.has_initial_state else None)
+
+
+def selective_scan_cpu(x, delta, A, B, C, D=None, z=None, initial_state=None):
+    """The ``cpu`` backend of ``selective_scan`` (same contract as ``selective_scan_reference``)."""
+    if A.shape[1] > library().bm_scan_max_state():
+        return selective_scan_reference(x, delta, A, B, C, D, z, initial_state)
+    args = _kernel_dtypes(x, delta, A, B, C, D, z, initial_state)
+    if _grad_needed(*args):
+        y, final = _ScanFunction.apply(*args)
+    else:
+        y, final, _ = scan_forward(*args, False)
+    return y.to(x.dtype), final
+
+
+# --------------------------------------------------------------------------- causal conv
+def conv_forward(x, weight, bias, initial_state):
+    """Kernel call on prepared inputs: (y (b, l, d) x.dtype, final state (b, d, K-1) in weight's dtype)."""
+    b, l, d = x.shape
+    K = weight.shape[1]
+    y = torch.empty(b, l, d, dtype=x.dtype)
+    final = torch.empty(b, d, K - 1, dtype=weight.dtype)
+    rc = library().bm_conv_forward(DTYPE_CODE[x.dtype], _ptr(x), x.stride(0), x.stride(1), _ptr(weight), _ptr(bias),
+                                   _ptr(initial_state), _ptr(y), _ptr(final), b, l, d, K, _threads(b * l * d * K))
+    if rc:
+        raise RuntimeError(f"blackmamba cpu conv: unsupported inputs (code {rc})")
+    return y, final
+
+
+class _ConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_state):
+        y, final = conv_forward(x, weight, bias, initial_state)
+        ctx.save_for_backward(x, weight, initial_state)
+        ctx.has_bias, ctx.has_initial_state = bias is not None, initial_state is not None
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dfinal):
+        x, weight, initial_state = ctx.saved_tensors
+        b, l, d = x.shape
+        K = weight.shape[1]
+        S = weight.dtype
+        dy = torch.zeros(b, l, d, dtype=x.dtype) if dy is None else dy.to(x.dtype).contiguous()
+        dfinal = None if dfinal is None else dfinal.to(S).contiguous()
+        dx = torch.empty(b, l, d, dtype=x.dtype)
+        dinit = torch.empty(b, d, K - 1, dtype=S)
+        dw = torch.empty(b, d, K, dtype=S)
+        dbias = torch.empty(b, d, dtype=S)
+        rc = library().bm_conv_backward(DTYPE_CODE[x.dtype], _ptr(x), x.stride(0), x.stride(1), _ptr(weight),
+                                        _ptr(initial_state), _ptr(dy), _ptr(dfinal), _ptr(dx), _ptr(dinit), _ptr(dw),
+                                        _ptr(dbias), b, l, d, K, _threads(b * l * d * K))
+        if rc:
+            raise RuntimeError(f"blackmamba cpu conv backward: unsupported inputs (code {rc})")
+        return (dx, dw.sum(0), dbias.sum(0) if ctx.has_bias else None,
+                dinit if ctx.has_initial_state else None)
+
+
+def causal_conv1d_cpu(x, weight, bias=None, initial_state=None):
+    """The ``cpu`` backend of ``causal_conv1d``: (b, l, d) in and out, no transposes or padding copies."""
+    if x.dtype not in DTYPE_CODE:
+        return causal_conv1d_reference(x, weight, bias, initial_state)
+    S = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = x.dtype
+    xk = x if x.stride(-1) == 1 else x.contiguous()
+    args = (xk, weight.to(S).contiguous(), bias.to(S).contiguous() if bias is not None else None,
+            initial_state.to(S).contiguous() if initial_state is not None else None)
+    if _grad_needed(*args):
+        y, final = _ConvFunction.apply(*args)
+    else:
+        y, final = conv_forward(*args)
+    return y, final.to(dtype)
+
+
+# --------------------------------------------------------------------------- decode steps
+def _grad_needed(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def selective_scan_step_cpu(x, delta, A, B, C, D, z, state):
+    """The ``cpu`` backend of ``selective_scan_step``: one fused pass over the (b, d, n) state."""
+    if _grad_needed(x, delta, A, B, C, D, z) or state.dtype != torch.float32 or not state.is_contiguous():
+        return selective_scan_step_reference(x, delta, A, B, C, D, z, state)
+    b, d = x.shape
+    f32 = [None if t is None else t.float().contiguous() for t in (x, delta, A, B, C, D, z)]
+    y = torch.empty(b, d, dtype=torch.float32)
+    library().bm_ssm_step(*(_ptr(t) for t in f32), _ptr(state), _ptr(y), b, d, A.shape[1], _threads(b * d * A.shape[1]))
+    return y.to(x.dtype)
+
+
+def causal_conv1d_step_cpu(x, weight, bias, state):
+    """The ``cpu`` backend of ``causal_conv1d_step``: output and state shift in one pass."""
+    if (_grad_needed(x, weight, bias) or state.dtype != x.dtype or not state.is_contiguous()
+            or x.dtype not in DTYPE_CODE):
+        return causal_conv1d_step_reference(x, weight, bias, state)
+    b, d = x.shape
+    x = x.contiguous()
+    weight = weight.to(x.dtype).contiguous()
+    bias = bias.to(x.dtype).contiguous() if bias is not None else None
+    y = torch.empty_like(x)
+    library().bm_conv_step(DTYPE_CODE[x.dtype], _ptr(x), _ptr(weight), _ptr(bias), _ptr(state), _ptr(y), b, d,
+                           weight.shape[1], _threads(b * d * weight.shape[1]))
+    return y
+
+
+def linear_cpu(x, weight, bias=None):
+    """The ``cpu`` backend of ``linear``: bfloat16 weights times a few rows, read once (see ops/linear.py)."""
+    i = x.shape[-1]
+    rows = x.numel() // i if i else 0
+    if (weight.dtype != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16) or rows == 0
+            or rows > library().bm_gemv_max_rows() or _grad_needed(x, weight, bias)):
+        return F.linear(x, weight, bias)
+    o = weight.shape[0]
+    xf = x.reshape(rows, i).float().contiguous()
+    w = weight.contiguous()
+    b = bias.float().contiguous() if bias is not None else None
+    y = torch.empty(rows, o, dtype=torch.float32)
+    rc = library().bm_gemv(DTYPE_CODE[w.dtype], _ptr(xf), _ptr(w), _ptr(b), _ptr(y), rows, i, o,
+                           _threads(rows * i * o))
+    if rc:
+        raise RuntimeError(f"blackmamba cpu linear: unsupported inputs (code {rc})")
+    return y.reshape(*x.shape[:-1], o).to(x.dtype)
+
+
+def exp_approx(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' float32 exp applied elementwise (to validate it against ``torch.exp``)."""
+    x = x.float().contiguous()
+    out = torch.empty_like(x)
+    library().bm_exp(_ptr(x), _ptr(out), x.numel(), torch.get_num_threads())
+    return out
+
+
+_backend.register("scan", "cpu", selective_scan_cpu, available, devices=("cpu",))
+_backend.register("conv", "cpu", causal_conv1d_cpu, available, devices=("cpu",))
+_backend.register("scan_step", "cpu", selective_scan_step_cpu, available, devices=("cpu",))
+_backend.register("conv_step", "cpu", causal_conv1d_step_cpu, available, devices=("cpu",))
+_backend.register("linear", "cpu", linear_cpu, available, devices=("cpu",))

@@ -1,0 +1,182 @@
+// Portable SIMD helpers for the fused CPU kernels: GCC/Clang vector extensions, so one source
+// compiles to AVX-512, AVX2 or NEON depending on the -march the extension is built with.
+//
+//   Vec<S>       a vector of S (float or double) as wide as the machine's widest registers
+//   lanes<S>     how many S it holds
+//   vload / vstore   from / to float, double or bfloat16 memory; `cnt` < lanes reads/writes a partial
+//                    vector (the missing lanes read as 0)
+//   parallel_for     OpenMP over work items
+//   vexp2, vexp  2^x and e^x: float uses a range reduction + a degree-6 polynomial (about 1 ulp,
+//                validated against torch.exp by the tests), with AVX-512's vreduceps/vscalefps where
+//                available; double uses the C library lane by lane (float64 is for gradcheck only)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#endif
+
+namespace bm {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+
+typedef float vfloat __attribute__((vector_size(kVecBytes)));
+typedef double vdouble __attribute__((vector_size(kVecBytes)));
+typedef int32_t vint __attribute__((vector_size(kVecBytes)));
+typedef uint32_t vuint __attribute__((vector_size(kVecBytes)));
+typedef uint16_t vhalf __attribute__((vector_size(kVecBytes / 2)));
+
+template <typename S> struct VecOf;
+template <> struct VecOf<float> { using type = vfloat; };
+template <> struct VecOf<double> { using type = vdouble; };
+template <typename S> using Vec = typename VecOf<S>::type;
+template <typename S> constexpr int lanes = kVecBytes / sizeof(S);
+
+// bfloat16 storage: the upper half of a float32
+struct bf16 {
+  uint16_t bits;
+};
+
+inline float to_float(bf16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float to_float(float v) { return v; }
+inline double to_float(double v) { return v; }
+
+inline bf16 to_bf16(float f) {  // round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return bf16{static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
+}
+
+// ---- loads: memory of type T -> Vec<S>
+template <typename S, typename T>
+inline Vec<S> vload_partial(const T* p, int cnt) {
+  Vec<S> v = {};
+  for (int i = 0; i < cnt; ++i) v[i] = static_cast<S>(to_float(p[i]));
+  return v;
+}
+
+template <typename S> inline Vec<S> vload(const S* p, int cnt) {
+  if (cnt == lanes<S>) {
+    Vec<S> v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  return vload_partial<S>(p, cnt);
+}
+
+inline vfloat vload_bf16(const bf16* p, int cnt) {
+  if (cnt == lanes<float>) {
+    vhalf h;
+    std::memcpy(&h, p, sizeof h);
+    vuint u = __builtin_convertvector(h, vuint) << 16;
+    return (vfloat)u;
+  }
+  return vload_partial<float>(p, cnt);
+}
+
+template <typename S, typename T> inline Vec<S> vload_as(const T* p, int cnt) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    return vload_bf16(p, cnt);
+  } else {
+    static_assert(std::is_same_v<S, T>, "unsupported load");
+    return vload<S>(p, cnt);
+  }
+}
+
+// ---- stores: Vec<S> -> memory of type T (bf16: round to nearest even)
+template <typename S, typename T> inline void vstore_as(T* p, Vec<S> v, int cnt) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (cnt == lanes<float>) {
+      vuint u = (vuint)v;
+      u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+      vhalf h = __builtin_convertvector(u, vhalf);
+      std::memcpy(p, &h, sizeof h);
+    } else {
+      for (int i = 0; i < cnt; ++i) p[i] = to_bf16(v[i]);
+    }
+  } else {
+    static_assert(std::is_same_v<S, T>, "unsupported store");
+    if (cnt == lanes<S>) {
+      std::memcpy(p, &v, sizeof v);
+    } else {
+      for (int i = 0; i < cnt; ++i) p[i] = v[i];
+    }
+  }
+}
+
+template <typename S> inline Vec<S> splat(S a) { return Vec<S>{} + a; }
+
+// ---- exp
+template <typename S> constexpr S kLog2e = S(1.44269504088896340736);
+template <typename S> constexpr S kLn2 = S(0.69314718055994530942);
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// 2^t = 2^floor(t + 1/2) * 2^(u - 1/2) with u = frac(t + 1/2): the +1/2 fuses into the caller's
+// multiply, vreduceps gives u, a degree-6 polynomial (fitted for minimal relative error, 2e-9 before
+// rounding) gives 2^(u - 1/2), vscalefps applies 2^floor with exact underflow to 0 and overflow to inf.
+// 9 instructions.
+inline vfloat vexp2(vfloat t) {
+  const vfloat th = t + 0.5f;
+  const vfloat u = (vfloat)_mm512_reduce_ps((__m512)th, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  vfloat p = u * 1.53457979e-4f + 8.79618980e-4f;
+  p = p * u + 6.84397388e-3f;
+  p = p * u + 3.92326489e-2f;
+  p = p * u + 1.69868141e-1f;
+  p = p * u + 4.90128934e-1f;
+  p = p * u + 7.07106769e-1f;
+  return (vfloat)_mm512_scalef_ps((__m512)p, (__m512)th);
+}
+#else
+// Portable: 2^t = 2^n * 2^f with n = round(t) by the 1.5 * 2^23 trick, 2^n from the exponent bits
+// (t clamped to [-126, 127]) and 2^f, |f| <= 1/2, by a degree-6 polynomial (2e-9 before rounding).
+inline vfloat vexp2(vfloat t) {
+  t = t < -126.0f ? splat<float>(-126.0f) : t;
+  t = t > 127.0f ? splat<float>(127.0f) : t;
+  const vfloat magic = splat<float>(12582912.0f);
+  const vfloat tm = t + magic;
+  const vint n = (vint)tm - (vint)magic;
+  const vfloat f = t - (tm - magic);
+  vfloat p = f * 1.5353342e-4f + 1.3398872e-3f;
+  p = p * f + 9.6184374e-3f;
+  p = p * f + 5.5503325e-2f;
+  p = p * f + 2.4022648e-1f;
+  p = p * f + 6.9314720e-1f;
+  p = p * f + 1.0f;
+  return p * (vfloat)((n + 127) << 23);
+}
+#endif
+
+inline vfloat vexp(vfloat x) { return vexp2(x * kLog2e<float>); }
+
+inline vdouble vexp2(vdouble x) {
+  for (int i = 0; i < lanes<double>; ++i) x[i] = std::exp2(x[i]);
+  return x;
+}
+
+inline vdouble vexp(vdouble x) {
+  for (int i = 0; i < lanes<double>; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+template <typename V> inline V vsigmoid(V x) { return 1 / (1 + vexp(-x)); }
+
+// Run f(i) for i in [0, n) on up to `threads` OpenMP threads, in contiguous static chunks.
+template <typename F> inline void parallel_for(int64_t n, int threads, const F& f) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n > 1)
+  for (int64_t i = 0; i < n; ++i) f(i);
+}
+
+}  // namespace bm
