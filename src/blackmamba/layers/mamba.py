@@ -23,6 +23,7 @@ from torch import nn
 
 from ..ops.conv import causal_conv1d, causal_conv1d_step
 from ..ops.linear import linear, linear_module
+from ..ops.mamba_step import mamba_step
 from ..ops.scan import selective_scan, selective_scan_step
 
 
@@ -95,7 +96,11 @@ class MambaMixer(nn.Module):
 
     def step(self, h: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One token per sequence: h (b, H) → (b, H); updates ``state`` in place."""
-        I, N, R = self.d_inner, self.state_size, self.dt_rank
+        if all(type(m) is nn.Linear for m in (self.in_proj, self.x_proj, self.out_proj)):  # op `mamba_step`: fusable
+            return mamba_step(h, self.in_proj.weight, self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight,
+                              self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight,
+                              state.conv, state.ssm)
+        I, N, R = self.d_inner, self.state_size, self.dt_rank  # wrapped projections (e.g. LoRA): called as modules
         x, z = linear_module(self.in_proj, h).split([I, I], dim=-1)  # (b, I); op `linear`: decode-sized gemv
         x = F.silu(causal_conv1d_step(x, self.conv1d.weight[:, 0], self.conv1d.bias, state.conv))
         dt, B, C = linear_module(self.x_proj, x).split([R, N, N], dim=-1)

@@ -4,11 +4,12 @@ from . import gpu as _gpu  # noqa: F401  (registers the triton backends)
 from .backend import available_backends, requested_backend, set_backend
 from .conv import causal_conv1d, causal_conv1d_step
 from .linear import linear
+from .mamba_step import mamba_step
 from .scan import selective_scan, selective_scan_reference, selective_scan_step
 from .sinkhorn import sinkhorn
 from . import cpu  # noqa: F401  (registers the fused CPU kernels as backend "cpu"; built on first use)
 
 __all__ = [
     "available_backends", "requested_backend", "set_backend", "causal_conv1d", "causal_conv1d_step", "linear",
-    "selective_scan", "selective_scan_reference", "selective_scan_step", "sinkhorn",
+    "mamba_step", "selective_scan", "selective_scan_reference", "selective_scan_step", "sinkhorn",
 ]

@@ -1,4 +1,5 @@
-"""Fused CPU kernels, registered as backend ``cpu`` of the ops ``scan``, ``conv``, ``scan_step``, ``conv_step``, ``linear``.
+"""Fused CPU kernels, registered as backend ``cpu`` of the ops ``scan``, ``conv``, ``scan_step``, ``conv_step``,
+``mamba_step`` and ``linear``.
 
 The C++ sources (``ops/csrc``) use no torch headers: on first use they are compiled in ~15 s with the
 system C++ compiler (``$CXX``, else ``c++``) into a shared library and called through ``ctypes`` on the
@@ -35,13 +36,14 @@ import torch.nn.functional as F
 
 from . import backend as _backend
 from .conv import causal_conv1d_reference, causal_conv1d_step_reference
+from .mamba_step import mamba_step_reference
 from .scan import selective_scan_reference, selective_scan_step_reference
 
 log = logging.getLogger("blackmamba")
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("scan.cpp", "conv.cpp", "step.cpp", "gemv.cpp", "fastexp.cpp")
-HEADERS = ("simd.h",)
+SOURCES = ("scan.cpp", "conv.cpp", "step.cpp", "mamba_step.cpp", "gemv.cpp", "fastexp.cpp")
+HEADERS = ("simd.h", "dot.h")
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
 
@@ -116,6 +118,8 @@ def _declare(lib) -> None:
         "bm_conv_backward": (INT, [INT, P, I64, I64, P, P, P, P, P, P, P, P, I64, I64, I64, I64, INT]),
         "bm_ssm_step": (None, [P] * 9 + [I64, I64, I64, INT]),
         "bm_conv_step": (INT, [INT] + [P] * 5 + [I64, I64, I64, INT]),
+        "bm_mamba_step_max_rows": (INT, []),
+        "bm_mamba_step": (INT, [INT, INT] + [P] * 13 + [I64] * 6 + [INT]),
         "bm_gemv_max_rows": (INT, []),
         "bm_gemv": (INT, [INT, P, P, P, P, I64, I64, I64, INT]),
         "bm_exp": (None, [P, P, I64, INT]),
@@ -368,6 +372,32 @@ def causal_conv1d_step_cpu(x, weight, bias, state):
     return y
 
 
+def mamba_step_cpu(h, in_w, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, out_w, conv_state, ssm_state):
+    """The ``cpu`` backend of ``mamba_step``: the whole mixer step in one call (see csrc/mamba_step.cpp)."""
+    weights = (in_w, conv_w, conv_b, x_w, dt_w, dt_b, out_w)
+    wdt = in_w.dtype
+    b = h.shape[0]
+    if (_grad_needed(h, A_log, D, *weights) or wdt not in (torch.float32, torch.bfloat16) or dt_b is None
+            or any(t is not None and t.dtype != wdt for t in weights)
+            or h.dtype not in (torch.float32, torch.bfloat16) or conv_state.dtype not in (torch.float32, torch.bfloat16)
+            or ssm_state.dtype != torch.float32 or not (conv_state.is_contiguous() and ssm_state.is_contiguous())
+            or not 1 <= b <= library().bm_mamba_step_max_rows()):
+        return mamba_step_reference(h, in_w, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, out_w, conv_state, ssm_state)
+    I, K = conv_w.shape
+    N, R, H = A_log.shape[1], dt_w.shape[1], in_w.shape[1]
+    w = [None if t is None else t.contiguous() for t in weights]
+    hf = h.float().contiguous()
+    A_log32 = A_log.float().contiguous()
+    D32 = D.float().contiguous() if D is not None else None
+    out = torch.empty(b, H, dtype=torch.float32)
+    rc = library().bm_mamba_step(DTYPE_CODE[wdt], DTYPE_CODE[conv_state.dtype], _ptr(hf), *(_ptr(t) for t in w[:6]),
+                                 _ptr(A_log32), _ptr(D32), _ptr(w[6]), _ptr(conv_state), _ptr(ssm_state), _ptr(out),
+                                 b, H, I, N, R, K, _threads(b * 3 * I * H))
+    if rc:
+        raise RuntimeError(f"blackmamba cpu mamba_step: unsupported inputs (code {rc})")
+    return out.to(h.dtype)
+
+
 def linear_cpu(x, weight, bias=None):
     """The ``cpu`` backend of ``linear``: bfloat16 weights times a few rows, read once (see ops/linear.py)."""
     i = x.shape[-1]
@@ -399,4 +429,5 @@ _backend.register("scan", "cpu", selective_scan_cpu, available, devices=("cpu",)
 _backend.register("conv", "cpu", causal_conv1d_cpu, available, devices=("cpu",))
 _backend.register("scan_step", "cpu", selective_scan_step_cpu, available, devices=("cpu",))
 _backend.register("conv_step", "cpu", causal_conv1d_step_cpu, available, devices=("cpu",))
+_backend.register("mamba_step", "cpu", mamba_step_cpu, available, devices=("cpu",))
 _backend.register("linear", "cpu", linear_cpu, available, devices=("cpu",))

@@ -1,0 +1,131 @@
+// One decode step of the whole Mamba mixer for a few sequences, in one call and one pass over each
+// weight matrix (decode is limited by reading the weights):
+//   x, z = split(h W_in^T);  x = silu(conv_step(x));  dt, B, C = split(x W_x^T)
+//   delta = softplus(dt W_dt^T + b_dt);  s = exp(-delta exp(A_log)) s + delta B x
+//   y = (<s, C> + D x) silu(z);  out = y W_out^T
+// Weights (and conv weight / bias, dt bias) are float32 or bfloat16 (TW); the conv state has the
+// model's dtype (TS); activations, A_log, D and the SSM state are float32. One OpenMP region per
+// call, three barriers.
+#include "dot.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include <omp.h>
+
+namespace bm {
+namespace {
+
+template <typename T> inline float val(const T* p, int64_t i) { return to_float(p[i]); }
+
+template <typename T> inline T from_float(float v) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    return to_bf16(v);
+  } else {
+    return v;
+  }
+}
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+inline float softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }  // torch's threshold
+
+constexpr int64_t kRowBlock = 16;  // weight rows per OpenMP work item in the projections
+
+struct StepShape {
+  int64_t b, H, I, N, R, K;
+};
+
+template <typename TW, typename TS>
+void mamba_step(const StepShape& sh, const float* h, const TW* w_in, const TW* conv_w, const TW* conv_b,
+                const TW* w_x, const TW* w_dt, const TW* b_dt, const float* A_log, const float* D, const TW* w_out,
+                TS* conv_state, float* ssm, float* out, int threads) {
+  const int64_t b = sh.b, H = sh.H, I = sh.I, N = sh.N, R = sh.R, K = sh.K, P = R + 2 * N;
+  std::vector<float> xz(b * 2 * I), xs(b * I), dbc(b * P), y(b * I);
+  constexpr int W = lanes<float>;
+#pragma omp parallel num_threads(threads)
+  {
+    // 1-2. in_proj rows of this thread's channels (x and z), then their conv step (state shifted in
+    // place) + silu: the same thread owns the channels in both, so no barrier in between
+    const int64_t nthr = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t per = (I + nthr * W - 1) / (nthr * W) * W;
+    const int64_t c0 = std::min(I, tid * per), c1 = std::min(I, c0 + per);
+    dot_rows(w_in, h, H, H, b, c0, c1, xz.data(), 2 * I);
+    dot_rows(w_in, h, H, H, b, I + c0, I + c1, xz.data(), 2 * I);
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t q = 0; q < b; ++q) {
+        TS* s = conv_state + (q * I + c) * (K - 1);
+        const float xin = xz[q * 2 * I + c];
+        float acc = conv_b ? val(conv_b, c) : 0.0f;
+        for (int64_t k = 0; k < K - 1; ++k) acc += val(conv_w, c * K + k) * to_float(s[k]);
+        acc += val(conv_w, c * K + K - 1) * xin;
+        for (int64_t k = 0; k + 1 < K - 1; ++k) s[k] = s[k + 1];
+        if (K > 1) s[K - 2] = from_float<TS>(xin);
+        xs[q * I + c] = silu(acc);
+      }
+    }
+#pragma omp barrier
+    // 3. x_proj
+#pragma omp for schedule(static)
+    for (int64_t r0 = 0; r0 < P; r0 += 4) dot_rows(w_x, xs.data(), I, I, b, r0, std::min(P, r0 + 4), dbc.data(), P);
+    // 4. dt_proj + softplus, SSM update, D, gate
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < I; ++c) {
+      float dts[kDotMaxRows];
+      dot_rows(w_dt + c * R, dbc.data(), P, R, b, 0, 1, dts, 1);
+      for (int64_t q = 0; q < b; ++q) {
+        const float dl = softplus(dts[q] + val(b_dt, c)), xv = xs[q * I + c];
+        const float* Bq = dbc.data() + q * P + R;
+        const float* Cq = Bq + N;
+        float* s = ssm + (q * I + c) * N;
+        vfloat acc = {};
+        for (int64_t k = 0; k < N; k += W) {
+          const int cnt = static_cast<int>(std::min<int64_t>(W, N - k));
+          const vfloat a = vexp(-dl * vexp(vload<float>(A_log + c * N + k, cnt)));
+          const vfloat sv = a * vload<float>(s + k, cnt) + (dl * xv) * vload<float>(Bq + k, cnt);
+          vstore_as<float>(s + k, sv, cnt);
+          acc += sv * vload<float>(Cq + k, cnt);
+        }
+        float yv = D ? D[c] * xv : 0.0f;
+        for (int lane = 0; lane < W; ++lane) yv += acc[lane];
+        y[q * I + c] = yv * silu(xz[q * 2 * I + I + c]);
+      }
+    }
+    // 5. out_proj
+#pragma omp for schedule(static)
+    for (int64_t r0 = 0; r0 < H; r0 += kRowBlock)
+      dot_rows(w_out, y.data(), I, I, b, r0, std::min(H, r0 + kRowBlock), out, H);
+  }
+}
+
+}  // namespace
+}  // namespace bm
+
+extern "C" {
+
+int bm_mamba_step_max_rows() { return bm::kDotMaxRows; }
+
+// h (b, H) and out (b, H) float32; weights w_in (2I, H), conv_w (I, K), conv_b (I,) or null, w_x (R+2N, I),
+// w_dt (I, R), b_dt (I,), w_out (H, I): dtype_w (0 float32, 1 bfloat16), contiguous; A_log (I, N) and D (I,)
+// or null float32; conv_state (b, I, K-1) dtype_s; ssm (b, I, N) float32: both updated in place.
+int bm_mamba_step(int dtype_w, int dtype_s, const float* h, const void* w_in, const void* conv_w, const void* conv_b,
+                  const void* w_x, const void* w_dt, const void* b_dt, const float* A_log, const float* D,
+                  const void* w_out, void* conv_state, float* ssm, float* out, int64_t b, int64_t H, int64_t I,
+                  int64_t N, int64_t R, int64_t K, int threads) {
+  using namespace bm;
+  if (b > kDotMaxRows || b < 1) return 1;
+  const StepShape sh{b, H, I, N, R, K};
+  auto run = [&]<typename TW, typename TS>() {
+    mamba_step<TW, TS>(sh, h, static_cast<const TW*>(w_in), static_cast<const TW*>(conv_w),
+                       static_cast<const TW*>(conv_b), static_cast<const TW*>(w_x), static_cast<const TW*>(w_dt),
+                       static_cast<const TW*>(b_dt), A_log, D, static_cast<const TW*>(w_out),
+                       static_cast<TS*>(conv_state), ssm, out, threads);
+  };
+  if (dtype_w == 0 && dtype_s == 0) return run.template operator()<float, float>(), 0;
+  if (dtype_w == 1 && dtype_s == 1) return run.template operator()<bf16, bf16>(), 0;
+  if (dtype_w == 1 && dtype_s == 0) return run.template operator()<bf16, float>(), 0;
+  if (dtype_w == 0 && dtype_s == 1) return run.template operator()<float, bf16>(), 0;
+  return 2;
+}
+
+}  // extern "C"
