@@ -1,7 +1,7 @@
 """Fused CPU kernels, registered as backend ``cpu`` of the ops ``scan``, ``conv``, ``scan_step``, ``conv_step``,
 ``mamba_step`` and ``linear``.
 
-The C++ sources (``ops/csrc``) use no torch headers: on first use they are compiled in ~15 s with the
+The C++ sources (``ops/csrc``) use no torch headers: on first use they are compiled (20-40 s) with the
 system C++ compiler (``$CXX``, else ``c++``) into a shared library and called through ``ctypes`` on the
 tensors' memory. The library is built for the host (``-march=native``) and cached in a folder keyed on
 the sources, the flags, the compiler and the CPU's instruction-set flags, so that a cache shared between
