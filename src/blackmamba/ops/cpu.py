@@ -1,7 +1,7 @@
 """Fused CPU kernels, registered as backend ``cpu`` of the ops ``scan``, ``conv``, ``scan_step``, ``conv_step``,
 ``mamba_step`` and ``linear``.
 
-The C++ sources (``ops/csrc``) use no torch headers: on first use they are compiled in ~15 s with the
+The C++ sources (``ops/csrc``) use no torch headers: on first use they are compiled (20-40 s) with the
 system C++ compiler (``$CXX``, else ``c++``) into a shared library and called through ``ctypes`` on the
 tensors' memory. The library is built for the host (``-march=native``) and cached in a folder keyed on
 the sources, the flags, the compiler and the CPU's instruction-set flags, so that a cache shared between
@@ -9,9 +9,9 @@ machines never hands a binary to a CPU that cannot run it:
 
     $BLACKMAMBA_CACHE/kernels/,  else ~/.cache/blackmamba/kernels/
 
-Concurrent first uses (threads, pytest processes) are safe: each build writes a private temporary
-file and renames it into place. If the build fails, one warning is issued and ``auto`` uses the
-``reference`` backend.
+Concurrent first uses (threads, pytest processes) are safe: each build compiles the sources in
+parallel in a private folder and renames the library into place. If the build fails, one warning is
+issued and ``auto`` uses the ``reference`` backend.
 
 Dtypes: x and z may be float32 or bfloat16 (other floating types are computed in float32), delta
 float32 or bfloat16; the scan accumulates in float32 (float64 when x is float64, which is what makes
@@ -27,8 +27,10 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -42,8 +44,9 @@ from .scan import selective_scan_reference, selective_scan_step_reference
 log = logging.getLogger("blackmamba")
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("scan.cpp", "conv.cpp", "step.cpp", "mamba_step.cpp", "gemv.cpp", "fastexp.cpp")
-HEADERS = ("simd.h", "dot.h")
+SOURCES = ("scan_forward.cpp", "scan_backward.cpp", "conv.cpp", "step.cpp", "mamba_step.cpp", "gemv.cpp",
+           "fastexp.cpp")
+HEADERS = ("simd.h", "dot.h", "scan.h")
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
 
@@ -82,22 +85,31 @@ def library_path() -> Path:
     return cache_dir() / f"blackmamba_cpu_{h.hexdigest()[:16]}.so"
 
 
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        errors = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.splitlines() or ["?"]
+        raise RuntimeError(f"{cmd[0]} failed: {errors[0].strip()}")
+
+
 def _build(target: Path) -> None:
+    """Compile every source in parallel into a private folder, link, and rename the library into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
-    cmd = [_compiler(), *CFLAGS, *(str(CSRC / f) for f in SOURCES), "-o", str(tmp)]
+    work = Path(tempfile.mkdtemp(prefix=f"{target.stem}.", dir=target.parent))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            errors = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.splitlines() or ["?"]
-            raise RuntimeError(f"{cmd[0]} failed: {errors[0].strip()}")
-        os.replace(tmp, target)
+        objects = [work / f"{Path(f).stem}.o" for f in SOURCES]
+        compile_flags = [f for f in CFLAGS if f != "-shared"]
+        with ThreadPoolExecutor(max_workers=len(SOURCES)) as pool:
+            list(pool.map(_run, ([_compiler(), *compile_flags, "-c", str(CSRC / f), "-o", str(o)]
+                                 for f, o in zip(SOURCES, objects))))
+        _run([_compiler(), *CFLAGS, *map(str, objects), "-o", str(work / target.name)])
+        os.replace(work / target.name, target)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 class _Tensors(ctypes.Structure):
-    """Mirror of ``bm::Tensors`` in scan.cpp: pointers, (batch, time) strides in elements, sizes, dtypes."""
+    """Mirror of ``bm::scan::Tensors`` (csrc/scan.h): pointers, (batch, time) strides in elements, sizes, dtypes."""
 
     _fields_ = ([(f, ctypes.c_void_p) for f in ("x", "delta", "z", "B", "C", "A", "D", "init")]
                 + [(f, ctypes.c_int64) for f in ("x_sb", "x_sl", "delta_sb", "delta_sl", "z_sb", "z_sl",
@@ -171,8 +183,8 @@ def _kernel_dtypes(x, delta, A, B, C, D, z, initial_state):
     S = torch.float64 if x.dtype == torch.float64 else torch.float32
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float64):
         x = x.float()
-    if S == torch.float64 or delta.dtype not in (torch.float32, torch.bfloat16):
-        delta = delta.to(S)
+    if x.dtype != torch.bfloat16 or delta.dtype not in (torch.float32, torch.bfloat16):
+        delta = delta.to(S)  # compiled pairs: fp32/fp32, bf16/fp32, bf16/bf16, fp64/fp64
     z = z.to(x.dtype) if z is not None else None
     A = A.to(S).contiguous()
     B, C = B.to(S), C.to(S)
@@ -379,7 +391,7 @@ def mamba_step_cpu(h, in_w, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, out_w, co
     b = h.shape[0]
     if (_grad_needed(h, A_log, D, *weights) or wdt not in (torch.float32, torch.bfloat16) or dt_b is None
             or any(t is not None and t.dtype != wdt for t in weights)
-            or h.dtype not in (torch.float32, torch.bfloat16) or conv_state.dtype not in (torch.float32, torch.bfloat16)
+            or h.dtype not in (torch.float32, torch.bfloat16) or conv_state.dtype != wdt
             or ssm_state.dtype != torch.float32 or not (conv_state.is_contiguous() and ssm_state.is_contiguous())
             or not 1 <= b <= library().bm_mamba_step_max_rows()):
         return mamba_step_reference(h, in_w, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, out_w, conv_state, ssm_state)

@@ -165,7 +165,7 @@ template <typename S, typename T> ConvArgs<S, T> conv_args(const void* x, int64_
   return a;
 }
 
-// dtype codes as in scan.cpp: x 0 float32, 1 bfloat16, 2 float64 (then everything is float64).
+// dtype codes as in scan.h: x 0 float32, 1 bfloat16, 2 float64 (then everything is float64).
 template <typename F> bool conv_dispatch(int dtype_x, F&& fn) {
   if (dtype_x == 0) return fn.template operator()<float, float>(), true;
   if (dtype_x == 1) return fn.template operator()<float, bf16>(), true;
