@@ -28,7 +28,8 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blackmamba", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="blackmamba", description="BlackMamba (Mamba + top-1 MoE) language models: "
+                                     "train, generate, evaluate, convert and benchmark.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log backend choices and other details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
