@@ -123,7 +123,7 @@ def _declare(lib) -> None:
         "bm_vector_bytes": (INT, []),
         "bm_scan_chunk": (INT, []),
         "bm_scan_max_state": (INT, []),
-        "bm_scan_ranges": (I64, [I64, I64, INT, INT]),
+        "bm_scan_ranges": (I64, [I64, I64, INT, INT, INT]),
         "bm_scan_forward": (INT, [ctypes.POINTER(_Tensors), P, P, P, I64, INT]),
         "bm_scan_backward": (INT, [ctypes.POINTER(_Tensors)] + [P] * 10 + [I64, INT]),
         "bm_conv_forward": (INT, [INT, P, I64, I64, P, P, P, P, P, I64, I64, I64, I64, INT]),
@@ -230,7 +230,7 @@ def scan_forward(x, delta, A, B, C, D, z, initial_state, save_checkpoints: bool)
         ckpt = torch.empty(b, -(-l // lib.bm_scan_chunk()), nblk, n, lanes, dtype=A.dtype)
     desc = _describe(x, delta, A, B, C, D, z, initial_state)
     threads = _threads(b * l * d * n)
-    ranges = lib.bm_scan_ranges(b, d, A.element_size(), threads)
+    ranges = lib.bm_scan_ranges(b, d, A.element_size(), threads, 1)
     rc = lib.bm_scan_forward(ctypes.byref(desc), _ptr(y), _ptr(final), _ptr(ckpt), ranges, threads)
     if rc:
         raise RuntimeError(f"blackmamba cpu scan: unsupported inputs (code {rc})")
@@ -243,7 +243,7 @@ def scan_backward(x, delta, A, B, C, D, z, ckpt, dy, dfinal):
     b, l, d = x.shape
     n = A.shape[1]
     threads = _threads(b * l * d * n)
-    ranges = lib.bm_scan_ranges(b, d, A.element_size(), threads)
+    ranges = lib.bm_scan_ranges(b, d, A.element_size(), threads, 0)
     S = A.dtype
     dx = torch.empty(b, l, d, dtype=x.dtype)
     ddelta = torch.empty(b, l, d, dtype=delta.dtype)

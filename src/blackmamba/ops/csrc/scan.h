@@ -12,7 +12,8 @@ namespace scan {
 
 constexpr int kChunk = 16;     // the forward saves the state every kChunk steps for the backward
 constexpr int kMaxState = 64;  // the generic path keeps up to this many states per channel
-constexpr int kRange = 16;     // blocks per work item
+constexpr int kRange = 16;     // blocks per work item in the backward
+constexpr int kForwardRange = 64;  // blocks per work item in the forward (see scan_forward.cpp)
 constexpr int kGroup = 4;      // blocks processed together in the backward's adjoint step
 
 // A (b, l, last) sequence with unit stride along the last dimension.
