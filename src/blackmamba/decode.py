@@ -4,7 +4,7 @@
 computes, but skips the input checks (they read token ids on the host) and, when ``fused``, runs the
 Triton decode kernels:
 
-- block entry: ``add_rmsnorm`` (residual add + RMSNorm, one kernel);
+- block entry: op ``add_rmsnorm`` (residual add + RMSNorm, one kernel on CUDA and on CPU, fused or not);
 - Mamba: in_proj → ``conv_update`` (conv + silu, state shifted in place) → x_proj → dt_proj (no bias)
   → ``ssm_update`` (A = -exp(A_log), dt bias + softplus + SSM + D + silu(z) gate, state updated in
   place) → out_proj;
@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from .layers.moe import dispatch_sorted
 from .ops.gpu import triton_available
 from .ops.grouped_moe import dispatch_grouped, grouped_mm_supported
+from .ops.linear import linear
+from .ops.norm import add_rmsnorm
 
 GEMV_MAX_TOKENS = 16  # up to this many tokens per MoE layer, each token streams its expert's weights
 
@@ -74,16 +76,7 @@ def decode_step(model, tokens: torch.Tensor, state, fused: bool | None = None) -
     residual = None
     fp32 = model.config.residual_in_fp32
     for blk, st in zip(model.decoder.layers, state.layers):
-        if fused:
-            from .ops.triton_norm import add_rmsnorm
-
-            h, residual = add_rmsnorm(h, residual, blk.norm.weight, blk.norm.eps,
-                                      torch.float32 if fp32 else h.dtype)
-        else:
-            residual = h if residual is None else h + residual
-            h = blk.norm(residual.to(blk.norm.weight.dtype))
-            if fp32:
-                residual = residual.float()
+        h, residual = add_rmsnorm(h, residual, blk.norm.weight, blk.norm.eps, torch.float32 if fp32 else h.dtype)
         if blk.kind == "mamba":
             h = mamba_step(blk.mixer, h, st, fused)
         elif blk.kind == "moe":
@@ -94,4 +87,4 @@ def decode_step(model, tokens: torch.Tensor, state, fused: bool | None = None) -
     fn = model.decoder.final_layernorm
     h = fn(residual.to(fn.weight.dtype))
     weight = model.embedding.word_embeddings.weight if model.output_layer is None else model.output_layer.weight
-    return F.linear(h, weight)
+    return linear(h, weight)  # op `linear`: on CPU, bfloat16 weights are read directly by a gemv kernel

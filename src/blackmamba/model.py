@@ -22,6 +22,7 @@ from torch import nn
 from .config import BlackMambaConfig
 from .layers import Attention, GatedMLP, MambaMixer, MoE, RMSNorm
 from .ops.linear import linear
+from .ops.norm import add_rmsnorm
 
 
 @dataclass
@@ -170,10 +171,9 @@ class BlackMambaLM(nn.Module):
         residual = None
         fp32 = self.config.residual_in_fp32
         for i, blk in enumerate(self.decoder.layers):
-            residual = h if residual is None else h + residual
-            h = blk.norm(residual.to(blk.norm.weight.dtype))
-            if fp32:
-                residual = residual.float()
+            # residual = h + residual; h = norm(residual): op `add_rmsnorm` (one kernel call on CPU and GPU)
+            h, residual = add_rmsnorm(h, residual, blk.norm.weight, blk.norm.eps,
+                                      torch.float32 if fp32 else h.dtype)
             h = blk.mixer(h, state=state.layers[i] if state is not None else None, mask=mask)
         residual = h + residual
         fn = self.decoder.final_layernorm

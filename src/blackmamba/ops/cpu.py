@@ -1,5 +1,5 @@
 """Fused CPU kernels, registered as backend ``cpu`` of the ops ``scan``, ``conv``, ``scan_step``, ``conv_step``,
-``mamba_step`` and ``linear``.
+``mamba_step``, ``linear`` and ``add_rmsnorm``.
 
 The C++ sources (``ops/csrc``) use no torch headers: on first use they are compiled (20-40 s) with the
 system C++ compiler (``$CXX``, else ``c++``) into a shared library and called through ``ctypes`` on the
@@ -39,13 +39,14 @@ import torch.nn.functional as F
 from . import backend as _backend
 from .conv import causal_conv1d_reference, causal_conv1d_step_reference
 from .mamba_step import mamba_step_reference
+from .norm import add_rmsnorm_reference
 from .scan import selective_scan_reference, selective_scan_step_reference
 
 log = logging.getLogger("blackmamba")
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("scan_forward.cpp", "scan_backward.cpp", "conv.cpp", "step.cpp", "mamba_step.cpp", "gemv.cpp",
-           "fastexp.cpp")
+           "norm.cpp", "fastexp.cpp")
 HEADERS = ("simd.h", "dot.h", "scan.h")
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
@@ -134,6 +135,7 @@ def _declare(lib) -> None:
         "bm_mamba_step": (INT, [INT, INT] + [P] * 13 + [I64] * 6 + [INT]),
         "bm_gemv_max_rows": (INT, []),
         "bm_gemv": (INT, [INT, P, P, P, P, I64, I64, I64, INT]),
+        "bm_add_rmsnorm": (INT, [INT, INT, INT, P, P, P, P, P, I64, I64, ctypes.c_float, INT]),
         "bm_exp": (None, [P, P, I64, INT]),
     }
     for name, (res, args) in sigs.items():
@@ -429,6 +431,25 @@ def linear_cpu(x, weight, bias=None):
     return y.reshape(*x.shape[:-1], o).to(x.dtype)
 
 
+def add_rmsnorm_cpu(h, residual, weight, eps, residual_dtype):
+    """The ``cpu`` backend of ``add_rmsnorm``: one call for the block entry (see ops/norm.py)."""
+    kinds = (torch.float32, torch.bfloat16)
+    if (h.dtype not in kinds or weight.dtype not in kinds or residual_dtype not in kinds
+            or (residual is not None and residual.dtype != residual_dtype) or _grad_needed(h, residual, weight)):
+        return add_rmsnorm_reference(h, residual, weight, eps, residual_dtype)
+    H = h.shape[-1]
+    rows = h.numel() // H if H else 0
+    hc = h.contiguous()
+    rc = residual.contiguous() if residual is not None else None
+    out = torch.empty(h.shape, dtype=weight.dtype)
+    res_out = torch.empty(h.shape, dtype=residual_dtype)
+    if rows:
+        library().bm_add_rmsnorm(DTYPE_CODE[h.dtype], DTYPE_CODE[residual_dtype], DTYPE_CODE[weight.dtype], _ptr(hc),
+                                 _ptr(rc), _ptr(weight.contiguous()), _ptr(out), _ptr(res_out), rows, H, eps,
+                                 _threads(rows * H * 8))
+    return out, res_out
+
+
 def exp_approx(x: torch.Tensor) -> torch.Tensor:
     """The kernels' float32 exp applied elementwise (to validate it against ``torch.exp``)."""
     x = x.float().contiguous()
@@ -443,3 +464,4 @@ _backend.register("scan_step", "cpu", selective_scan_step_cpu, available, device
 _backend.register("conv_step", "cpu", causal_conv1d_step_cpu, available, devices=("cpu",))
 _backend.register("mamba_step", "cpu", mamba_step_cpu, available, devices=("cpu",))
 _backend.register("linear", "cpu", linear_cpu, available, devices=("cpu",))
+_backend.register("add_rmsnorm", "cpu", add_rmsnorm_cpu, available, devices=("cpu",))
