@@ -77,10 +77,11 @@ def test_stepper_off_cuda_is_the_eager_model_call():
         pytest.skip("on CUDA the stepper is the graph (tested below)")
     ids = torch.randint(0, 256, (2, 4))
     state, step = decode_stepper(model, 2)
-    model(ids, state=state)
-    ref_state = _prefilled(model, ids, 1)[0]
-    tok = torch.tensor([5, 7])
-    assert torch.equal(step(tok), model(tok[:, None], state=ref_state).logits[:, -1])
+    with torch.no_grad():  # as generation runs it (with a gradient, the ops take their reference paths)
+        model(ids, state=state)
+        ref_state = _prefilled(model, ids, 1)[0]
+        tok = torch.tensor([5, 7])
+        assert torch.equal(step(tok), model(tok[:, None], state=ref_state).logits[:, -1])
     assert state.seqlen == 5
 
 
@@ -146,7 +147,8 @@ def test_failed_capture_falls_back_to_eager_once(monkeypatch, caplog):
         cg.decode_stepper(model, 2)
     assert calls == [2] and "capture failed" in caplog.text
     ids = torch.randint(0, 256, (2, 3), device=DEVICE)
-    model(ids, state=state)
-    (ref_state,) = _prefilled(model, ids, 1)
-    tok = torch.tensor([1, 2], device=DEVICE)
-    assert torch.equal(step(tok), model(tok[:, None], state=ref_state).logits[:, -1])
+    with torch.no_grad():  # as generation runs it
+        model(ids, state=state)
+        (ref_state,) = _prefilled(model, ids, 1)
+        tok = torch.tensor([1, 2], device=DEVICE)
+        assert torch.equal(step(tok), model(tok[:, None], state=ref_state).logits[:, -1])

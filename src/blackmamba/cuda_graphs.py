@@ -9,7 +9,7 @@ the eager ``decode_step`` runs, so greedy output is the same.
 ``decode_stepper(model, batch_size)`` is what generation uses: on CUDA (and with Triton, and a model of
 Mamba / MoE / MLP layers) it returns the graphed step, cached on the model per batch size and
 recaptured when a weight is replaced; elsewhere, with ``BLACKMAMBA_CUDA_GRAPHS=0``, or if the capture
-fails (logged as a warning), the eager model call. The returned logits buffer is overwritten by the
+fails (logged as a warning), the eager ``decode_step``. The returned logits buffer is overwritten by the
 next step.
 """
 
@@ -107,4 +107,12 @@ def decode_stepper(model, batch_size: int) -> tuple[object, Callable[[torch.Tens
     if runner is not None:
         return runner.reset(), runner
     state = model.new_state(batch_size)
-    return state, lambda tokens: model(tokens[:, None], state=state).logits[:, -1]
+
+    def eager(tokens: torch.Tensor) -> torch.Tensor:
+        # ``decode_step``, not the model call: the ids are the sampler's own, so the call's range
+        # check (a min / max read back per token) has nothing to catch
+        logits = decode_step(model, tokens, state)
+        state.seqlen += 1
+        return logits
+
+    return state, eager
