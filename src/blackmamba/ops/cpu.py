@@ -3,7 +3,8 @@
 
 The C++ sources (``ops/csrc``) use no torch headers: on first use they are compiled (20-40 s) with the
 system C++ compiler (``$CXX``, else ``c++``) into a shared library and called through ``ctypes`` on the
-tensors' memory. The library is built for the host (``-march=native``) and cached in a folder keyed on
+tensors' memory. The library is built for the host (``-march=native``; ``$BLACKMAMBA_CPU_ARCH`` names
+another target, e.g. ``x86-64-v3``) and cached in a folder keyed on
 the sources, the flags, the compiler and the CPU's instruction-set flags, so that a cache shared between
 machines never hands a binary to a CPU that cannot run it:
 
@@ -48,7 +49,13 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("scan_forward.cpp", "scan_backward.cpp", "conv.cpp", "step.cpp", "mamba_step.cpp", "gemv.cpp",
            "norm.cpp", "fastexp.cpp")
 HEADERS = ("simd.h", "dot.h", "scan.h")
-CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
+# -march: the host's (native) unless BLACKMAMBA_CPU_ARCH names another target, e.g. x86-64-v3 (AVX2, the
+# portable code paths) to test them on an AVX-512 machine or to build for an older CPU
+CFLAGS = ("-O3", "-ffp-contract=fast", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
+
+
+def _flags() -> tuple[str, ...]:
+    return (f"-march={os.environ.get('BLACKMAMBA_CPU_ARCH', '').strip() or 'native'}", *CFLAGS)
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
 
 _lock = threading.Lock()
@@ -81,7 +88,7 @@ def library_path() -> Path:
     h = hashlib.sha256()
     for f in SOURCES + HEADERS:
         h.update((CSRC / f).read_bytes())
-    for part in (" ".join(CFLAGS), _compiler(), _cpu_signature()):
+    for part in (" ".join(_flags()), _compiler(), _cpu_signature()):
         h.update(part.encode())
     return cache_dir() / f"blackmamba_cpu_{h.hexdigest()[:16]}.so"
 
@@ -99,11 +106,11 @@ def _build(target: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix=f"{target.stem}.", dir=target.parent))
     try:
         objects = [work / f"{Path(f).stem}.o" for f in SOURCES]
-        compile_flags = [f for f in CFLAGS if f != "-shared"]
+        compile_flags = [f for f in _flags() if f != "-shared"]
         with ThreadPoolExecutor(max_workers=len(SOURCES)) as pool:
             list(pool.map(_run, ([_compiler(), *compile_flags, "-c", str(CSRC / f), "-o", str(o)]
                                  for f, o in zip(SOURCES, objects))))
-        _run([_compiler(), *CFLAGS, *map(str, objects), "-o", str(work / target.name)])
+        _run([_compiler(), *_flags(), *map(str, objects), "-o", str(work / target.name)])
         os.replace(work / target.name, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -146,9 +146,11 @@ inline vfloat vexp2(vfloat t) {
 }
 #else
 // Portable: 2^t = 2^n * 2^f with n = round(t) by the 1.5 * 2^23 trick, 2^n from the exponent bits
-// (t clamped to [-126, 127]) and 2^f, |f| <= 1/2, by a degree-6 polynomial (2e-9 before rounding).
+// (t clamped to [-126, 127]; below -126 the result is 0) and 2^f, |f| <= 1/2, by a degree-6
+// polynomial (2e-9 before rounding).
 inline vfloat vexp2(vfloat t) {
-  t = t < -126.0f ? splat<float>(-126.0f) : t;
+  const auto underflow = t < -126.0f;  // 2^t below the smallest normal float: 0 (no denormals here)
+  t = underflow ? splat<float>(-126.0f) : t;
   t = t > 127.0f ? splat<float>(127.0f) : t;
   const vfloat magic = splat<float>(12582912.0f);
   const vfloat tm = t + magic;
@@ -160,7 +162,7 @@ inline vfloat vexp2(vfloat t) {
   p = p * f + 2.4022648e-1f;
   p = p * f + 6.9314720e-1f;
   p = p * f + 1.0f;
-  return p * (vfloat)((n + 127) << 23);
+  return underflow ? vfloat{} : p * (vfloat)((n + 127) << 23);
 }
 #endif
 

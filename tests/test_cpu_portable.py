@@ -1,0 +1,39 @@
+"""The kernels' portable code paths (no AVX-512: 8-lane vectors, the generic exp and bfloat16 widening),
+built for x86-64-v3 with ``BLACKMAMBA_CPU_ARCH`` and held to the same parity tests as the native build,
+in a subprocess (the library is loaded once per process)."""
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blackmamba.ops import cpu
+
+HERE = Path(__file__).parent
+KERNEL_TESTS = ["test_scan_cpu.py", "test_conv_cpu.py", "test_decode_cpu.py", "test_norm_op.py"]
+
+
+def _has_avx2() -> bool:
+    try:
+        return " avx2 " in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not _has_avx2(),
+                    reason="x86-64-v3 (AVX2) code needs an x86-64 CPU with AVX2")
+@pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the cpu backend is unavailable")
+def test_portable_build_passes_the_kernel_parity_tests():
+    env = {**os.environ, "BLACKMAMBA_CPU_ARCH": "x86-64-v3"}
+    probe = ("from blackmamba.ops import cpu; lib = cpu.library(); assert lib is not None; "
+             "print(lib.bm_vector_bytes())")
+    width = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert width.returncode == 0, width.stderr[-2000:]
+    assert width.stdout.strip() == "32", "the x86-64-v3 build should use 256-bit vectors"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                          *(str(HERE / f) for f in KERNEL_TESTS)], env=env, capture_output=True, text=True,
+                         cwd=HERE.parent)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
