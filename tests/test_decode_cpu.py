@@ -28,18 +28,20 @@ def step_args(m, h, s):
             m.dt_proj.bias, m.A_log, m.D, m.out_proj.weight, s.conv, s.ssm)
 
 
-@pytest.mark.parametrize("dtype,b,hidden,state", [(torch.float32, 1, 48, 16), (torch.float32, 3, 40, 5),
-                                                   (torch.bfloat16, 2, 48, 16)])
-def test_fused_mamba_step_matches_reference(dtype, b, hidden, state):
+@pytest.mark.parametrize("dtype,b,hidden,state,h_dtype", [
+    (torch.float32, 1, 48, 16, None), (torch.float32, 3, 40, 5, None), (torch.bfloat16, 2, 48, 16, None),
+    (torch.bfloat16, 1, 48, 16, torch.float32)])
+def test_fused_mamba_step_matches_reference(dtype, b, hidden, state, h_dtype):
+    h_dtype = h_dtype or dtype  # the activations' dtype may differ from the weights'
     m = mixer(hidden, state, dtype)
     s_cpu, s_ref = m.new_state(b, dtype, "cpu"), m.new_state(b, dtype, "cpu")
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    tol = dict(rtol=1e-5, atol=1e-5) if torch.bfloat16 not in (dtype, h_dtype) else dict(rtol=3e-2, atol=3e-2)
     with torch.no_grad():
         for _ in range(6):
-            h = torch.randn(b, hidden).to(dtype)
+            h = torch.randn(b, hidden).to(h_dtype)
             out = mamba_step(*step_args(m, h, s_cpu), backend="cpu")
             ref = mamba_step(*step_args(m, h, s_ref), backend="reference")
-            assert out.dtype == dtype
+            assert out.dtype == ref.dtype == h_dtype
             torch.testing.assert_close(out.float(), ref.float(), **tol)
     torch.testing.assert_close(s_cpu.ssm, s_ref.ssm, **tol)
     torch.testing.assert_close(s_cpu.conv.float(), s_ref.conv.float(), **tol)

@@ -9,7 +9,7 @@ the eager ``decode_step`` runs, so greedy output is the same.
 ``decode_stepper(model, batch_size)`` is what generation uses: on CUDA (and with Triton, and a model of
 Mamba / MoE / MLP layers) it returns the graphed step, cached on the model per batch size and
 recaptured when a weight is replaced; elsewhere, with ``BLACKMAMBA_CUDA_GRAPHS=0``, or if the capture
-fails (logged as a warning), the eager ``decode_step``. The returned logits buffer is overwritten by the
+fails (logged as a warning), the eager step (``decode.StepPlan``). The returned logits buffer is overwritten by the
 next step.
 """
 
@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .decode import decode_step
+from .decode import StepPlan, decode_step
 from .ops.gpu import triton_available
 
 log = logging.getLogger("blackmamba")
@@ -107,11 +107,12 @@ def decode_stepper(model, batch_size: int) -> tuple[object, Callable[[torch.Tens
     if runner is not None:
         return runner.reset(), runner
     state = model.new_state(batch_size)
+    # the decode step, not the model call: the ids are the sampler's own, so the call's range check
+    # (a min / max read back per token) has nothing to catch; its lookups are done once, here
+    plan = StepPlan(model, state)
 
     def eager(tokens: torch.Tensor) -> torch.Tensor:
-        # ``decode_step``, not the model call: the ids are the sampler's own, so the call's range
-        # check (a min / max read back per token) has nothing to catch
-        logits = decode_step(model, tokens, state)
+        logits = plan(tokens)
         state.seqlen += 1
         return logits
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..config import BlackMambaConfig
 from ..cuda_graphs import decode_stepper
-from ..decode import decode_step
+from ..decode import StepPlan
 from ..layers import GatedMLP, MambaMixer, MoE
 from ..model import BlackMambaLM
 from ..ops import cpu as cpu_ops
@@ -419,10 +419,9 @@ def bench_context(model: BlackMambaLM, sz: Sizes, quick: bool) -> list:
             for lo in range(0, ctx, 1024):  # chunked prefill: the logits of 8192 positions at once are 1.6 GB
                 model(ids[:, lo:lo + 1024], state=state)
 
-        def run(state=state, tok=ids[:, -1]):
-            with torch.no_grad():
-                for _ in range(sz.decode_tokens):
-                    decode_step(model, tok, state)
+        def run(step=StepPlan(model, state), tok=ids[:, -1]):
+            for _ in range(sz.decode_tokens):
+                step(tok)
 
         steps[ctx] = run
     short, long = sz.contexts

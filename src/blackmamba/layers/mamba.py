@@ -94,12 +94,20 @@ class MambaMixer(nn.Module):
             state.ssm.copy_(ssm_final.detach())
         return self.out_proj(y)
 
+    def step_args(self, state: MambaState) -> tuple | None:
+        """The arguments of op ``mamba_step`` after h (weights, then ``state``'s tensors), or None when a
+        projection is not a plain ``nn.Linear`` (a LoRA wrapper, say), whose own call must not be skipped."""
+        if not all(type(m) is nn.Linear for m in (self.in_proj, self.x_proj, self.out_proj)):
+            return None
+        return (self.in_proj.weight, self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight,
+                self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight, state.conv,
+                state.ssm)
+
     def step(self, h: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One token per sequence: h (b, H) → (b, H); updates ``state`` in place."""
-        if all(type(m) is nn.Linear for m in (self.in_proj, self.x_proj, self.out_proj)):  # op `mamba_step`: fusable
-            return mamba_step(h, self.in_proj.weight, self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight,
-                              self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight,
-                              state.conv, state.ssm)
+        args = self.step_args(state)
+        if args is not None:  # op `mamba_step`: the whole step in one call on CPU
+            return mamba_step(h, *args)
         I, N, R = self.d_inner, self.state_size, self.dt_rank  # wrapped projections (e.g. LoRA): called as modules
         x, z = linear_module(self.in_proj, h).split([I, I], dim=-1)  # (b, I); op `linear`: decode-sized gemv
         x = F.silu(causal_conv1d_step(x, self.conv1d.weight[:, 0], self.conv1d.bias, state.conv))

@@ -139,7 +139,7 @@ def _declare(lib) -> None:
         "bm_ssm_step": (None, [P] * 9 + [I64, I64, I64, INT]),
         "bm_conv_step": (INT, [INT] + [P] * 5 + [I64, I64, I64, INT]),
         "bm_mamba_step_max_rows": (INT, []),
-        "bm_mamba_step": (INT, [INT, INT] + [P] * 13 + [I64] * 6 + [INT]),
+        "bm_mamba_step": (INT, [INT, INT, INT] + [P] * 13 + [I64] * 6 + [INT]),
         "bm_gemv_max_rows": (INT, []),
         "bm_gemv": (INT, [INT, P, P, P, P, I64, I64, I64, INT]),
         "bm_add_rmsnorm": (INT, [INT, INT, INT, P, P, P, P, P, I64, I64, ctypes.c_float, INT]),
@@ -164,6 +164,8 @@ def library():
                     _build(path)
                 lib = ctypes.CDLL(str(path))
                 _declare(lib)
+                if lib.bm_mamba_step_max_rows() != _MAX_ROWS:
+                    raise RuntimeError("ops/cpu.py _MAX_ROWS disagrees with csrc/dot.h kDotMaxRows")
                 _lib = lib
             except Exception as e:  # no compiler, unsupported flags or platform, unwritable cache, ...
                 warnings.warn(f"blackmamba: fused CPU kernels unavailable ({e}); using the reference PyTorch ops",
@@ -363,6 +365,10 @@ def causal_conv1d_cpu(x, weight, bias=None, initial_state=None):
 
 
 # --------------------------------------------------------------------------- decode steps
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_MAX_ROWS = 8  # csrc/dot.h kDotMaxRows; checked against the library when it loads
+
+
 def _grad_needed(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -394,29 +400,30 @@ def causal_conv1d_step_cpu(x, weight, bias, state):
 
 
 def mamba_step_cpu(h, in_w, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, out_w, conv_state, ssm_state):
-    """The ``cpu`` backend of ``mamba_step``: the whole mixer step in one call (see csrc/mamba_step.cpp)."""
-    weights = (in_w, conv_w, conv_b, x_w, dt_w, dt_b, out_w)
+    """The ``cpu`` backend of ``mamba_step``: the whole mixer step in one call (see csrc/mamba_step.cpp).
+    Called once per layer and token: kept to the checks it needs (each torch call costs microseconds)."""
     wdt = in_w.dtype
     b = h.shape[0]
-    if (_grad_needed(h, A_log, D, *weights) or wdt not in (torch.float32, torch.bfloat16) or dt_b is None
-            or any(t is not None and t.dtype != wdt for t in weights)
-            or h.dtype not in (torch.float32, torch.bfloat16) or conv_state.dtype != wdt
+    weights = (in_w, conv_w, conv_b, x_w, dt_w, dt_b, out_w)
+    if (wdt not in _KERNEL_DTYPES or h.dtype not in _KERNEL_DTYPES or dt_b is None or conv_state.dtype != wdt
+            or any(t is not None and (t.dtype != wdt or not t.is_contiguous()) for t in weights)
             or ssm_state.dtype != torch.float32 or not (conv_state.is_contiguous() and ssm_state.is_contiguous())
-            or not 1 <= b <= library().bm_mamba_step_max_rows()):
+            or not 1 <= b <= _MAX_ROWS or _grad_needed(h, A_log, D, *weights)):
         return mamba_step_reference(h, in_w, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, out_w, conv_state, ssm_state)
     I, K = conv_w.shape
     N, R, H = A_log.shape[1], dt_w.shape[1], in_w.shape[1]
-    w = [None if t is None else t.contiguous() for t in weights]
-    hf = h.float().contiguous()
-    A_log32 = A_log.float().contiguous()
-    D32 = D.float().contiguous() if D is not None else None
-    out = torch.empty(b, H, dtype=torch.float32)
-    rc = library().bm_mamba_step(DTYPE_CODE[wdt], DTYPE_CODE[conv_state.dtype], _ptr(hf), *(_ptr(t) for t in w[:6]),
-                                 _ptr(A_log32), _ptr(D32), _ptr(w[6]), _ptr(conv_state), _ptr(ssm_state), _ptr(out),
-                                 b, H, I, N, R, K, _threads(b * 3 * I * H))
+    h = h.contiguous()
+    A_log = A_log if A_log.dtype == torch.float32 and A_log.is_contiguous() else A_log.float().contiguous()
+    if D is not None and (D.dtype != torch.float32 or not D.is_contiguous()):
+        D = D.float().contiguous()
+    out = torch.empty(b, H, dtype=h.dtype)
+    rc = _lib.bm_mamba_step(DTYPE_CODE[h.dtype], DTYPE_CODE[wdt], DTYPE_CODE[conv_state.dtype], h.data_ptr(),
+                            in_w.data_ptr(), conv_w.data_ptr(), _ptr(conv_b), x_w.data_ptr(), dt_w.data_ptr(),
+                            dt_b.data_ptr(), A_log.data_ptr(), _ptr(D), out_w.data_ptr(), conv_state.data_ptr(),
+                            ssm_state.data_ptr(), out.data_ptr(), b, H, I, N, R, K, _threads(b * 3 * I * H))
     if rc:
         raise RuntimeError(f"blackmamba cpu mamba_step: unsupported inputs (code {rc})")
-    return out.to(h.dtype)
+    return out
 
 
 def linear_cpu(x, weight, bias=None):

@@ -4,7 +4,8 @@
 //   delta = softplus(dt W_dt^T + b_dt);  s = exp(-delta exp(A_log)) s + delta B x
 //   y = (<s, C> + D x) silu(z);  out = y W_out^T
 // Weights (and conv weight / bias, dt bias) are float32 or bfloat16 (TW); the conv state has the
-// same dtype (TS = TW, the model's); activations, A_log, D and the SSM state are float32. One OpenMP region per
+// same dtype (TS = TW, the model's); h and out are float32 or bfloat16 (TH); the activations inside,
+// A_log, D and the SSM state are float32. One OpenMP region per
 // call, three barriers.
 #include "dot.h"
 
@@ -49,12 +50,24 @@ struct StepShape {
   int64_t b, H, I, N, R, K;
 };
 
-template <typename TW, typename TS>
-void mamba_step(const StepShape& sh, const float* h, const TW* w_in, const TW* conv_w, const TW* conv_b,
+template <typename TH, typename TW, typename TS>
+void mamba_step(const StepShape& sh, const TH* h_in, const TW* w_in, const TW* conv_w, const TW* conv_b,
                 const TW* w_x, const TW* w_dt, const TW* b_dt, const float* A_log, const float* D, const TW* w_out,
-                TS* conv_state, float* ssm, float* out, int threads) {
+                TS* conv_state, float* ssm, TH* out_h, int threads) {
   const int64_t b = sh.b, H = sh.H, I = sh.I, N = sh.N, R = sh.R, K = sh.K, P = R + 2 * N;
-  std::vector<float> xz(b * 2 * I), xs(b * I), dbc(b * P), y(b * I);
+  std::vector<float> xz(b * 2 * I), xs(b * I), dbc(b * P), y(b * I), hbuf, obuf;
+  const float* h;  // h and out in float32: the caller's own memory when that is float32
+  float* out;
+  if constexpr (std::is_same_v<TH, float>) {
+    h = h_in;
+    out = out_h;
+  } else {
+    hbuf.resize(b * H);
+    obuf.resize(b * H);
+    for (int64_t i = 0; i < b * H; ++i) hbuf[i] = to_float(h_in[i]);
+    h = hbuf.data();
+    out = obuf.data();
+  }
   constexpr int W = lanes<float>;
 #pragma omp parallel num_threads(threads)
   {
@@ -115,6 +128,8 @@ void mamba_step(const StepShape& sh, const float* h, const TW* w_in, const TW* c
     for (int64_t r0 = 0; r0 < H; r0 += kRowBlock)
       dot_rows(w_out, y.data(), I, I, b, r0, std::min(H, r0 + kRowBlock), out, H);
   }
+  if constexpr (!std::is_same_v<TH, float>)
+    for (int64_t i = 0; i < b * H; ++i) out_h[i] = from_float<TH>(out[i]);
 }
 
 }  // namespace
@@ -124,25 +139,30 @@ extern "C" {
 
 int bm_mamba_step_max_rows() { return bm::kDotMaxRows; }
 
-// h (b, H) and out (b, H) float32; weights w_in (2I, H), conv_w (I, K), conv_b (I,) or null, w_x (R+2N, I),
-// w_dt (I, R), b_dt (I,), w_out (H, I): dtype_w (0 float32, 1 bfloat16), contiguous; A_log (I, N) and D (I,)
-// or null float32; conv_state (b, I, K-1) dtype_s; ssm (b, I, N) float32: both updated in place.
-int bm_mamba_step(int dtype_w, int dtype_s, const float* h, const void* w_in, const void* conv_w, const void* conv_b,
-                  const void* w_x, const void* w_dt, const void* b_dt, const float* A_log, const float* D,
-                  const void* w_out, void* conv_state, float* ssm, float* out, int64_t b, int64_t H, int64_t I,
-                  int64_t N, int64_t R, int64_t K, int threads) {
+// h (b, H) and out (b, H) dtype_h (0 float32, 1 bfloat16; out is rounded to it); weights w_in (2I, H),
+// conv_w (I, K), conv_b (I,) or null, w_x (R+2N, I), w_dt (I, R), b_dt (I,), w_out (H, I): dtype_w,
+// contiguous; A_log (I, N) and D (I,) or null float32; conv_state (b, I, K-1) dtype_s; ssm (b, I, N)
+// float32: both updated in place.
+int bm_mamba_step(int dtype_h, int dtype_w, int dtype_s, const void* h, const void* w_in, const void* conv_w,
+                  const void* conv_b, const void* w_x, const void* w_dt, const void* b_dt, const float* A_log,
+                  const float* D, const void* w_out, void* conv_state, float* ssm, void* out, int64_t b, int64_t H,
+                  int64_t I, int64_t N, int64_t R, int64_t K, int threads) {
   using namespace bm;
   if (b > kDotMaxRows || b < 1) return 1;
   const StepShape sh{b, H, I, N, R, K};
-  auto run = [&]<typename TW, typename TS>() {
-    mamba_step<TW, TS>(sh, h, static_cast<const TW*>(w_in), static_cast<const TW*>(conv_w),
-                       static_cast<const TW*>(conv_b), static_cast<const TW*>(w_x), static_cast<const TW*>(w_dt),
-                       static_cast<const TW*>(b_dt), A_log, D, static_cast<const TW*>(w_out),
-                       static_cast<TS*>(conv_state), ssm, out, threads);
+  auto run = [&]<typename TH, typename TW, typename TS>() {
+    mamba_step<TH, TW, TS>(sh, static_cast<const TH*>(h), static_cast<const TW*>(w_in),
+                           static_cast<const TW*>(conv_w), static_cast<const TW*>(conv_b), static_cast<const TW*>(w_x),
+                           static_cast<const TW*>(w_dt), static_cast<const TW*>(b_dt), A_log, D,
+                           static_cast<const TW*>(w_out), static_cast<TS*>(conv_state), ssm, static_cast<TH*>(out),
+                           threads);
   };
-  if (dtype_w == 0 && dtype_s == 0) return run.template operator()<float, float>(), 0;
-  if (dtype_w == 1 && dtype_s == 1) return run.template operator()<bf16, bf16>(), 0;
-  return 2;  // the conv state has the model's dtype, the weights' dtype
+  if (dtype_s != dtype_w) return 2;  // the conv state has the model's dtype, the weights' dtype
+  if (dtype_h == 0 && dtype_w == 0) return run.template operator()<float, float, float>(), 0;
+  if (dtype_h == 0 && dtype_w == 1) return run.template operator()<float, bf16, bf16>(), 0;
+  if (dtype_h == 1 && dtype_w == 0) return run.template operator()<bf16, float, float>(), 0;
+  if (dtype_h == 1 && dtype_w == 1) return run.template operator()<bf16, bf16, bf16>(), 0;
+  return 2;
 }
 
 }  // extern "C"
