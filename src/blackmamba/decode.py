@@ -30,6 +30,7 @@ from .layers.moe import dispatch_sorted
 from .ops.gpu import triton_available
 from .ops.grouped_moe import dispatch_grouped, grouped_mm_supported
 from .ops import backend as _backend
+from .ops.linear import linear_module
 
 GEMV_MAX_TOKENS = 16  # up to this many tokens per MoE layer, each token streams its expert's weights
 
@@ -53,6 +54,9 @@ def mamba_step(mixer, h: torch.Tensor, state, fused: bool) -> torch.Tensor:
 def moe_step(moe, h: torch.Tensor, fused: bool) -> torch.Tensor:
     """h (T, H) → (T, H), inference routing (argmax of the router)."""
     if not fused:
+        if h.shape[0] == 1 and h.device.type == "cpu":  # one token: its expert alone (the layer's own ops
+            gate, idx = torch.sigmoid(linear_module(moe.router, h)).max(dim=1)  # minus the sort; same result)
+            return moe.local_experts[int(idx)](h) * gate[:, None].to(h.dtype)
         return moe(h.unsqueeze(1))[:, 0]
     from .ops.triton_moe import expert_gemv, route_top1
 
