@@ -5,7 +5,8 @@ Machine limits, printed first: copy bandwidth (a 256 MiB copy; bytes read + writ
 taken between two separately measured bests: the workload and the limit's own workload run
 alternately, 15 pairs (7 for decode), and the median of the per-pair ratios is reported
 (``paired_ratio``), because on a shared machine both drift by tens of percent within seconds. The
-same holds for the decode-latency and MoE comparisons. Then, each against its baseline:
+same holds for the MoE comparison, generation against transformers' (5 pairs), and the decode
+latency (long and short context alternate token by token). Then, each against its baseline:
 
 - scan forward, D=1024, N=16, B in {1, 4}, L in {256, 1024, 4096}: tokens/s against transformers'
   sequential scan (``mamba_selective_scan``, measured at L=256: its cost per token does not fall with
@@ -326,12 +327,20 @@ def bytes_per_token(model: BlackMambaLM) -> int:
     return weights + 2 * model.new_state(1).nbytes()
 
 
-def _generate_rate(generate: Callable[[int], object], tokens: int, reps: int) -> float:
+def _generate_rate(generate: Callable[[int], object], tokens: int) -> float:
     """Decode tokens/s of ``generate(n)`` (prompt included): the time difference between n = tokens + 1
     and n = 1 new tokens, so the prompt's prefill cancels out."""
-    t1 = best_time(lambda: generate(1), reps)
-    tn = best_time(lambda: generate(tokens + 1), reps)
+    t1 = best_time(lambda: generate(1), 1, warmup=0)
+    tn = best_time(lambda: generate(tokens + 1), 1, warmup=0)
     return tokens / max(tn - t1, 1e-9)
+
+
+def paired_rates(gen_a: Callable[[int], object], tokens_a: int, gen_b: Callable[[int], object], tokens_b: int,
+                 reps: int) -> tuple[float, float]:
+    """(median rate_a / rate_b, median rate_a) of two ``_generate_rate`` measurements taken alternately."""
+    gen_a(1), gen_b(1)
+    pairs = [(_generate_rate(gen_a, tokens_a), _generate_rate(gen_b, tokens_b)) for _ in range(max(1, reps))]
+    return statistics.median(a / b for a, b in pairs), statistics.median(a for a, _ in pairs)
 
 
 def _accuracy(fp32: BlackMambaLM, bf16: BlackMambaLM, ids: torch.Tensor) -> dict:
@@ -373,12 +382,12 @@ def bench_decode(sz: Sizes, limits: dict, quick: bool) -> tuple[list, dict]:
     bf16 = _bf16_weights(model)
     c = sz.decode
     prompt = torch.randint(0, c["vocab"], (1, 8))
-    reps = 1 if quick else 2
+    reps = 1 if quick else 5
     src = torch.rand((1 << 22) if quick else (1 << 26))
     dst = torch.empty_like(src)
     copy_bytes = 2 * src.numel() * 4
     dims = f"{c['layers']} Mamba layers hidden={c['hidden']} vocab={c['vocab']}"
-    hf_rate = None
+    hf_generate = None
     if _optional("transformers") is not None:
         from transformers import MambaForCausalLM
 
@@ -388,8 +397,6 @@ def bench_decode(sz: Sizes, limits: dict, quick: bool) -> tuple[list, dict]:
         def hf_generate(n):
             with torch.no_grad():
                 hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-        hf_rate = _generate_rate(hf_generate, sz.hf_decode_tokens, reps)
     for label, m in (("float32", model), ("bfloat16", bf16)):
         name = f"decode B=1 {label} weights, {dims}"
         # the roofline: decoding alternates with the copy that measures the bandwidth (see paired_ratio)
@@ -398,9 +405,10 @@ def bench_decode(sz: Sizes, limits: dict, quick: bool) -> tuple[list, dict]:
         fraction = sz.decode_tokens * bytes_per_token(m) / copy_bytes / t_ratio  # tokens/s ÷ (bandwidth/bytes)
         row(rows, name, sz.decode_tokens / t_dec, "tok/s", "bandwidth roofline", fraction, "decode_vs_roofline",
             quick)
-        if hf_rate is not None:  # generate against generate, prompt cost subtracted from both
-            rate = _generate_rate(lambda n: m.generate(prompt, max_new_tokens=n), sz.decode_tokens, reps)
-            row(rows, name, rate, "tok/s", "transformers MambaForCausalLM.generate (float32)", rate / hf_rate,
+        if hf_generate is not None:  # generate against generate, prompt cost subtracted from both, alternately
+            ratio, rate = paired_rates(lambda n: m.generate(prompt, max_new_tokens=n), sz.decode_tokens,
+                                       hf_generate, sz.hf_decode_tokens, reps)
+            row(rows, name, rate, "tok/s", "transformers MambaForCausalLM.generate (float32)", ratio,
                 "decode_vs_hf", quick)
     accuracy = _accuracy(model, bf16, torch.randint(0, c["vocab"], (1, 8 if quick else 64)))
     rows += bench_context(model, sz, quick)
@@ -409,7 +417,7 @@ def bench_decode(sz: Sizes, limits: dict, quick: bool) -> tuple[list, dict]:
 
 def bench_context(model: BlackMambaLM, sz: Sizes, quick: bool) -> list:
     """Per-token decode latency after a long context against after a short one (same model, real prefill),
-    the two measured alternately."""
+    token by token alternately: the median long-context step time over the median short-context one."""
     vocab = model.config.vocab_size
     steps = {}
     for ctx in sz.contexts:
@@ -418,17 +426,17 @@ def bench_context(model: BlackMambaLM, sz: Sizes, quick: bool) -> list:
         with torch.no_grad():
             for lo in range(0, ctx, 1024):  # chunked prefill: the logits of 8192 positions at once are 1.6 GB
                 model(ids[:, lo:lo + 1024], state=state)
-
-        def run(step=StepPlan(model, state), tok=ids[:, -1]):
-            for _ in range(sz.decode_tokens):
-                step(tok)
-
-        steps[ctx] = run
+        plan, tok = StepPlan(model, state), ids[:, -1]
+        steps[ctx] = lambda plan=plan, tok=tok: plan(tok)
     short, long = sz.contexts
-    ratio, t_long, _ = paired_ratio(steps[long], steps[short], sz.paired_reps)
+    times = {short: [], long: []}
+    for _ in range(sz.decode_tokens * sz.paired_reps):
+        for ctx in (long, short):
+            times[ctx].append(best_time(steps[ctx], 1, warmup=0))
+    t_long, t_short = statistics.median(times[long]), statistics.median(times[short])
     rows: list = []
-    row(rows, f"decode latency at context {long} vs {short}", t_long / sz.decode_tokens * 1e3, "ms/tok",
-        f"latency at context {short}", ratio, "decode_context", quick)
+    row(rows, f"decode latency at context {long} vs {short}", t_long * 1e3, "ms/tok", f"latency at context {short}",
+        t_long / t_short, "decode_context", quick)
     return rows
 
 
