@@ -25,11 +25,12 @@ def _prefilled(model, ids, copies):
     return states
 
 
-def test_unfused_step_equals_the_model_call_exactly():
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1: the MoE step's one-token path on CPU
+def test_unfused_step_equals_the_model_call_exactly(batch):
     model = _model(layers=("r", "4", "r", "1", "a"))
-    ids = torch.randint(0, 256, (2, 5), device=DEVICE)
+    ids = torch.randint(0, 256, (batch, 5), device=DEVICE)
     s1, s2 = _prefilled(model, ids, 2)
-    for tok in torch.randint(0, 256, (3, 2), device=DEVICE):
+    for tok in torch.randint(0, 256, (3, batch), device=DEVICE):
         with torch.no_grad():  # as in generation; with autograd on, the CPU decode-step kernels defer to the reference
             ref = model(tok[:, None], state=s1).logits[:, -1]
         out = decode_step(model, tok, s2, fused=False)
