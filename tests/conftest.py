@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import triton_cpu  # noqa: F401  (sets TRITON_INTERPRET without a GPU before any test module imports triton)
 
 from blackmamba import BlackMambaConfig, BlackMambaLM
 
