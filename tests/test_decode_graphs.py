@@ -7,7 +7,7 @@ from triton_cpu import DEVICE, requires_cuda, requires_triton  # noqa: I001  (mu
 
 import blackmamba
 from blackmamba.cuda_graphs import GraphedDecode, decode_stepper, graphs_enabled
-from blackmamba.decode import decode_step
+from blackmamba.decode import StepPlan, decode_step
 
 
 def _model(layers=("r", "4", "r", "1"), seed=0, **kw):
@@ -25,16 +25,20 @@ def _prefilled(model, ids, copies):
     return states
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 2])  # batch 1: the MoE step's one-token path on CPU
-def test_unfused_step_equals_the_model_call_exactly(batch):
-    model = _model(layers=("r", "4", "r", "1", "a"))
+def test_unfused_step_equals_the_model_call_exactly(batch, dtype):
+    model = _model(layers=("r", "4", "r", "1", "a")).to(dtype)
     ids = torch.randint(0, 256, (batch, 5), device=DEVICE)
-    s1, s2 = _prefilled(model, ids, 2)
+    s1, s2, s3 = _prefilled(model, ids, 3)
+    plan = StepPlan(model, s3, fused=False)  # on CPU: the kernels bound to buffers
     for tok in torch.randint(0, 256, (3, batch), device=DEVICE):
         with torch.no_grad():  # as in generation; with autograd on, the CPU decode-step kernels defer to the reference
             ref = model(tok[:, None], state=s1).logits[:, -1]
         out = decode_step(model, tok, s2, fused=False)
         assert torch.equal(out, ref)
+        assert torch.equal(plan(tok), ref)
+    assert torch.equal(s3.layers[0].ssm, s1.layers[0].ssm)
 
 
 @requires_triton

@@ -73,12 +73,13 @@ def default_fused(device: torch.device) -> bool:
 
 class StepPlan:
     """``decode_step`` for one model and state, with what stays fixed from token to token looked up once:
-    each op's backend, each layer's weights and state tensors, the fused-or-not choice. Generation
+    each op's backend, each layer's weights and state tensors, the fused-or-not choice, and on CPU
+    (``bind``) the kernels' arguments on preallocated buffers. Generation
     builds one per call (the weights cannot change while it runs). At batch 1 on CPU the Python
-    dispatch this skips (module attribute lookups, backend resolution: ~60 us a layer here) was about
-    a tenth of a token's time."""
+    dispatch this skips (module attribute lookups, backend resolution, argument checks, allocations:
+    ~100 us a layer here) was over a tenth of a token's time."""
 
-    def __init__(self, model, state, fused: bool | None = None):
+    def __init__(self, model, state, fused: bool | None = None, bind: bool = True):
         if model.training:
             raise RuntimeError("decode_step runs the inference path: call model.eval() first")
         device = model.device
@@ -91,6 +92,36 @@ class StepPlan:
         self.head = self.embedding if model.output_layer is None else model.output_layer.weight
         self.layers = [(blk.norm.weight, blk.norm.eps, self._mixer(blk, st, device))
                        for blk, st in zip(model.decoder.layers, state.layers)]
+        cpu = device.type == "cpu" and not self.fused
+        self.bound = self._bind_cpu(model, state, device) if bind and cpu else None
+
+    def _bind_cpu(self, model, state, device) -> list | None:
+        """On CPU: the layers as calls on fixed buffers (h → norm → mixer → h), the kernels' arguments
+        bound once (``ops.cpu.bind_*``), so a Mamba layer costs two ctypes calls a token and no tensor
+        allocations; other mixers run as usual, their output copied into the buffer. None if the
+        kernels do not take this model (then the step runs op by op)."""
+        from .ops import cpu
+
+        dtype = self.embedding.dtype
+        norm_name, _ = _backend.resolve("add_rmsnorm", device)
+        if norm_name != "cpu" or any(blk.norm.weight.dtype != dtype for blk in model.decoder.layers):
+            return None
+        b, H = state.batch_size, self.embedding.shape[1]
+        self.h = torch.empty(b, H, dtype=dtype)  # the residual stream's input to each block, then its output
+        self.normed = torch.empty(b, H, dtype=dtype)
+        self.residual = torch.empty(b, H, dtype=torch.float32 if self.residual_fp32 else dtype)
+        step_name, _ = _backend.resolve("mamba_step", device)
+        calls = []
+        for i, ((weight, eps, mix), blk, st) in enumerate(zip(self.layers, model.decoder.layers, state.layers)):
+            norm = cpu.bind_add_rmsnorm(self.h, None if i == 0 else self.residual, weight, eps, self.normed,
+                                        self.residual)
+            args = blk.mixer.step_args(st) if blk.kind == "mamba" and step_name == "cpu" else None
+            step = cpu.bind_mamba_step(self.normed, self.h, *args) if args is not None else None
+            if norm is None:
+                return None
+            calls.append(norm)
+            calls.append(step or (lambda mix=mix: self.h.copy_(mix(self.normed))))
+        return calls
 
     def _mixer(self, blk, st, device) -> Callable[[torch.Tensor], torch.Tensor]:
         """h (b, H) → (b, H) for one block's mixer, updating its state in place."""
@@ -108,11 +139,17 @@ class StepPlan:
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (b,) → next-token logits (b, V); consumes the tokens into the state in place."""
-        h = F.embedding(tokens, self.embedding)  # (b, H)
-        residual = None
-        for weight, eps, mix in self.layers:
-            h, residual = self.norm(h, residual, weight, eps, torch.float32 if self.residual_fp32 else h.dtype)
-            h = mix(h)
+        if self.bound is not None and tokens.shape == self.h.shape[:1]:
+            torch.index_select(self.embedding, 0, tokens, out=self.h)  # = F.embedding
+            for call in self.bound:
+                call()
+            h, residual = self.h, self.residual
+        else:
+            h = F.embedding(tokens, self.embedding)  # (b, H)
+            residual = None
+            for weight, eps, mix in self.layers:
+                h, residual = self.norm(h, residual, weight, eps, torch.float32 if self.residual_fp32 else h.dtype)
+                h = mix(h)
         residual = h + residual
         fn = self.final_norm
         h = fn(residual.to(fn.weight.dtype))
@@ -120,5 +157,6 @@ class StepPlan:
 
 
 def decode_step(model, tokens: torch.Tensor, state, fused: bool | None = None) -> torch.Tensor:
-    """tokens (b,) → next-token logits (b, V); consumes the tokens into ``state`` in place."""
-    return StepPlan(model, state, fused)(tokens)
+    """tokens (b,) → next-token logits (b, V); consumes the tokens into ``state`` in place. (For many
+    tokens, build a ``StepPlan`` once: this one skips its CPU buffer binding, which pays off only then.)"""
+    return StepPlan(model, state, fused, bind=False)(tokens)

@@ -33,6 +33,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -400,30 +401,46 @@ def causal_conv1d_step_cpu(x, weight, bias, state):
 
 
 def mamba_step_cpu(h, in_w, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, out_w, conv_state, ssm_state):
-    """The ``cpu`` backend of ``mamba_step``: the whole mixer step in one call (see csrc/mamba_step.cpp).
-    Called once per layer and token: kept to the checks it needs (each torch call costs microseconds)."""
+    """The ``cpu`` backend of ``mamba_step``: the whole mixer step in one call (see csrc/mamba_step.cpp)."""
+    out = torch.empty(h.shape[0], in_w.shape[1], dtype=h.dtype)
+    call = None if _grad_needed(h, A_log, D, in_w, conv_w, conv_b, x_w, dt_w, dt_b, out_w) else bind_mamba_step(
+        h.contiguous(), out, in_w, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, out_w, conv_state, ssm_state)
+    if call is None:
+        return mamba_step_reference(h, in_w, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, out_w, conv_state, ssm_state)
+    call()
+    return out
+
+
+def bind_mamba_step(h, out, in_w, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, out_w, conv_state,
+                    ssm_state) -> Callable[[], None] | None:
+    """The mamba_step kernel bound to fixed tensors (h → out, states updated in place), its inputs checked
+    once; None if the kernel does not take them. Each call reads h's memory as it is then: a decode loop
+    reusing its buffers (``decode.StepPlan``) pays a single ctypes call per layer and token. The call
+    records nothing for autograd."""
     wdt = in_w.dtype
     b = h.shape[0]
     weights = (in_w, conv_w, conv_b, x_w, dt_w, dt_b, out_w)
-    if (wdt not in _KERNEL_DTYPES or h.dtype not in _KERNEL_DTYPES or dt_b is None or conv_state.dtype != wdt
+    if (wdt not in _KERNEL_DTYPES or h.dtype not in _KERNEL_DTYPES or out.dtype != h.dtype or dt_b is None
+            or conv_state.dtype != wdt or ssm_state.dtype != torch.float32 or not 1 <= b <= _MAX_ROWS
             or any(t is not None and (t.dtype != wdt or not t.is_contiguous()) for t in weights)
-            or ssm_state.dtype != torch.float32 or not (conv_state.is_contiguous() and ssm_state.is_contiguous())
-            or not 1 <= b <= _MAX_ROWS or _grad_needed(h, A_log, D, *weights)):
-        return mamba_step_reference(h, in_w, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, out_w, conv_state, ssm_state)
+            or not all(t.is_contiguous() for t in (h, out, conv_state, ssm_state))
+            or out.shape != (b, in_w.shape[1])):
+        return None
     I, K = conv_w.shape
     N, R, H = A_log.shape[1], dt_w.shape[1], in_w.shape[1]
-    h = h.contiguous()
-    A_log = A_log if A_log.dtype == torch.float32 and A_log.is_contiguous() else A_log.float().contiguous()
-    if D is not None and (D.dtype != torch.float32 or not D.is_contiguous()):
-        D = D.float().contiguous()
-    out = torch.empty(b, H, dtype=h.dtype)
-    rc = _lib.bm_mamba_step(DTYPE_CODE[h.dtype], DTYPE_CODE[wdt], DTYPE_CODE[conv_state.dtype], h.data_ptr(),
-                            in_w.data_ptr(), conv_w.data_ptr(), _ptr(conv_b), x_w.data_ptr(), dt_w.data_ptr(),
-                            dt_b.data_ptr(), A_log.data_ptr(), _ptr(D), out_w.data_ptr(), conv_state.data_ptr(),
-                            ssm_state.data_ptr(), out.data_ptr(), b, H, I, N, R, K, _threads(b * 3 * I * H))
-    if rc:
-        raise RuntimeError(f"blackmamba cpu mamba_step: unsupported inputs (code {rc})")
-    return out
+    A_log = A_log.detach().float().contiguous()  # copies if needed, kept alive by the closure
+    D = D.detach().float().contiguous() if D is not None else None
+    fn = _lib.bm_mamba_step
+    args = (DTYPE_CODE[h.dtype], DTYPE_CODE[wdt], DTYPE_CODE[conv_state.dtype], h.data_ptr(), in_w.data_ptr(),
+            conv_w.data_ptr(), _ptr(conv_b), x_w.data_ptr(), dt_w.data_ptr(), dt_b.data_ptr(), A_log.data_ptr(),
+            _ptr(D), out_w.data_ptr(), conv_state.data_ptr(), ssm_state.data_ptr(), out.data_ptr(), b, H, I, N, R, K,
+            _threads(b * 3 * I * H))
+
+    def call(keep=(h, out, *weights, A_log, D, conv_state, ssm_state)):  # args holds bare pointers: keep all alive
+        if fn(*args):
+            raise RuntimeError("blackmamba cpu mamba_step: unsupported inputs")
+
+    return call
 
 
 def linear_cpu(x, weight, bias=None):
@@ -447,21 +464,33 @@ def linear_cpu(x, weight, bias=None):
 
 def add_rmsnorm_cpu(h, residual, weight, eps, residual_dtype):
     """The ``cpu`` backend of ``add_rmsnorm``: one call for the block entry (see ops/norm.py)."""
-    kinds = (torch.float32, torch.bfloat16)
-    if (h.dtype not in kinds or weight.dtype not in kinds or residual_dtype not in kinds
-            or (residual is not None and residual.dtype != residual_dtype) or _grad_needed(h, residual, weight)):
-        return add_rmsnorm_reference(h, residual, weight, eps, residual_dtype)
-    H = h.shape[-1]
-    rows = h.numel() // H if H else 0
-    hc = h.contiguous()
-    rc = residual.contiguous() if residual is not None else None
     out = torch.empty(h.shape, dtype=weight.dtype)
     res_out = torch.empty(h.shape, dtype=residual_dtype)
-    if rows:
-        library().bm_add_rmsnorm(DTYPE_CODE[h.dtype], DTYPE_CODE[residual_dtype], DTYPE_CODE[weight.dtype], _ptr(hc),
-                                 _ptr(rc), _ptr(weight.contiguous()), _ptr(out), _ptr(res_out), rows, H, eps,
-                                 _threads(rows * H * 8))
+    call = None if _grad_needed(h, residual, weight) else bind_add_rmsnorm(
+        h.contiguous(), None if residual is None else residual.contiguous(), weight, eps, out, res_out)
+    if call is None:
+        return add_rmsnorm_reference(h, residual, weight, eps, residual_dtype)
+    call()
     return out, res_out
+
+
+def bind_add_rmsnorm(h, residual, weight, eps, out, res_out) -> Callable[[], None] | None:
+    """The add_rmsnorm kernel bound to fixed tensors (h, residual or None → out, res_out; residual may be
+    res_out itself), checked once; None if the kernel does not take them (see ``bind_mamba_step``)."""
+    kinds = _KERNEL_DTYPES
+    if (h.dtype not in kinds or weight.dtype not in kinds or res_out.dtype not in kinds or out.dtype != weight.dtype
+            or (residual is not None and (residual.dtype != res_out.dtype or residual.shape != h.shape))
+            or out.shape != h.shape or res_out.shape != h.shape
+            or not all(t.is_contiguous() for t in (h, weight, out, res_out) + ((residual,) if residual is not None
+                                                                                  else ()))):
+        return None
+    H = h.shape[-1]
+    rows = h.numel() // H if H else 0
+    fn = _lib.bm_add_rmsnorm
+    args = (DTYPE_CODE[h.dtype], DTYPE_CODE[res_out.dtype], DTYPE_CODE[weight.dtype], h.data_ptr(), _ptr(residual),
+            weight.data_ptr(), out.data_ptr(), res_out.data_ptr(), rows, H, eps, _threads(rows * H * 8))
+    keep = (h, residual, weight, out, res_out)  # args holds bare pointers: keep the tensors alive with the call
+    return (lambda keep=keep: fn(*args)) if rows else (lambda: None)
 
 
 def exp_approx(x: torch.Tensor) -> torch.Tensor:
