@@ -19,7 +19,9 @@ latency (long and short context alternate token by token). Then, each against it
   weights: tokens/s of ``generate`` against transformers' ``MambaForCausalLM.generate`` (both with the
   prompt's cost subtracted), the fraction of the bandwidth roofline (copy bandwidth ÷ bytes read per
   token) that generation's own decode step reaches, the accuracy cost of bfloat16 weights, and the
-  per-token latency after 8192 tokens of context against after 64;
+  per-token latency after 8192 tokens of context against after 64; and, without a target, the
+  roofline fraction of a BlackMamba-pattern model (12 x (Mamba, 8-expert MoE), bfloat16, active
+  weights only);
 - MoE layer (T=4096, H=1152, F=3072, 8 experts, top-1) forward and forward+backward against one dense
   expert MLP applied to all T tokens.
 
@@ -321,9 +323,14 @@ def _bf16_weights(model: BlackMambaLM) -> BlackMambaLM:
 
 
 def bytes_per_token(model: BlackMambaLM) -> int:
-    """Bytes a batch-1 decode step reads: every weight (the tied embedding once, as the LM head; one
-    embedding row is noise) plus the recurrent state, read and written."""
+    """Bytes a batch-1 decode step reads: every weight a token uses (the tied embedding once, as the LM
+    head, one embedding row being noise; one expert per MoE layer) plus the recurrent state, read and
+    written."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    for blk in model.decoder.layers:
+        if blk.kind == "moe":
+            expert = sum(p.numel() * p.element_size() for p in blk.mixer.local_experts[0].parameters())
+            weights -= expert * (blk.mixer.num_experts - 1)
     return weights + 2 * model.new_state(1).nbytes()
 
 
@@ -410,6 +417,16 @@ def bench_decode(sz: Sizes, limits: dict, quick: bool) -> tuple[list, dict]:
                                        hf_generate, sz.hf_decode_tokens, reps)
             row(rows, name, rate, "tok/s", "transformers MambaForCausalLM.generate (float32)", ratio,
                 "decode_vs_hf", quick)
+    # BlackMamba's own pattern (no target: the issue's targets are set on the pure-Mamba model)
+    torch.manual_seed(0)
+    bm = _bf16_weights(BlackMambaLM(BlackMambaConfig(
+        layers=["r", "8"] * (c["layers"] // 2), hidden_size=c["hidden"], ffn_hidden_size=8 * c["hidden"] // 3,
+        vocab_size=c["vocab"])).eval())
+    t_ratio, t_dec, _ = paired_ratio(_decode_tokens(bm, prompt, sz.decode_tokens), lambda: dst.copy_(src),
+                                     max(1, sz.paired_reps // 2))
+    row(rows, f"decode B=1 bfloat16 weights, {c['layers'] // 2}x(Mamba, 8-expert MoE) hidden={c['hidden']}",
+        sz.decode_tokens / t_dec, "tok/s", "bandwidth roofline (active weights)",
+        sz.decode_tokens * bytes_per_token(bm) / copy_bytes / t_ratio)
     accuracy = _accuracy(model, bf16, torch.randint(0, c["vocab"], (1, 8 if quick else 64)))
     rows += bench_context(model, sz, quick)
     return rows, accuracy
