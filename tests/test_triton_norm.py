@@ -45,3 +45,23 @@ def test_add_rmsnorm_rejects_mismatched_shapes():
 
     with pytest.raises(ValueError, match="add_rmsnorm"):
         add_rmsnorm(torch.zeros(2, 8, device=DEVICE), None, torch.ones(7, device=DEVICE), 1e-5, torch.float32)
+
+
+def test_triton_backend_of_the_op_takes_any_leading_shape_and_defers_for_gradients():
+    from blackmamba.ops.gpu import _add_rmsnorm
+    from blackmamba.ops.norm import add_rmsnorm_reference
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 3, 40, generator=g).to(DEVICE)
+    residual = torch.randn(2, 3, 40, generator=g).to(DEVICE)
+    weight = (torch.rand(40, generator=g) + 0.5).to(DEVICE)
+    with torch.no_grad():
+        out, res = _add_rmsnorm(h, residual, weight, 1e-5, torch.float32)
+        ref_out, ref_res = add_rmsnorm_reference(h, residual, weight, 1e-5, torch.float32)
+    assert out.shape == h.shape and res.shape == h.shape
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res, ref_res, atol=0, rtol=0)
+    weight.requires_grad_()
+    out, _ = _add_rmsnorm(h, residual, weight, 1e-5, torch.float32)
+    out.sum().backward()  # the reference ran: the kernel has no backward
+    assert weight.grad is not None
