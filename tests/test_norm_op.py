@@ -21,10 +21,14 @@ def _inputs(shape, h_dtype, res_dtype, w_dtype, first, seed=0):
     return h, residual, weight
 
 
-@pytest.mark.parametrize("w_dtype", KINDS)
-@pytest.mark.parametrize("res_dtype", KINDS)
-@pytest.mark.parametrize("h_dtype", KINDS)
-@pytest.mark.parametrize("first", [True, False])
+def every_dtype(test):
+    """Every float32 / bfloat16 combination of h, residual and weight, in the first block and later."""
+    for name in ("w_dtype", "res_dtype", "h_dtype"):
+        test = pytest.mark.parametrize(name, KINDS)(test)
+    return pytest.mark.parametrize("first", [True, False])(test)
+
+
+@every_dtype
 def test_reference_is_the_block_entry(h_dtype, res_dtype, w_dtype, first):
     h, residual, weight = _inputs((2, 3, 40), h_dtype, res_dtype, w_dtype, first)
     norm = RMSNorm(40).to(w_dtype)
@@ -38,10 +42,7 @@ def test_reference_is_the_block_entry(h_dtype, res_dtype, w_dtype, first):
 
 
 @needs_kernels
-@pytest.mark.parametrize("w_dtype", KINDS)
-@pytest.mark.parametrize("res_dtype", KINDS)
-@pytest.mark.parametrize("h_dtype", KINDS)
-@pytest.mark.parametrize("first", [True, False])
+@every_dtype
 def test_cpu_matches_reference(h_dtype, res_dtype, w_dtype, first):
     h, residual, weight = _inputs((3, 1, 40), h_dtype, res_dtype, w_dtype, first)
     with torch.no_grad():
