@@ -74,10 +74,10 @@ def default_fused(device: torch.device) -> bool:
 class StepPlan:
     """``decode_step`` for one model and state, with what stays fixed from token to token looked up once:
     each op's backend, each layer's weights and state tensors, the fused-or-not choice, and on CPU
-    (``bind``) the kernels' arguments on preallocated buffers. Generation
-    builds one per call (the weights cannot change while it runs). At batch 1 on CPU the Python
-    dispatch this skips (module attribute lookups, backend resolution, argument checks, allocations:
-    ~100 us a layer here) was over a tenth of a token's time."""
+    (``bind``) the kernels' arguments on preallocated buffers. Generation builds one per call (the
+    weights cannot change while it runs). At batch 1 on CPU the Python dispatch this skips (module
+    attribute lookups, backend resolution, argument checks, allocations: ~100 us a layer here) was
+    over a tenth of a token's time."""
 
     def __init__(self, model, state, fused: bool | None = None, bind: bool = True):
         if model.training:
@@ -115,10 +115,10 @@ class StepPlan:
         for i, ((weight, eps, mix), blk, st) in enumerate(zip(self.layers, model.decoder.layers, state.layers)):
             norm = cpu.bind_add_rmsnorm(self.h, None if i == 0 else self.residual, weight, eps, self.normed,
                                         self.residual)
-            args = blk.mixer.step_args(st) if blk.kind == "mamba" and step_name == "cpu" else None
-            step = cpu.bind_mamba_step(self.normed, self.h, *args) if args is not None else None
             if norm is None:
                 return None
+            args = blk.mixer.step_args(st) if blk.kind == "mamba" and step_name == "cpu" else None
+            step = cpu.bind_mamba_step(self.normed, self.h, *args) if args is not None else None
             calls.append(norm)
             calls.append(step or (lambda mix=mix: self.h.copy_(mix(self.normed))))
         return calls

@@ -394,14 +394,14 @@ def bench_decode(sz: Sizes, limits: dict, quick: bool) -> tuple[list, dict]:
     dst = torch.empty_like(src)
     copy_bytes = 2 * src.numel() * 4
     dims = f"{c['layers']} Mamba layers hidden={c['hidden']} vocab={c['vocab']}"
-    hf_generate = None
+    hf_generate: Callable[[int], None] | None = None
     if _optional("transformers") is not None:
         from transformers import MambaForCausalLM
 
         hf = MambaForCausalLM(_hf_mamba_config(c["hidden"], c["layers"], c["vocab"], model.config.dt_rank_value,
                                                False)).eval()
 
-        def hf_generate(n):
+        def hf_generate(n):  # noqa: F811  (the None above when transformers is absent)
             with torch.no_grad():
                 hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     for label, m in (("float32", model), ("bfloat16", bf16)):

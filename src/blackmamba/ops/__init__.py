@@ -11,6 +11,6 @@ from .sinkhorn import sinkhorn
 from . import cpu  # noqa: F401  (registers the fused CPU kernels as backend "cpu"; built on first use)
 
 __all__ = [
-    "add_rmsnorm", "available_backends", "requested_backend", "set_backend", "causal_conv1d", "causal_conv1d_step", "linear",
-    "mamba_step", "selective_scan", "selective_scan_reference", "selective_scan_step", "sinkhorn",
+    "add_rmsnorm", "available_backends", "requested_backend", "set_backend", "causal_conv1d", "causal_conv1d_step",
+    "linear", "mamba_step", "selective_scan", "selective_scan_reference", "selective_scan_step", "sinkhorn",
 ]

@@ -55,8 +55,6 @@ HEADERS = ("simd.h", "dot.h", "scan.h")
 CFLAGS = ("-O3", "-ffp-contract=fast", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 
 
-def _flags() -> tuple[str, ...]:
-    return (f"-march={os.environ.get('BLACKMAMBA_CPU_ARCH', '').strip() or 'native'}", *CFLAGS)
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
 
 _lock = threading.Lock()
@@ -65,6 +63,10 @@ _tried = False
 
 
 # --------------------------------------------------------------------------- build and load
+def _flags() -> tuple[str, ...]:
+    return (f"-march={os.environ.get('BLACKMAMBA_CPU_ARCH', '').strip() or 'native'}", *CFLAGS)
+
+
 def _cpu_signature() -> str:
     """The host's instruction-set flags: a -march=native binary is only reused on a match."""
     try:
