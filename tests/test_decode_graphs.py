@@ -26,7 +26,7 @@ def _prefilled(model, ids, copies):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 2])  # batch 1: the MoE step's one-token path on CPU
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1: as interactive generation runs
 def test_unfused_step_equals_the_model_call_exactly(batch, dtype):
     model = _model(layers=("r", "4", "r", "1", "a")).to(dtype)
     ids = torch.randint(0, 256, (batch, 5), device=DEVICE)

@@ -32,6 +32,19 @@ def test_eval_dispatch_equals_naive_loop(activation):
     assert moe.last_stats["tokens_per_expert"].tolist() == torch.bincount(idx, minlength=5).tolist()
 
 
+def test_one_token_dispatch_equals_the_sorted_path_and_backpropagates():
+    torch.manual_seed(1)
+    moe = MoE(16, 24, 5).eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        batch = moe(x.unsqueeze(1))[:, 0]  # four tokens: sorted dispatch
+        alone = torch.cat([moe(x[t:t + 1].unsqueeze(1))[:, 0] for t in range(4)])  # one at a time: the shortcut
+    torch.testing.assert_close(alone, batch, rtol=1e-6, atol=1e-7)
+    xg = x[:1].clone().requires_grad_()
+    moe(xg.unsqueeze(1)).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("variant", ["vanilla", "blackmamba"])
 def test_sinkhorn_marginals(variant):
     torch.manual_seed(1)

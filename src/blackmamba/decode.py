@@ -30,7 +30,6 @@ from .layers.moe import dispatch_sorted
 from .ops.gpu import triton_available
 from .ops.grouped_moe import dispatch_grouped, grouped_mm_supported
 from .ops import backend as _backend
-from .ops.linear import linear_module
 
 GEMV_MAX_TOKENS = 16  # up to this many tokens per MoE layer, each token streams its expert's weights
 
@@ -54,9 +53,6 @@ def mamba_step(mixer, h: torch.Tensor, state, fused: bool) -> torch.Tensor:
 def moe_step(moe, h: torch.Tensor, fused: bool) -> torch.Tensor:
     """h (T, H) → (T, H), inference routing (argmax of the router)."""
     if not fused:
-        if h.shape[0] == 1 and h.device.type == "cpu":  # one token: its expert alone (the layer's own ops
-            gate, idx = torch.sigmoid(linear_module(moe.router, h)).max(dim=1)  # minus the sort; same result)
-            return moe.local_experts[int(idx)](h) * gate[:, None].to(h.dtype)
         return moe(h.unsqueeze(1))[:, 0]
     from .ops.triton_moe import expert_gemv, route_top1
 
@@ -84,7 +80,7 @@ class StepPlan:
             raise RuntimeError("decode_step runs the inference path: call model.eval() first")
         device = model.device
         self.fused = default_fused(device) if fused is None else fused
-        self.norm = _backend.resolve("add_rmsnorm", device)[1]
+        self.norm_backend, self.norm = _backend.resolve("add_rmsnorm", device)
         self.linear = _backend.resolve("linear", device)[1]
         self.residual_fp32 = model.config.residual_in_fp32
         self.embedding = model.embedding.word_embeddings.weight
@@ -103,8 +99,7 @@ class StepPlan:
         from .ops import cpu
 
         dtype = self.embedding.dtype
-        norm_name, _ = _backend.resolve("add_rmsnorm", device)
-        if norm_name != "cpu" or any(blk.norm.weight.dtype != dtype for blk in model.decoder.layers):
+        if self.norm_backend != "cpu" or any(blk.norm.weight.dtype != dtype for blk in model.decoder.layers):
             return None
         b, H = state.batch_size, self.embedding.shape[1]
         self.h = torch.empty(b, H, dtype=dtype)  # the residual stream's input to each block, then its output

@@ -69,21 +69,19 @@ void forward_range(const Args<S, TX, TD>& a, TX* y, S* final_state, int64_t bi, 
       const V dx = dl * xv;
       V* s = state.get() + j * n;
       const V* Aj = At.get() + j * n;
-      // four partial sums: y's sum over states is then a chain of n/4 dependent FMAs, not n
-      V acc[4] = {Dv[j] * xv, V{}, V{}, V{}};
+      V acc = Dv[j] * xv;
 #pragma GCC unroll 16
       for (int k = 0; k < NM; ++k) {
         if (k >= n) break;
         const V sk = vexp2(dl * Aj[k]) * s[k] + dx * Bt[k];
         s[k] = sk;
-        acc[k % 4] += sk * Ct[k];
+        acc += sk * Ct[k];
       }
-      V out = (acc[0] + acc[1]) + (acc[2] + acc[3]);
       if (zrow) {
         const V zv = vload_as<S>(zrow + d0, cnt);
-        out *= zv * vsigmoid(zv);
+        acc *= zv * vsigmoid(zv);
       }
-      vstore_as<S>(yrow + d0, out, cnt);
+      vstore_as<S>(yrow + d0, acc, cnt);
     }
   }
   for (int64_t blk = rg.lo; blk < rg.hi; ++blk) {
