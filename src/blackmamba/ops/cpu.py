@@ -192,18 +192,24 @@ def _threads(work: int) -> int:
 
 
 # --------------------------------------------------------------------------- scan
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t.to(dtype)`` (differentiable), skipping the call when nothing changes: the scan wrapper's casts
+    are most of its Python time on a 1 ms call."""
+    return t if t is None or t.dtype is dtype else t.to(dtype)
+
+
 def _kernel_dtypes(x, delta, A, B, C, D, z, initial_state):
     """Cast the inputs to what the kernels take (differentiable casts; no-ops when already right)."""
-    S = torch.float64 if x.dtype == torch.float64 else torch.float32
+    S = torch.float64 if x.dtype is torch.float64 else torch.float32
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float64):
         x = x.float()
-    if x.dtype != torch.bfloat16 or delta.dtype not in (torch.float32, torch.bfloat16):
-        delta = delta.to(S)  # compiled pairs: fp32/fp32, bf16/fp32, bf16/bf16, fp64/fp64
-    z = z.to(x.dtype) if z is not None else None
-    A = A.to(S).contiguous()
-    B, C = B.to(S), C.to(S)
-    D = D.to(S).contiguous() if D is not None else None
-    initial_state = initial_state.to(S).contiguous() if initial_state is not None else None
+    if x.dtype is not torch.bfloat16 or delta.dtype not in (torch.float32, torch.bfloat16):
+        delta = _as(delta, S)  # compiled pairs: fp32/fp32, bf16/fp32, bf16/bf16, fp64/fp64
+    z = _as(z, x.dtype)
+    A, B, C, D, initial_state = _as(A, S), _as(B, S), _as(C, S), _as(D, S), _as(initial_state, S)
+    A = A.contiguous()
+    D = D.contiguous() if D is not None else None
+    initial_state = initial_state.contiguous() if initial_state is not None else None
 
     def unit_last(t):  # the kernels take any batch / time strides, but unit stride along the last dim
         return t if t is None or t.stride(-1) == 1 else t.contiguous()
@@ -212,17 +218,12 @@ def _kernel_dtypes(x, delta, A, B, C, D, z, initial_state):
 
 
 def _describe(x, delta, A, B, C, D, z, initial_state) -> _Tensors:
-    b, l, d = x.shape
-    t = _Tensors(x=_ptr(x), delta=_ptr(delta), z=_ptr(z), B=_ptr(B), C=_ptr(C), A=_ptr(A), D=_ptr(D),
-                 init=_ptr(initial_state), b=b, l=l, d=d, n=A.shape[1],
-                 dtype_x=DTYPE_CODE[x.dtype], dtype_delta=DTYPE_CODE[delta.dtype])
-    t.x_sb, t.x_sl = x.stride(0), x.stride(1)
-    t.delta_sb, t.delta_sl = delta.stride(0), delta.stride(1)
-    t.B_sb, t.B_sl = B.stride(0), B.stride(1)
-    t.C_sb, t.C_sl = C.stride(0), C.stride(1)
-    if z is not None:
-        t.z_sb, t.z_sl = z.stride(0), z.stride(1)
-    return t
+    (b, l, d), n = x.shape, A.shape[1]
+    xs, ds, Bs, Cs = x.stride(), delta.stride(), B.stride(), C.stride()
+    zs = z.stride() if z is not None else (0, 0)
+    return _Tensors(_ptr(x), _ptr(delta), _ptr(z), _ptr(B), _ptr(C), _ptr(A), _ptr(D), _ptr(initial_state),
+                    xs[0], xs[1], ds[0], ds[1], zs[0], zs[1], Bs[0], Bs[1], Cs[0], Cs[1], b, l, d, n,
+                    DTYPE_CODE[x.dtype], DTYPE_CODE[delta.dtype])
 
 
 def _blocks(A: torch.Tensor, d: int) -> tuple[int, int]:
