@@ -10,7 +10,8 @@ latency (long and short context alternate token by token). Then, each against it
 
 - scan forward, D=1024, N=16, B in {1, 4}, L in {256, 1024, 4096}: tokens/s against transformers'
   sequential scan (``mamba_selective_scan``, measured at L=256: its cost per token does not fall with
-  L) and against the exp bound (torch.exp's rate ÷ D·N: one exp per state update);
+  L) and against the exp bound (torch.exp's rate ÷ D·N: one exp per state update; a timed scan
+  sample repeats the call to last as long as the exp workload);
 - scan forward+backward (B=1, L=1024, D=1024) against mambapy's parallel scan (``pscan``);
 - Mamba mixer forward+backward (d_model 512, L 1024) against transformers' ``MambaMixer`` with
   ``use_mambapy=True``; whole-model prefill (4 Mamba layers, d_model 512, L 1024) against
