@@ -46,11 +46,9 @@ def dispatch_sorted(x: torch.Tensor, expert_idx: torch.Tensor, experts: nn.Modul
     inverse[order] = torch.arange(T, device=x.device)
     counts = torch.bincount(expert_idx, minlength=len(experts)).tolist()
     xs = _PermuteRows.apply(x, order, inverse)
-    outs, start = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            outs.append(experts[e](xs[start:start + c]))
-            start += c
+    # one split, not a slice per expert: each slice's backward would write a zero-filled (T, H) gradient and
+    # add it up, E full passes; the split's backward is one concatenation
+    outs = [experts[e](chunk) for e, chunk in enumerate(xs.split(counts)) if counts[e]]
     out_sorted = torch.cat(outs, dim=0) if outs else x.new_zeros(0, x.shape[1])
     return _PermuteRows.apply(out_sorted, inverse, order)
 
