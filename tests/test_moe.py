@@ -45,6 +45,22 @@ def test_one_token_dispatch_equals_the_sorted_path_and_backpropagates():
     assert xg.grad is not None and xg.grad.abs().sum() > 0
 
 
+def test_backward_cost_does_not_grow_with_experts_times_tokens():
+    """The dispatch's backward writes no full-size (T, H) zero gradient per expert (what slicing the
+    sorted tokens once per expert did: E zero-fills and E additions of (T, H))."""
+    torch.manual_seed(2)
+    T, H, E = 64, 16, 8
+    moe = MoE(H, 24, E).train()
+    x = torch.randn(T, 1, H, requires_grad=True)
+    loss = moe(x).sum()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        loss.backward()
+    full = [e.key for e in prof.events() if e.key in ("aten::fill_", "aten::zero_", "aten::add_")
+            and e.input_shapes and list(e.input_shapes[0]) == [T, H]]
+    assert len(full) <= 1, full  # at most one (T, H) pass (autograd's own accumulation), not E
+    assert len(moe.last_stats["tokens_per_expert"].nonzero()) >= 4  # several experts really ran
+
+
 @pytest.mark.parametrize("variant", ["vanilla", "blackmamba"])
 def test_sinkhorn_marginals(variant):
     torch.manual_seed(1)
