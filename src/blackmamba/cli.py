@@ -14,7 +14,7 @@ import sys
 
 # CPU tensors of 2 MB and more on transparent huge pages (as NumPy does by default). PyTorch reads this once,
 # at its first allocation, so it is set here, before any subcommand imports torch (``import blackmamba`` does
-# not). Measured on the main job: 7x fewer page faults, a third less system time (README, "CPU").
+# not). Measured on the main job: 7x fewer page faults, a third less system time (README, "Huge pages").
 # THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
