@@ -25,8 +25,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .layers.moe import dispatch_sorted
+from .layers.mlp import ACTIVATIONS, GatedMLP
+from .layers.moe import MoE, dispatch_sorted
 from .ops.gpu import triton_available
 from .ops.grouped_moe import dispatch_grouped, grouped_mm_supported
 from .ops import backend as _backend
@@ -94,7 +96,8 @@ class StepPlan:
     def _bind_cpu(self, model, state, device) -> list | None:
         """On CPU: the layers as calls on fixed buffers (h → norm → mixer → h), the kernels' arguments
         bound once (``ops.cpu.bind_*``), so a Mamba layer costs two ctypes calls a token and no tensor
-        allocations; other mixers run as usual, their output copied into the buffer. None if the
+        allocations, and an MoE layer at batch 1 three gemv calls and a few small ops (``_bind_moe``);
+        other mixers run as usual, their output copied into the buffer. None if the
         kernels do not take this model (then the step runs op by op)."""
         from .ops import cpu
 
@@ -114,9 +117,50 @@ class StepPlan:
                 return None
             args = blk.mixer.step_args(st) if blk.kind == "mamba" and step_name == "cpu" else None
             step = cpu.bind_mamba_step(self.normed, self.h, *args) if args is not None else None
+            if blk.kind == "moe" and b == 1:
+                step = self._bind_moe(blk.mixer)
             calls.append(norm)
             calls.append(step or (lambda mix=mix: self.h.copy_(mix(self.normed))))
         return calls
+
+    def _bind_moe(self, moe) -> Callable[[], None] | None:
+        """One token through an MoE layer (normed → h) as ``MoE.forward`` computes it: router, sigmoid,
+        top-1, the chosen expert's gated MLP, times the gate. Its three gemvs run on bound buffers, and
+        only the expert index is read on the host; the module path spends ~300 us a layer on Python.
+        Casts to the model's dtype where op ``linear`` casts, so the result is bit-identical. None unless
+        the layer is a plain ``MoE`` of ``GatedMLP`` experts with plain bfloat16 ``nn.Linear`` weights."""
+        from .ops import cpu
+
+        x, dt = self.normed, self.normed.dtype
+        linears = [moe.router] + [lin for ex in moe.local_experts for lin in (ex.linear_fc1, ex.linear_fc2)]
+        if (type(moe) is not MoE or any(type(ex) is not GatedMLP for ex in moe.local_experts)
+                or any(type(lin) is not nn.Linear for lin in linears) or dt not in (torch.float32, torch.bfloat16)):
+            return None
+        H, F2 = x.shape[1], moe.local_experts[0].linear_fc1.out_features
+        xf = x if dt == torch.float32 else torch.empty(1, H)  # op `linear` reads x as float32
+        logits, y1 = torch.empty(1, moe.num_experts), torch.empty(1, F2)  # float32, as op `linear` computes
+        gf, y2 = torch.empty(1, F2 // 2), torch.empty(1, H)
+        router = cpu.bind_gemv(xf, moe.router.weight, moe.router.bias, logits)
+        experts = [(cpu.bind_gemv(xf, ex.linear_fc1.weight, None, y1),
+                    cpu.bind_gemv(gf, ex.linear_fc2.weight, None, y2), ACTIVATIONS[ex.activation])
+                   for ex in moe.local_experts]
+        if router is None or any(fc1 is None or fc2 is None for fc1, fc2, _ in experts):
+            return None
+        out = self.h
+
+        def step():
+            if xf is not x:
+                xf.copy_(x)
+            router()
+            gate, idx = torch.sigmoid(logits.to(dt)).max(dim=1, keepdim=True)  # MoE.route, inference
+            fc1, fc2, act = experts[int(idx[0, 0])]
+            fc1()
+            a, b = y1.to(dt).chunk(2, dim=-1)  # GatedMLP.forward
+            gf.copy_(act(a) * b)
+            fc2()
+            torch.mul(y2.to(dt), gate.to(dt), out=out)
+
+        return step
 
     def _mixer(self, blk, st, device) -> Callable[[torch.Tensor], torch.Tensor]:
         """h (b, H) → (b, H) for one block's mixer, updating its state in place."""

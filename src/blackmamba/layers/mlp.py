@@ -6,7 +6,7 @@ from torch import nn
 
 from ..ops.linear import linear_module
 
-_ACT = {"silu": F.silu, "gelu": F.gelu}  # gelu: exact (erf), as the released inference code
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}  # gelu: exact (erf), as the released inference code
 
 
 class GatedMLP(nn.Module):
@@ -19,4 +19,4 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, **_) -> torch.Tensor:
         a, b = linear_module(self.linear_fc1, x).chunk(2, dim=-1)  # op `linear`: decode-sized gemv on CPU
-        return linear_module(self.linear_fc2, _ACT[self.activation](a) * b)
+        return linear_module(self.linear_fc2, ACTIVATIONS[self.activation](a) * b)

@@ -446,6 +446,28 @@ def bind_mamba_step(h, out, in_w, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, out
     return call
 
 
+def bind_gemv(x, weight, bias, out) -> Callable[[], None] | None:
+    """The gemv kernel bound to fixed tensors: out (rows, o) = x (rows, i) @ weight.T + bias, all float32
+    but weight (bfloat16): what ``linear_cpu`` computes before casting to x's dtype. None if the kernel does
+    not take them (see ``bind_mamba_step``)."""
+    rows, i = x.shape
+    o = weight.shape[0]
+    if (weight.dtype != torch.bfloat16 or x.dtype != torch.float32 or out.dtype != torch.float32
+            or not 1 <= rows <= library().bm_gemv_max_rows() or weight.shape[1] != i or out.shape != (rows, o)
+            or not all(t.is_contiguous() for t in (x, weight, out))):
+        return None
+    b = bias.detach().float().contiguous() if bias is not None else None
+    fn = _lib.bm_gemv
+    args = (DTYPE_CODE[weight.dtype], x.data_ptr(), weight.data_ptr(), _ptr(b), out.data_ptr(), rows, i, o,
+            _threads(rows * i * o))
+
+    def call(keep=(x, weight, b, out)):  # args holds bare pointers: keep all alive
+        if fn(*args):
+            raise RuntimeError("blackmamba cpu linear: unsupported inputs")
+
+    return call
+
+
 def linear_cpu(x, weight, bias=None):
     """The ``cpu`` backend of ``linear``: bfloat16 weights times a few rows, read once (see ops/linear.py)."""
     i = x.shape[-1]
