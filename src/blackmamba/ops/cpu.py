@@ -128,27 +128,33 @@ class _Tensors(ctypes.Structure):
                 + [("dtype_x", ctypes.c_int), ("dtype_delta", ctypes.c_int)])
 
 
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# name → (result, argument types) of every extern "C" function in csrc/. ctypes passes an argument beyond
+# argtypes with its default conversion and one of the wrong width as declared: a 32-bit int in a 64-bit
+# stack slot leaves the upper half as whatever the stack held. tests/test_cpu_abi.py checks this table
+# against the C declarations.
+SIGNATURES = {
+    "bm_vector_bytes": (_INT, []),
+    "bm_scan_chunk": (_INT, []),
+    "bm_scan_max_state": (_INT, []),
+    "bm_scan_ranges": (_I64, [_I64, _I64, _INT, _INT, _INT]),
+    "bm_scan_forward": (_INT, [ctypes.POINTER(_Tensors), _P, _P, _P, _I64, _INT]),
+    "bm_scan_backward": (_INT, [ctypes.POINTER(_Tensors)] + [_P] * 11 + [_I64, _INT]),
+    "bm_conv_forward": (_INT, [_INT, _P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
+    "bm_conv_backward": (_INT, [_INT, _P, _I64, _I64] + [_P] * 8 + [_I64, _I64, _I64, _I64, _INT]),
+    "bm_ssm_step": (None, [_P] * 9 + [_I64, _I64, _I64, _INT]),
+    "bm_conv_step": (_INT, [_INT] + [_P] * 5 + [_I64, _I64, _I64, _INT]),
+    "bm_mamba_step_max_rows": (_INT, []),
+    "bm_mamba_step": (_INT, [_INT, _INT, _INT] + [_P] * 13 + [_I64] * 6 + [_INT]),
+    "bm_gemv_max_rows": (_INT, []),
+    "bm_gemv": (_INT, [_INT, _P, _P, _P, _P, _I64, _I64, _I64, _INT]),
+    "bm_add_rmsnorm": (_INT, [_INT, _INT, _INT, _P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float, _INT]),
+    "bm_exp": (None, [_P, _P, _I64, _INT]),
+}
+
+
 def _declare(lib) -> None:
-    P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    sigs = {
-        "bm_vector_bytes": (INT, []),
-        "bm_scan_chunk": (INT, []),
-        "bm_scan_max_state": (INT, []),
-        "bm_scan_ranges": (I64, [I64, I64, INT, INT, INT]),
-        "bm_scan_forward": (INT, [ctypes.POINTER(_Tensors), P, P, P, I64, INT]),
-        "bm_scan_backward": (INT, [ctypes.POINTER(_Tensors)] + [P] * 10 + [I64, INT]),
-        "bm_conv_forward": (INT, [INT, P, I64, I64, P, P, P, P, P, I64, I64, I64, I64, INT]),
-        "bm_conv_backward": (INT, [INT, P, I64, I64, P, P, P, P, P, P, P, P, I64, I64, I64, I64, INT]),
-        "bm_ssm_step": (None, [P] * 9 + [I64, I64, I64, INT]),
-        "bm_conv_step": (INT, [INT] + [P] * 5 + [I64, I64, I64, INT]),
-        "bm_mamba_step_max_rows": (INT, []),
-        "bm_mamba_step": (INT, [INT, INT, INT] + [P] * 13 + [I64] * 6 + [INT]),
-        "bm_gemv_max_rows": (INT, []),
-        "bm_gemv": (INT, [INT, P, P, P, P, I64, I64, I64, INT]),
-        "bm_add_rmsnorm": (INT, [INT, INT, INT, P, P, P, P, P, I64, I64, ctypes.c_float, INT]),
-        "bm_exp": (None, [P, P, I64, INT]),
-    }
-    for name, (res, args) in sigs.items():
+    for name, (res, args) in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
 
