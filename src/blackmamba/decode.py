@@ -115,9 +115,11 @@ class StepPlan:
                                         self.residual)
             if norm is None:
                 return None
-            args = blk.mixer.step_args(st) if blk.kind == "mamba" and step_name == "cpu" else None
-            step = cpu.bind_mamba_step(self.normed, self.h, *args) if args is not None else None
-            if blk.kind == "moe" and b == 1:
+            step = None
+            if blk.kind == "mamba" and step_name == "cpu":
+                args = blk.mixer.step_args(st)
+                step = cpu.bind_mamba_step(self.normed, self.h, *args) if args is not None else None
+            elif blk.kind == "moe" and b == 1:
                 step = self._bind_moe(blk.mixer)
             calls.append(norm)
             calls.append(step or (lambda mix=mix: self.h.copy_(mix(self.normed))))

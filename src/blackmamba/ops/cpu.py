@@ -476,20 +476,16 @@ def bind_gemv(x, weight, bias, out) -> Callable[[], None] | None:
 
 def linear_cpu(x, weight, bias=None):
     """The ``cpu`` backend of ``linear``: bfloat16 weights times a few rows, read once (see ops/linear.py)."""
-    i = x.shape[-1]
+    i, o = x.shape[-1], weight.shape[0]
     rows = x.numel() // i if i else 0
-    if (weight.dtype != torch.bfloat16 or x.dtype not in (torch.float32, torch.bfloat16) or rows == 0
-            or rows > library().bm_gemv_max_rows() or _grad_needed(x, weight, bias)):
+    call = None
+    if (weight.dtype == torch.bfloat16 and x.dtype in _KERNEL_DTYPES and 1 <= rows <= library().bm_gemv_max_rows()
+            and not _grad_needed(x, weight, bias)):
+        y = torch.empty(rows, o, dtype=torch.float32)
+        call = bind_gemv(x.reshape(rows, i).float().contiguous(), weight.contiguous(), bias, y)
+    if call is None:  # float32 weights, more rows than the kernel takes, autograd: torch's matmul
         return F.linear(x, weight, bias)
-    o = weight.shape[0]
-    xf = x.reshape(rows, i).float().contiguous()
-    w = weight.contiguous()
-    b = bias.float().contiguous() if bias is not None else None
-    y = torch.empty(rows, o, dtype=torch.float32)
-    rc = library().bm_gemv(DTYPE_CODE[w.dtype], _ptr(xf), _ptr(w), _ptr(b), _ptr(y), rows, i, o,
-                           _threads(rows * i * o))
-    if rc:
-        raise RuntimeError(f"blackmamba cpu linear: unsupported inputs (code {rc})")
+    call()
     return y.reshape(*x.shape[:-1], o).to(x.dtype)
 
 
