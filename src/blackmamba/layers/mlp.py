@@ -1,12 +1,10 @@
 """Gated MLP (the release's expert and dense layer): fc2(act(a) * b) with a, b = split(fc1(x))."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..ops.grouped_mlp import ACTIVATIONS  # silu; gelu: exact erf, as the released inference code
 from ..ops.linear import linear_module
-
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}  # gelu: exact (erf), as the released inference code
 
 
 class GatedMLP(nn.Module):

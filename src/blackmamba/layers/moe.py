@@ -5,7 +5,9 @@ Router: Linear(H, E) with bias; gate = sigmoid(router logits).
 - train: expert = argmax of a Sinkhorn-balanced assignment of the detached fp32 logits
   (``router_train_mode``: ``sinkhorn_blackmamba`` (default), ``sinkhorn`` (Megatron's vanilla), ``top1``).
 The output is expert(x) * sigmoid(chosen logit): the router learns through that gate only.
-Tokens are dispatched by sorting them by expert: one matmul pair per expert, no capacity, no dropping.
+Tokens are dispatched by sorting them by expert, no capacity, no dropping; the experts then run as op
+``grouped_mlp`` (on CPU: each matmul one batched GEMM over all experts), or as modules where an expert is
+not a plain ``GatedMLP`` of ``nn.Linear`` layers (a LoRA wrapper, a quantised layer, ...).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.grouped_mlp import grouped_mlp
 from ..ops.grouped_moe import dispatch_grouped, grouped_mm_supported
 from ..ops.linear import linear_module
 from ..ops.sinkhorn import sinkhorn
@@ -46,11 +49,21 @@ def dispatch_sorted(x: torch.Tensor, expert_idx: torch.Tensor, experts: nn.Modul
     inverse[order] = torch.arange(T, device=x.device)
     counts = torch.bincount(expert_idx, minlength=len(experts)).tolist()
     xs = _PermuteRows.apply(x, order, inverse)
-    # one split, not a slice per expert: each slice's backward would write a zero-filled (T, H) gradient and
-    # add it up, E full passes; the split's backward is one concatenation
-    outs = [experts[e](chunk) for e, chunk in enumerate(xs.split(counts)) if counts[e]]
-    out_sorted = torch.cat(outs, dim=0) if outs else x.new_zeros(0, x.shape[1])
+    if all(_plain(e) and e.activation == experts[0].activation for e in experts):
+        out_sorted = grouped_mlp(xs, counts, [e.linear_fc1.weight for e in experts],
+                                 [e.linear_fc2.weight for e in experts], experts[0].activation)
+    else:
+        # one split, not a slice per expert: each slice's backward would write a zero-filled (T, H) gradient
+        # and add it up, E full passes; the split's backward is one concatenation
+        outs = [experts[e](chunk) for e, chunk in enumerate(xs.split(counts)) if counts[e]]
+        out_sorted = torch.cat(outs, dim=0) if outs else x.new_zeros(0, x.shape[1])
     return _PermuteRows.apply(out_sorted, inverse, order)
+
+
+def _plain(expert: nn.Module) -> bool:
+    """A bias-free GatedMLP of plain nn.Linear layers: what op ``grouped_mlp`` computes."""
+    return (type(expert) is GatedMLP and type(expert.linear_fc1) is nn.Linear and type(expert.linear_fc2) is nn.Linear
+            and expert.linear_fc1.bias is None and expert.linear_fc2.bias is None)
 
 
 class MoE(nn.Module):

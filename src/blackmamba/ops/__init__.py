@@ -3,6 +3,7 @@
 from . import gpu as _gpu  # noqa: F401  (registers the triton backends)
 from .backend import available_backends, requested_backend, set_backend
 from .conv import causal_conv1d, causal_conv1d_step
+from .grouped_mlp import grouped_mlp
 from .linear import linear
 from .mamba_step import mamba_step
 from .norm import add_rmsnorm
@@ -12,5 +13,6 @@ from . import cpu  # noqa: F401  (registers the fused CPU kernels as backend "cp
 
 __all__ = [
     "add_rmsnorm", "available_backends", "requested_backend", "set_backend", "causal_conv1d", "causal_conv1d_step",
-    "linear", "mamba_step", "selective_scan", "selective_scan_reference", "selective_scan_step", "sinkhorn",
+    "grouped_mlp", "linear", "mamba_step", "selective_scan", "selective_scan_reference", "selective_scan_step",
+    "sinkhorn",
 ]

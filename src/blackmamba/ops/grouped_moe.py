@@ -12,9 +12,8 @@ autocast the matmuls run in the autocast dtype, as ``nn.Linear`` would.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-_ACT = {"silu": F.silu, "gelu": F.gelu}  # the experts' activations (gelu: exact erf, as in layers.mlp)
+from .grouped_mlp import ACTIVATIONS
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -54,7 +53,7 @@ def dispatch_grouped(x: torch.Tensor, expert_idx: torch.Tensor, experts) -> torc
     xs = x[order].to(dtype)  # (T, H), grouped by expert
     h = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)  # (T, 2F)
     a, b = h.chunk(2, dim=-1)
-    out_sorted = torch._grouped_mm(_ACT[activation](a) * b, w2.transpose(1, 2), offs=offs)  # (T, H)
+    out_sorted = torch._grouped_mm(ACTIVATIONS[activation](a) * b, w2.transpose(1, 2), offs=offs)  # (T, H)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(T, device=x.device)
     return out_sorted[inverse]

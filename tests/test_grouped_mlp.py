@@ -1,0 +1,181 @@
+"""Op ``grouped_mlp`` (the experts' gated MLPs on rows grouped by expert): the ``cpu`` backend (MKL's batched
+GEMM) against the reference, outputs and every gradient; MKL's batched GEMM against torch.mm; the MoE layer
+calling the op."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blackmamba.layers import MoE
+from blackmamba.layers.moe import dispatch_sorted
+from blackmamba.ops import grouped_mlp, mkl
+from blackmamba.ops.grouped_mlp import grouped_mlp_reference
+
+needs_mkl = pytest.mark.skipif(not mkl.available(), reason="this PyTorch build exports no MKL cblas_sgemm_batch")
+
+
+def experts(E, H, Fh, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    fc1 = [(torch.randn(2 * Fh, H, generator=g) / H ** 0.5).to(dtype) for _ in range(E)]
+    fc2 = [(torch.randn(H, Fh, generator=g) / Fh ** 0.5).to(dtype) for _ in range(E)]
+    return fc1, fc2
+
+
+def run(counts, H, Fh, activation, backend, seed=0, frozen=()):
+    """(y, dx, [d fc1_e], [d fc2_e]) of a random linear function of y; weights listed in ``frozen`` need no grad."""
+    fc1, fc2 = experts(len(counts), H, Fh, seed)
+    weights = [w.requires_grad_(i not in frozen) for i, w in enumerate(fc1 + fc2)]
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(sum(counts), H, generator=g).requires_grad_()
+    y = grouped_mlp(x, counts, weights[:len(counts)], weights[len(counts):], activation, backend=backend)
+    (y * torch.randn(y.shape, generator=g)).sum().backward()
+    return y.detach(), x.grad, [w.grad for w in weights]
+
+
+@needs_mkl
+@settings(max_examples=25, deadline=None)
+@given(counts=st.lists(st.integers(0, 9), min_size=1, max_size=5).filter(lambda c: sum(c) > 0),
+       H=st.integers(1, 12), Fh=st.integers(1, 10), activation=st.sampled_from(["silu", "gelu"]),
+       seed=st.integers(0, 2 ** 16))
+def test_cpu_backend_matches_reference(counts, H, Fh, activation, seed):
+    ref = run(counts, H, Fh, activation, "reference", seed)
+    got = run(counts, H, Fh, activation, "cpu", seed)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    fc1, fc2 = experts(len(counts), H, Fh, seed)
+    with torch.no_grad():  # inference computes act(a) * b in place: the same numbers
+        x = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(seed + 1))
+        torch.testing.assert_close(grouped_mlp(x, counts, fc1, fc2, activation, backend="cpu"), ref[0],
+                                   rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    for e, (a, b) in enumerate(zip(got[2], ref[2])):
+        if counts[e % len(counts)] == 0:  # an expert without rows gets no gradient, as an uncalled module
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_cpu_backend_at_layer_size_matches_reference():
+    """Rows of hundreds per expert (MKL's blocked paths, two threads), one expert empty."""
+    counts = [300, 0, 170, 230]
+    ref = run(counts, 96, 160, "silu", "reference")
+    got = run(counts, 96, 160, "silu", "cpu")
+    for a, b in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_mkl
+def test_frozen_weights_get_no_gradient():
+    counts = [3, 4]
+    got = run(counts, 6, 5, "silu", "cpu", frozen=(0, 3))  # expert 0's fc1, expert 1's fc2
+    ref = run(counts, 6, 5, "silu", "reference", frozen=(0, 3))
+    assert got[2][0] is None and got[2][3] is None
+    torch.testing.assert_close(got[2][1], ref[2][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2][2], ref[2][2], rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_cpu_backend_falls_back_to_reference_for_bfloat16():
+    fc1, fc2 = experts(3, 8, 6, dtype=torch.bfloat16)
+    x = torch.randn(7, 8, dtype=torch.bfloat16)
+    got = grouped_mlp(x, [2, 0, 5], fc1, fc2, backend="cpu")
+    assert torch.equal(got, grouped_mlp_reference(x, [2, 0, 5], fc1, fc2))
+
+
+@pytest.mark.parametrize("counts, H, fc1_shape, fc2_shape, match", [
+    ([2, 2], 4, (6, 4), (4, 3), "T = sum"),
+    ([2, 3], 4, (6, 5), (4, 3), "do not fit hidden size 4"),
+    ([2, 3], 4, (6, 4), (4, 2), "do not fit"),
+    ([5], 4, (6, 4), (4, 3), "counts"),
+])
+def test_bad_shapes_are_named(counts, H, fc1_shape, fc2_shape, match):
+    x = torch.randn(5, H)
+    fc1 = [torch.randn(fc1_shape) for _ in range(2)]
+    fc2 = [torch.randn(fc2_shape) for _ in range(2)]
+    with pytest.raises(ValueError, match=match):
+        grouped_mlp(x, counts, fc1, fc2)
+    with pytest.raises(ValueError, match="unknown activation"):
+        grouped_mlp(torch.randn(5, 4), [2, 3], [torch.randn(6, 4)] * 2, [torch.randn(4, 3)] * 2, "relu")
+
+
+@needs_mkl
+@settings(max_examples=30, deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7), st.integers(0, 7),
+                                  st.booleans(), st.booleans()), min_size=1, max_size=4),
+       seed=st.integers(0, 2 ** 16))
+def test_gemm_batch_matches_torch_mm(shapes, seed):
+    """Any shapes (zero sizes included), both transpositions, row-strided operands (column slices of a wider
+    buffer), c never read."""
+    g = torch.Generator().manual_seed(seed)
+    groups, expect = [], []
+    for m, n, k, ta, tb in shapes:
+        rows, cols = (k, m) if ta else (m, k)
+        a = torch.randn(rows, cols + 2, generator=g)[:, 1:1 + cols]  # row stride > width
+        b = torch.randn(*((n, k) if tb else (k, n)), generator=g)
+        c = torch.full((m, n), float("nan"))
+        groups.append((mkl.TRANS if ta else mkl.NO_TRANS, mkl.TRANS if tb else mkl.NO_TRANS, a, b, c, k))
+        expect.append((a.T if ta else a) @ (b.T if tb else b))
+    mkl.gemm_batch(groups)
+    for (*_, c, _k), e in zip(groups, expect):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_gemm_batch_rejects_bad_operands():
+    a, b = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="does not give c"):
+        mkl.gemm_batch([(mkl.NO_TRANS, mkl.TRANS, a, b, torch.empty(3, 4), 4)])
+    with pytest.raises(ValueError, match="float32"):
+        mkl.gemm_batch([(mkl.NO_TRANS, mkl.TRANS, a.double(), b.double(), torch.empty(3, 5, dtype=torch.float64), 4)])
+    with pytest.raises(ValueError, match="unit column stride"):
+        mkl.gemm_batch([(mkl.NO_TRANS, mkl.NO_TRANS, a, torch.randn(5, 4).T, torch.empty(3, 5), 4)])
+
+
+def test_moe_runs_plain_experts_through_the_op_and_others_as_modules(monkeypatch):
+    """Training-mode MoE: the op path and the per-module path give the same output and gradients; an expert
+    that is not a plain GatedMLP (here, wrapped) sends the layer down the module path."""
+    torch.manual_seed(3)
+    moe = MoE(12, 20, 4).train()
+    x = torch.randn(40, 1, 12)
+
+    def grads(m):
+        m.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        y = m(xg)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        return [y.detach(), xg.grad] + [p.grad for p in m.parameters()]
+
+    calls = []
+    import blackmamba.layers.moe as moe_module
+    real = moe_module.grouped_mlp
+    monkeypatch.setattr(moe_module, "grouped_mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    via_op = grads(moe)
+    assert calls == [1]
+
+    class Wrapped(torch.nn.Module):  # e.g. an adapter around the expert: must be called as a module
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    moe.local_experts = torch.nn.ModuleList(Wrapped(e) for e in moe.local_experts)
+    via_modules = grads(moe)
+    assert calls == [1]
+    for a, b in zip(via_op, via_modules):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_sorted_equals_per_token_experts():
+    torch.manual_seed(4)
+    moe = MoE(8, 12, 3)
+    x = torch.randn(30, 8)
+    idx = torch.randint(0, 2, (30,))  # expert 2 unused
+    with torch.no_grad():
+        got = dispatch_sorted(x, idx, moe.local_experts)
+        expect = torch.cat([moe.local_experts[int(i)](x[t:t + 1]) for t, i in enumerate(idx)])
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
