@@ -2,6 +2,9 @@
 GEMM) against the reference, outputs and every gradient; MKL's batched GEMM against torch.mm; the MoE layer
 calling the op."""
 
+import importlib
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,6 +16,12 @@ from blackmamba.ops import grouped_mlp, mkl
 from blackmamba.ops.grouped_mlp import grouped_mlp_reference
 
 needs_mkl = pytest.mark.skipif(not mkl.available(), reason="this PyTorch build exports no MKL cblas_sgemm_batch")
+ops_grouped_mlp = importlib.import_module("blackmamba.ops.grouped_mlp")
+
+
+def batched_at_any_size():
+    """The cpu backend's batched GEMMs even below its size threshold (the tests' shapes are small)."""
+    return mock.patch.object(ops_grouped_mlp, "MIN_MACS", 0)
 
 
 def experts(E, H, Fh, seed=0, dtype=torch.float32):
@@ -28,7 +37,8 @@ def run(counts, H, Fh, activation, backend, seed=0, frozen=()):
     weights = [w.requires_grad_(i not in frozen) for i, w in enumerate(fc1 + fc2)]
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(sum(counts), H, generator=g).requires_grad_()
-    y = grouped_mlp(x, counts, weights[:len(counts)], weights[len(counts):], activation, backend=backend)
+    with batched_at_any_size():
+        y = grouped_mlp(x, counts, weights[:len(counts)], weights[len(counts):], activation, backend=backend)
     (y * torch.randn(y.shape, generator=g)).sum().backward()
     return y.detach(), x.grad, [w.grad for w in weights]
 
@@ -43,7 +53,7 @@ def test_cpu_backend_matches_reference(counts, H, Fh, activation, seed):
     got = run(counts, H, Fh, activation, "cpu", seed)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
     fc1, fc2 = experts(len(counts), H, Fh, seed)
-    with torch.no_grad():  # inference computes act(a) * b in place: the same numbers
+    with torch.no_grad(), batched_at_any_size():  # inference computes act(a) * b in place: the same numbers
         x = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(seed + 1))
         torch.testing.assert_close(grouped_mlp(x, counts, fc1, fc2, activation, backend="cpu"), ref[0],
                                    rtol=1e-5, atol=1e-5)
@@ -75,6 +85,20 @@ def test_frozen_weights_get_no_gradient():
     assert got[2][0] is None and got[2][3] is None
     torch.testing.assert_close(got[2][1], ref[2][1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[2][2], ref[2][2], rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_cpu_backend_batches_from_its_size_threshold_on():
+    """Below MIN_MACS multiply-adds in fc1 the reference runs (bit-identical to it), from there the batch."""
+    fc1, fc2 = experts(2, 8, 6)
+    x = torch.randn(10, 8)
+    macs = 10 * 8 * 12
+    with mock.patch.object(ops_grouped_mlp, "MIN_MACS", macs + 1), mock.patch.object(mkl, "gemm_batch") as batch:
+        assert torch.equal(grouped_mlp(x, [4, 6], fc1, fc2, backend="cpu"), grouped_mlp_reference(x, [4, 6], fc1, fc2))
+        assert not batch.called
+    with mock.patch.object(ops_grouped_mlp, "MIN_MACS", macs), mock.patch.object(mkl, "gemm_batch") as batch:
+        grouped_mlp(x, [4, 6], fc1, fc2, backend="cpu")
+        assert batch.called
 
 
 @needs_mkl
@@ -152,7 +176,8 @@ def test_moe_runs_plain_experts_through_the_op_and_others_as_modules(monkeypatch
     import blackmamba.layers.moe as moe_module
     real = moe_module.grouped_mlp
     monkeypatch.setattr(moe_module, "grouped_mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
-    via_op = grads(moe)
+    with batched_at_any_size():
+        via_op = grads(moe)
     assert calls == [1]
 
     class Wrapped(torch.nn.Module):  # e.g. an adapter around the expert: must be called as a module
