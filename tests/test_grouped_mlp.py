@@ -154,6 +154,8 @@ def test_gemm_batch_rejects_bad_operands():
         mkl.gemm_batch([(mkl.NO_TRANS, mkl.TRANS, a, b, torch.empty(3, 4), 4)])
     with pytest.raises(ValueError, match="float32"):
         mkl.gemm_batch([(mkl.NO_TRANS, mkl.TRANS, a.double(), b.double(), torch.empty(3, 5, dtype=torch.float64), 4)])
+    with pytest.raises(ValueError, match="2-D"):
+        mkl.gemm_batch([(mkl.NO_TRANS, mkl.TRANS, torch.randn(4), b, torch.empty(3, 5), 4)])
     with pytest.raises(ValueError, match="unit column stride"):
         mkl.gemm_batch([(mkl.NO_TRANS, mkl.NO_TRANS, a, torch.randn(5, 4).T, torch.empty(3, 5), 4)])
 

@@ -105,15 +105,15 @@ def gemm_batch(groups: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Te
     if not available():
         raise RuntimeError("MKL's cblas_sgemm_batch is not available in this PyTorch build")
     for ta, tb, a, b, c, k in groups:
+        for t in (a, b, c):
+            if (t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2
+                    or (t.shape[1] > 1 and t.stride(1) != 1)):
+                raise ValueError("gemm_batch: operands must be 2-D float32 CPU tensors with unit column stride")
         ma, ka = (a.shape[1], a.shape[0]) if ta == TRANS else a.shape
         kb, nb = (b.shape[1], b.shape[0]) if tb == TRANS else b.shape
         if (ma, ka, kb, nb) != (c.shape[0], k, k, c.shape[1]):
             raise ValueError(f"gemm_batch: op(a) {(ma, ka)} @ op(b) {(kb, nb)} does not give c {tuple(c.shape)} "
                              f"with k={k}")
-        for t in (a, b, c):
-            if (t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2
-                    or (t.shape[1] > 1 and t.stride(1) != 1)):
-                raise ValueError("gemm_batch: operands must be 2-D float32 CPU tensors with unit column stride")
     for *_, c, k in groups:
         if k == 0:
             c.zero_()
