@@ -3,7 +3,7 @@
     y = grouped_mlp(x, counts, fc1, fc2, activation="silu")
     # x (T, H): rows grouped by expert, counts[e] rows for expert e, in expert order (sum(counts) = T)
     # fc1: E weights (2F, H), gate rows first; fc2: E weights (H, F)
-    # y (T, H): y_e = x_e-rows through fc2_e(act(a) * b), (a, b) = split(x_e @ fc1_e.T, [F, F])
+    # y (T, H): y_e = (act(a) * b) @ fc2_e.T with (a, b) = split(x_e @ fc1_e.T, [F, F]), x_e expert e's rows
 
 This is ``layers.mlp.GatedMLP`` (bias-free) applied to each expert's rows. Differentiable in x and in
 every weight; an expert with no rows gets no gradient (None), as when its module is not called.
