@@ -1,7 +1,8 @@
 """MKL's batched float32 GEMM (``cblas_sgemm_batch``), called in PyTorch's own copy of MKL.
 
-PyTorch's x86-64 Linux wheels link Intel MKL into ``libtorch_cpu`` and export its CBLAS functions, so
-the batched GEMM is there without another dependency. ``gemm_batch`` calls it through ctypes on
+PyTorch's x86-64 Linux wheels link Intel MKL into ``libtorch_cpu`` and export its CBLAS functions
+(checked on the 2.13.0 CPU wheel this project pins), so the batched GEMM is there without another
+dependency; a build without the symbol, or whose copy fails the self-test, leaves ``available()`` False. ``gemm_batch`` calls it through ctypes on
 tensors' memory: one call computes a list of independent products of different shapes.
 
 Why: the expert matmuls of an MoE layer (a few hundred rows each, each with its own weight) run
