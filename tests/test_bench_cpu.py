@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from blackmamba.bench.cpu import TARGETS, best_time, bytes_per_token, row
+from blackmamba.bench.cpu import TARGETS, Paired, best_time, bytes_per_token, paired_ratios, row
 from blackmamba.cli import main
 
 
@@ -23,6 +23,11 @@ def test_quick_bench_prints_a_table_and_writes_json(tmp_path, capsys):
         assert r["value"] > 0
         assert r["met"] is None  # quick mode judges no target
         assert r["bench"][:20] in text
+    paired = [r for r in result["rows"] if r["ratio_quartiles"] is not None]  # medians of paired samples
+    assert {r["bench"].split()[0] for r in paired} == {"scan", "decode", "MoE"}
+    for r in paired:
+        lo, hi = r["ratio_quartiles"]
+        assert lo <= r["ratio"] <= hi, r
     acc = result["bf16_decode_accuracy"]
     assert 0 <= acc["top1_agreement"] <= 1 and acc["mean_kl_nats"] >= 0
 
@@ -57,3 +62,18 @@ def test_bad_threads_is_a_clear_error(capsys):
 def test_unknown_device_is_rejected(flag):
     with pytest.raises(SystemExit):
         main(["bench", flag, "tpu"])
+
+
+def test_paired_ratios_visit_the_pairs_in_turn_and_report_quartiles():
+    calls = []
+    pairs = {key: (lambda k=key: calls.append(k + "a"), lambda k=key: calls.append(k + "b")) for key in "xy"}
+    out = paired_ratios(pairs, reps=3)
+    # one untimed call of each, then rounds that time every pair once: a pair's samples spread over the run
+    assert calls == ["xa", "xb", "ya", "yb"] * 4
+    assert set(out) == {"x", "y"} and all(len(p.ratios) == 3 and p.best_a > 0 for p in out.values())
+    p = Paired([1.0, 5.0, 2.0, 4.0, 3.0], 1.0, 1.0)
+    assert p.median == 3.0 and p.quartiles() == (2.0, 4.0)
+    assert Paired([1.5], 1.0, 1.0).quartiles() == (1.5, 1.5)
+    rows = []
+    row(rows, "m", 1.0, "ms", "dense", p.median, "moe_vs_dense", spread=p.quartiles())
+    assert rows[0]["ratio_quartiles"] == [2.0, 4.0] and rows[0]["met"] is False

@@ -3,10 +3,12 @@
 Machine limits, printed first: copy bandwidth (a 256 MiB copy; bytes read + written per second) and
 ``torch.exp`` throughput (an L2-resident buffer, all threads). A ratio against a machine limit is not
 taken between two separately measured bests: the workload and the limit's own workload run
-alternately, 15 pairs (7 for decode), and the median of the per-pair ratios is reported
-(``paired_ratio``), because on a shared machine both drift by tens of percent within seconds. The
-same holds for the MoE comparison, generation against transformers' (5 pairs), and the decode
-latency (long and short context alternate token by token). Then, each against its baseline:
+alternately, 15 pairs (7 for decode), and the median of the per-pair ratios is reported with their
+quartiles (``paired_ratios``), because on a shared machine both drift by tens of percent within
+seconds. The six scan sizes take their pairs in turn, so that each size is sampled across the whole
+scan section. The same holds for the MoE comparison (31 pairs, forward and forward+backward in turn),
+generation against transformers' (5 pairs), and the decode latency (long and short context alternate
+token by token). Then, each against its baseline:
 
 - scan forward, D=1024, N=16, B in {1, 4}, L in {256, 1024, 4096}: tokens/s against transformers'
   sequential scan (``mamba_selective_scan``, measured at L=256: its cost per token does not fall with
@@ -65,12 +67,13 @@ class Sizes:
     contexts: tuple = (64, 8192)
     moe: tuple = (4096, 1152, 3072, 8)  # T, H, F, E
     reps: int = 3
-    paired_reps: int = 15  # alternating pairs whose median ratio is reported (see paired_ratio)
+    paired_reps: int = 15  # alternating pairs whose median ratio is reported (see paired_ratios)
+    moe_pairs: int = 31  # the MoE rows' pairs: each one's ratio spreads ±10-15% on a 2-core VM
 
 
 QUICK = Sizes(scan_d=64, scan_batches=(1,), scan_lengths=(64,), hf_scan_length=32, grad_scan=(1, 64, 64),
               mixer=(32, 64), model_layers=2, decode=dict(layers=2, hidden=32, vocab=256), decode_tokens=4,
-              hf_decode_tokens=2, contexts=(4, 32), moe=(128, 32, 64, 4), reps=1, paired_reps=2)
+              hf_decode_tokens=2, contexts=(4, 32), moe=(128, 32, 64, 4), reps=1, paired_reps=2, moe_pairs=2)
 
 # The issue's targets, as (kind, threshold): "min" ratios must reach it, "max" ratios stay under it.
 TARGETS = {
@@ -94,8 +97,9 @@ def best_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
 
 
 def row(rows: list, name: str, value: float, unit: str, baseline: str | None = None, ratio: float | None = None,
-        target: str | None = None, quick: bool = False) -> None:
-    """Append one result; ``target`` names an entry of TARGETS judged on ``ratio`` (not in quick mode)."""
+        target: str | None = None, quick: bool = False, spread: tuple[float, float] | None = None) -> None:
+    """Append one result; ``target`` names an entry of TARGETS judged on ``ratio`` (not in quick mode);
+    ``spread``: the quartiles of a ratio taken as the median of paired samples (see paired_ratios)."""
     met = None
     if target is not None and ratio is not None and not quick:
         kind, threshold = TARGETS[target]
@@ -104,7 +108,8 @@ def row(rows: list, name: str, value: float, unit: str, baseline: str | None = N
     if target is not None:
         kind, threshold = TARGETS[target]
         goal = f"{'≥' if kind == 'min' else '≤'} {threshold:g}"
-    rows.append(dict(bench=name, value=value, unit=unit, baseline=baseline, ratio=ratio, target=goal, met=met))
+    rows.append(dict(bench=name, value=value, unit=unit, baseline=baseline, ratio=ratio,
+                     ratio_quartiles=list(spread) if spread is not None else None, target=goal, met=met))
 
 
 def _optional(module: str):
@@ -142,24 +147,53 @@ def exp_workload(quick: bool) -> tuple[Callable[[], None], int]:
     return exps, repeat * buf.numel()
 
 
-def paired_ratio(fn_a: Callable[[], object], fn_b: Callable[[], object], reps: int,
-                 warm: bool = False) -> tuple[float, float, float]:
-    """(median of t_a / t_b over ``reps`` back-to-back pairs, fastest t_a, fastest t_b).
+@dataclass
+class Paired:
+    """Per-pair time ratios t_a / t_b of two alternately timed workloads, and each one's fastest time."""
+    ratios: list
+    best_a: float
+    best_b: float
 
-    The two workloads run alternately, so each ratio compares runs made under the same load: on a
-    shared machine the speed of both drifts by tens of percent within seconds, and a ratio of two
-    separately taken bests can land anywhere in that range. The median of the per-pair ratios does not.
-    ``warm``: run each workload once untimed right before its timed run, so that neither is timed on
-    caches the other has just flushed (for workloads whose data fit in the caches).
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ratios)
+
+    def quartiles(self) -> tuple[float, float]:
+        """(first, third) quartile of the per-pair ratios: how far the machine's noise spreads them."""
+        if len(self.ratios) < 2:
+            return self.ratios[0], self.ratios[0]
+        q = statistics.quantiles(self.ratios, n=4, method="inclusive")
+        return q[0], q[2]
+
+
+def paired_ratios(pairs: dict, reps: int, warm: bool = False) -> dict:
+    """{key: Paired} for pairs {key: (fn_a, fn_b)}: ``reps`` rounds, each timing every pair once, a then b.
+
+    The two workloads of a pair run back to back, so each ratio compares runs made under the same load:
+    on a shared machine the speed of both drifts by tens of percent within seconds, and a ratio of two
+    separately taken bests can land anywhere in that range. The rounds visit every pair in turn, so each
+    pair's ratios are sampled across the whole measurement rather than in one stretch of a few seconds
+    (the machine's slow and fast phases last that long, and they slow some workloads more than others);
+    the median of the per-pair ratios is the reported value. ``warm``: run each workload once untimed
+    right before its timed run, so that neither is timed on caches the other has just flushed (for
+    workloads whose data fit in the caches).
     """
-    fn_a(), fn_b()
+    for fn_a, fn_b in pairs.values():
+        fn_a(), fn_b()
     warmup = 1 if warm else 0
-    ratios, best_a, best_b = [], float("inf"), float("inf")
+    out = {key: Paired([], float("inf"), float("inf")) for key in pairs}
     for _ in range(max(1, reps)):
-        ta, tb = best_time(fn_a, 1, warmup=warmup), best_time(fn_b, 1, warmup=warmup)
-        ratios.append(ta / tb)
-        best_a, best_b = min(best_a, ta), min(best_b, tb)
-    return statistics.median(ratios), best_a, best_b
+        for key, (fn_a, fn_b) in pairs.items():
+            ta, tb = best_time(fn_a, 1, warmup=warmup), best_time(fn_b, 1, warmup=warmup)
+            p = out[key]
+            p.ratios.append(ta / tb)
+            p.best_a, p.best_b = min(p.best_a, ta), min(p.best_b, tb)
+    return out
+
+
+def paired_ratio(fn_a: Callable[[], object], fn_b: Callable[[], object], reps: int, warm: bool = False) -> Paired:
+    """``paired_ratios`` of one pair."""
+    return paired_ratios({0: (fn_a, fn_b)}, reps, warm)[0]
 
 
 # --------------------------------------------------------------------------- scan
@@ -190,12 +224,12 @@ def bench_scan(sz: Sizes, quick: bool) -> list:
     d, n = sz.scan_d, 16
     exps, exp_count = exp_workload(quick)
     hf = _hf_scan_fn()
+    hf_tps, work = {}, {}
     for b in sz.scan_batches:
-        hf_tps = None
         if hf is not None:
             args = _scan_inputs(b, sz.hf_scan_length, d)
             with torch.no_grad():
-                hf_tps = b * sz.hf_scan_length / best_time(lambda: _hf_scan(hf, *args), reps=1 if quick else 2)
+                hf_tps[b] = b * sz.hf_scan_length / best_time(lambda: _hf_scan(hf, *args), reps=1 if quick else 2)
         for l in sz.scan_lengths:
             args = _scan_inputs(b, l, d)
             with torch.no_grad():
@@ -203,19 +237,25 @@ def bench_scan(sz: Sizes, quick: bool) -> list:
                 # mostly on the VM's scheduling jitter
                 calls = max(1, round(best_time(exps, 1) / best_time(lambda: selective_scan(*args), 3)))
 
-                def scans():
+            def scans(args=args, calls=calls):
+                with torch.no_grad():
                     for _ in range(calls):
                         selective_scan(*args)
 
-                t_ratio, t_scan, _ = paired_ratio(scans, exps, sz.paired_reps, warm=True)
-            tps = calls * b * l / t_scan
-            # the exp bound: tokens/s if each state update cost one torch.exp (exp_count in t_exp)
-            bound_ratio = (calls * b * l * d * n / exp_count) / t_ratio
-            name = f"scan fwd B={b} L={l} D={d} N={n}"
-            row(rows, name, tps, "tok/s", "exp bound (torch.exp)", bound_ratio, "scan_vs_exp_bound", quick)
-            if hf_tps is not None:
-                row(rows, name, tps, "tok/s", f"transformers sequential (L={sz.hf_scan_length})", tps / hf_tps,
-                    "scan_vs_hf", quick)
+            work[b, l] = (scans, calls)
+    paired = paired_ratios({key: (scans, exps) for key, (scans, _) in work.items()}, sz.paired_reps, warm=True)
+    for (b, l), (_, calls) in work.items():
+        p = paired[b, l]
+        tps = calls * b * l / p.best_a
+        # the exp bound: tokens/s if each state update cost one torch.exp (exp_count in t_exp)
+        per_exp = calls * b * l * d * n / exp_count
+        lo, hi = p.quartiles()
+        name = f"scan fwd B={b} L={l} D={d} N={n}"
+        row(rows, name, tps, "tok/s", "exp bound (torch.exp)", per_exp / p.median, "scan_vs_exp_bound", quick,
+            spread=(per_exp / hi, per_exp / lo))
+        if b in hf_tps:
+            row(rows, name, tps, "tok/s", f"transformers sequential (L={sz.hf_scan_length})", tps / hf_tps[b],
+                "scan_vs_hf", quick)
     return rows
 
 
@@ -416,11 +456,12 @@ def bench_decode(sz: Sizes, limits: dict, quick: bool) -> tuple[list, dict]:
     for label, m in (("float32", model), ("bfloat16", bf16)):
         name = f"decode B=1 {label} weights, {dims}"
         # the roofline: decoding alternates with the copy that measures the bandwidth (see paired_ratio)
-        t_ratio, t_dec, _ = paired_ratio(_decode_tokens(m, prompt, sz.decode_tokens), lambda: dst.copy_(src),
-                                         max(1, sz.paired_reps // 2))
-        fraction = sz.decode_tokens * bytes_per_token(m) / copy_bytes / t_ratio  # tokens/s ÷ (bandwidth/bytes)
-        row(rows, name, sz.decode_tokens / t_dec, "tok/s", "bandwidth roofline", fraction, "decode_vs_roofline",
-            quick)
+        p = paired_ratio(_decode_tokens(m, prompt, sz.decode_tokens), lambda: dst.copy_(src),
+                         max(1, sz.paired_reps // 2))
+        per_copy = sz.decode_tokens * bytes_per_token(m) / copy_bytes  # fraction = tokens/s ÷ (bandwidth/bytes)
+        lo, hi = p.quartiles()
+        row(rows, name, sz.decode_tokens / p.best_a, "tok/s", "bandwidth roofline", per_copy / p.median,
+            "decode_vs_roofline", quick, spread=(per_copy / hi, per_copy / lo))
         if hf_generate is not None:  # generate against generate, prompt cost subtracted from both, alternately
             ratio, rate = paired_rates(lambda n: m.generate(prompt, max_new_tokens=n), sz.decode_tokens,
                                        hf_generate, sz.hf_decode_tokens, reps)
@@ -431,11 +472,12 @@ def bench_decode(sz: Sizes, limits: dict, quick: bool) -> tuple[list, dict]:
     bm = _bf16_weights(BlackMambaLM(BlackMambaConfig(
         layers=["r", "8"] * (c["layers"] // 2), hidden_size=c["hidden"], ffn_hidden_size=8 * c["hidden"] // 3,
         vocab_size=c["vocab"])).eval())
-    t_ratio, t_dec, _ = paired_ratio(_decode_tokens(bm, prompt, sz.decode_tokens), lambda: dst.copy_(src),
-                                     max(1, sz.paired_reps // 2))
+    p = paired_ratio(_decode_tokens(bm, prompt, sz.decode_tokens), lambda: dst.copy_(src), max(1, sz.paired_reps // 2))
+    per_copy = sz.decode_tokens * bytes_per_token(bm) / copy_bytes
+    lo, hi = p.quartiles()
     row(rows, f"decode B=1 bfloat16 weights, {c['layers'] // 2}x(Mamba, 8-expert MoE) hidden={c['hidden']}",
-        sz.decode_tokens / t_dec, "tok/s", "bandwidth roofline (active weights)",
-        sz.decode_tokens * bytes_per_token(bm) / copy_bytes / t_ratio)
+        sz.decode_tokens / p.best_a, "tok/s", "bandwidth roofline (active weights)", per_copy / p.median,
+        spread=(per_copy / hi, per_copy / lo))
     accuracy = _accuracy(model, bf16, torch.randint(0, c["vocab"], (1, 8 if quick else 64)))
     rows += bench_context(model, sz, quick)
     return rows, accuracy
@@ -475,25 +517,25 @@ def bench_moe(sz: Sizes, quick: bool) -> list:
     x = torch.randn(T, 1, H)
 
     def fwd(m):
+        m.eval()  # MoE: the released inference routing
         with torch.no_grad():
             m(x)
 
     xg = x.clone().requires_grad_()
 
     def fwd_bwd(m):
+        m.train()  # MoE: Sinkhorn routing, as in training
         for p in m.parameters():
             p.grad = None
         xg.grad = None
         m(xg).sum().backward()
 
     name = f"MoE T={T} H={H} F={Fh} E={E} top-1"
-    moe.eval()
-    ratio, t_moe, _ = paired_ratio(lambda: fwd(moe), lambda: fwd(dense), sz.paired_reps)
-    row(rows, f"{name} fwd", t_moe * 1e3, "ms", "one dense expert MLP on all T tokens", ratio, "moe_vs_dense", quick)
-    moe.train()  # Sinkhorn routing, as in training
-    ratio, t_moe, _ = paired_ratio(lambda: fwd_bwd(moe), lambda: fwd_bwd(dense), sz.paired_reps)
-    row(rows, f"{name} fwd+bwd", t_moe * 1e3, "ms", "one dense expert MLP on all T tokens", ratio, "moe_vs_dense",
-        quick)
+    paired = paired_ratios({"fwd": (lambda: fwd(moe), lambda: fwd(dense)),
+                            "fwd+bwd": (lambda: fwd_bwd(moe), lambda: fwd_bwd(dense))}, sz.moe_pairs)
+    for k, p in paired.items():
+        row(rows, f"{name} {k}", p.best_a * 1e3, "ms", "one dense expert MLP on all T tokens", p.median,
+            "moe_vs_dense", quick, spread=p.quartiles())
     return rows
 
 
@@ -523,13 +565,14 @@ def run_cpu_bench(quick: bool = False, log: Callable[[str], None] = print) -> di
 
 
 def format_table(result: dict) -> str:
-    head = f"{'benchmark':<58} {'value':>12}  {'baseline':<48} {'ratio':>8}  {'target':>7}"
+    head = f"{'benchmark':<58} {'value':>12}  {'baseline':<48} {'ratio':>8} {'quartiles':>11}  {'target':>7}"
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
+        quart = "{:.2f}-{:.2f}".format(*r["ratio_quartiles"]) if r.get("ratio_quartiles") else ""
         verdict = {True: " ok", False: " MISSED", None: ""}[r["met"]]
         lines.append(f"{r['bench']:<58} {r['value']:>8.4g} {r['unit']:<6} {r['baseline'] or '-':<48} {ratio:>8}"
-                     f"  {r['target'] or '':>7}{verdict}")
+                     f" {quart:>11}  {r['target'] or '':>7}{verdict}")
     acc = result["bf16_decode_accuracy"]
     lines.append(f"bfloat16 weights vs float32 (decode, random weights): top-1 agreement "
                  f"{100 * acc['top1_agreement']:.1f}%, mean KL {acc['mean_kl_nats']:.2e} nats, "
