@@ -74,6 +74,7 @@ def test_paired_ratios_visit_the_pairs_in_turn_and_report_quartiles():
     p = Paired([1.0, 5.0, 2.0, 4.0, 3.0], 1.0, 1.0)
     assert p.median == 3.0 and p.quartiles() == (2.0, 4.0)
     assert Paired([1.5], 1.0, 1.0).quartiles() == (1.5, 1.5)
+    assert p.per(6.0) == (2.0, (1.5, 3.0))  # a rate: the time ratios' quartiles swap ends
     rows = []
     row(rows, "m", 1.0, "ms", "dense", p.median, "moe_vs_dense", spread=p.quartiles())
     assert rows[0]["ratio_quartiles"] == [2.0, 4.0] and rows[0]["met"] is False

@@ -165,6 +165,12 @@ class Paired:
         q = statistics.quantiles(self.ratios, n=4, method="inclusive")
         return q[0], q[2]
 
+    def per(self, amount: float) -> tuple[float, tuple[float, float]]:
+        """(amount / median ratio, its quartiles): a's rate relative to b's, for ``amount`` of a's work
+        done per unit of b's (a time ratio's first quartile is the rate's third)."""
+        lo, hi = self.quartiles()
+        return amount / self.median, (amount / hi, amount / lo)
+
 
 def paired_ratios(pairs: dict, reps: int, warm: bool = False) -> dict:
     """{key: Paired} for pairs {key: (fn_a, fn_b)}: ``reps`` rounds, each timing every pair once, a then b.
@@ -248,11 +254,9 @@ def bench_scan(sz: Sizes, quick: bool) -> list:
         p = paired[b, l]
         tps = calls * b * l / p.best_a
         # the exp bound: tokens/s if each state update cost one torch.exp (exp_count in t_exp)
-        per_exp = calls * b * l * d * n / exp_count
-        lo, hi = p.quartiles()
+        bound, spread = p.per(calls * b * l * d * n / exp_count)
         name = f"scan fwd B={b} L={l} D={d} N={n}"
-        row(rows, name, tps, "tok/s", "exp bound (torch.exp)", per_exp / p.median, "scan_vs_exp_bound", quick,
-            spread=(per_exp / hi, per_exp / lo))
+        row(rows, name, tps, "tok/s", "exp bound (torch.exp)", bound, "scan_vs_exp_bound", quick, spread=spread)
         if b in hf_tps:
             row(rows, name, tps, "tok/s", f"transformers sequential (L={sz.hf_scan_length})", tps / hf_tps[b],
                 "scan_vs_hf", quick)
@@ -455,13 +459,13 @@ def bench_decode(sz: Sizes, limits: dict, quick: bool) -> tuple[list, dict]:
                 hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     for label, m in (("float32", model), ("bfloat16", bf16)):
         name = f"decode B=1 {label} weights, {dims}"
-        # the roofline: decoding alternates with the copy that measures the bandwidth (see paired_ratio)
+        # the roofline: decoding alternates with the copy that measures the bandwidth (see paired_ratios)
         p = paired_ratio(_decode_tokens(m, prompt, sz.decode_tokens), lambda: dst.copy_(src),
                          max(1, sz.paired_reps // 2))
-        per_copy = sz.decode_tokens * bytes_per_token(m) / copy_bytes  # fraction = tokens/s ÷ (bandwidth/bytes)
-        lo, hi = p.quartiles()
-        row(rows, name, sz.decode_tokens / p.best_a, "tok/s", "bandwidth roofline", per_copy / p.median,
-            "decode_vs_roofline", quick, spread=(per_copy / hi, per_copy / lo))
+        # the roofline fraction: tokens/s ÷ (bandwidth / bytes per token)
+        fraction, spread = p.per(sz.decode_tokens * bytes_per_token(m) / copy_bytes)
+        row(rows, name, sz.decode_tokens / p.best_a, "tok/s", "bandwidth roofline", fraction, "decode_vs_roofline",
+            quick, spread=spread)
         if hf_generate is not None:  # generate against generate, prompt cost subtracted from both, alternately
             ratio, rate = paired_rates(lambda n: m.generate(prompt, max_new_tokens=n), sz.decode_tokens,
                                        hf_generate, sz.hf_decode_tokens, reps)
@@ -473,11 +477,9 @@ def bench_decode(sz: Sizes, limits: dict, quick: bool) -> tuple[list, dict]:
         layers=["r", "8"] * (c["layers"] // 2), hidden_size=c["hidden"], ffn_hidden_size=8 * c["hidden"] // 3,
         vocab_size=c["vocab"])).eval())
     p = paired_ratio(_decode_tokens(bm, prompt, sz.decode_tokens), lambda: dst.copy_(src), max(1, sz.paired_reps // 2))
-    per_copy = sz.decode_tokens * bytes_per_token(bm) / copy_bytes
-    lo, hi = p.quartiles()
+    fraction, spread = p.per(sz.decode_tokens * bytes_per_token(bm) / copy_bytes)
     row(rows, f"decode B=1 bfloat16 weights, {c['layers'] // 2}x(Mamba, 8-expert MoE) hidden={c['hidden']}",
-        sz.decode_tokens / p.best_a, "tok/s", "bandwidth roofline (active weights)", per_copy / p.median,
-        spread=(per_copy / hi, per_copy / lo))
+        sz.decode_tokens / p.best_a, "tok/s", "bandwidth roofline (active weights)", fraction, spread=spread)
     accuracy = _accuracy(model, bf16, torch.randint(0, c["vocab"], (1, 8 if quick else 64)))
     rows += bench_context(model, sz, quick)
     return rows, accuracy
