@@ -1,7 +1,8 @@
-"""Op ``grouped_mlp`` (the experts' gated MLPs on rows grouped by expert): the ``cpu`` backend (MKL's batched
-GEMM) against the reference, outputs and every gradient; MKL's batched GEMM against torch.mm; the MoE layer
-calling the op."""
+"""Op ``grouped_mlp`` (the experts' gated MLPs on rows grouped by expert): the ``cpu`` backend's two schedules
+(one expert per thread in a C kernel, MKL's batched GEMM) against the reference, outputs and every gradient;
+the kernel's activations against float64; MKL's batched GEMM against torch.mm; the MoE layer calling the op."""
 
+import contextlib
 import importlib
 from unittest import mock
 
@@ -12,16 +13,25 @@ from hypothesis import strategies as st
 
 from blackmamba.layers import MoE
 from blackmamba.layers.moe import dispatch_sorted
+from blackmamba.ops import cpu as cpu_ops
 from blackmamba.ops import grouped_mlp, mkl
-from blackmamba.ops.grouped_mlp import grouped_mlp_reference
+from blackmamba.ops.grouped_mlp import experts_per_thread, grouped_mlp_reference
 
 needs_mkl = pytest.mark.skipif(not mkl.available(), reason="this PyTorch build exports no MKL cblas_sgemm_batch")
 ops_grouped_mlp = importlib.import_module("blackmamba.ops.grouped_mlp")
+SCHEDULES = ["per_thread", "batched"]
+needs_kernels_and_mkl = pytest.mark.skipif(not (mkl.available() and cpu_ops.available()),
+                                           reason="needs PyTorch's MKL and the fused CPU kernels")
 
 
-def batched_at_any_size():
-    """The cpu backend's batched GEMMs even below its size threshold (the tests' shapes are small)."""
-    return mock.patch.object(ops_grouped_mlp, "MIN_MACS", 0)
+@contextlib.contextmanager
+def schedule(name):
+    """Force the cpu backend's schedule: one expert per thread (any balance), or batched GEMMs (at any size)."""
+    if name == "per_thread" and not cpu_ops.available():
+        pytest.skip("the fused CPU kernels are unavailable")
+    balance = float("inf") if name == "per_thread" else 0.0
+    with mock.patch.object(ops_grouped_mlp, "BALANCE", balance), mock.patch.object(ops_grouped_mlp, "MIN_MACS", 0):
+        yield
 
 
 def experts(E, H, Fh, seed=0, dtype=torch.float32):
@@ -31,29 +41,30 @@ def experts(E, H, Fh, seed=0, dtype=torch.float32):
     return fc1, fc2
 
 
-def run(counts, H, Fh, activation, backend, seed=0, frozen=()):
+def run(counts, H, Fh, activation, backend, seed=0, frozen=(), sched="batched"):
     """(y, dx, [d fc1_e], [d fc2_e]) of a random linear function of y; weights listed in ``frozen`` need no grad."""
     fc1, fc2 = experts(len(counts), H, Fh, seed)
     weights = [w.requires_grad_(i not in frozen) for i, w in enumerate(fc1 + fc2)]
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(sum(counts), H, generator=g).requires_grad_()
-    with batched_at_any_size():
+    with schedule(sched):
         y = grouped_mlp(x, counts, weights[:len(counts)], weights[len(counts):], activation, backend=backend)
     (y * torch.randn(y.shape, generator=g)).sum().backward()
     return y.detach(), x.grad, [w.grad for w in weights]
 
 
 @needs_mkl
+@pytest.mark.parametrize("sched", SCHEDULES)
 @settings(max_examples=25, deadline=None)
 @given(counts=st.lists(st.integers(0, 9), min_size=1, max_size=5).filter(lambda c: sum(c) > 0),
-       H=st.integers(1, 12), Fh=st.integers(1, 10), activation=st.sampled_from(["silu", "gelu"]),
+       H=st.integers(1, 12), Fh=st.integers(1, 20), activation=st.sampled_from(["silu", "gelu"]),
        seed=st.integers(0, 2 ** 16))
-def test_cpu_backend_matches_reference(counts, H, Fh, activation, seed):
+def test_cpu_backend_matches_reference(sched, counts, H, Fh, activation, seed):
     ref = run(counts, H, Fh, activation, "reference", seed)
-    got = run(counts, H, Fh, activation, "cpu", seed)
+    got = run(counts, H, Fh, activation, "cpu", seed, sched=sched)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
     fc1, fc2 = experts(len(counts), H, Fh, seed)
-    with torch.no_grad(), batched_at_any_size():  # inference computes act(a) * b in place: the same numbers
+    with torch.no_grad(), schedule(sched):  # inference computes act(a) * b in place: the same numbers
         x = torch.randn(sum(counts), H, generator=torch.Generator().manual_seed(seed + 1))
         torch.testing.assert_close(grouped_mlp(x, counts, fc1, fc2, activation, backend="cpu"), ref[0],
                                    rtol=1e-5, atol=1e-5)
@@ -66,11 +77,13 @@ def test_cpu_backend_matches_reference(counts, H, Fh, activation, seed):
 
 
 @needs_mkl
-def test_cpu_backend_at_layer_size_matches_reference():
+@pytest.mark.parametrize("sched", SCHEDULES)
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_cpu_backend_at_layer_size_matches_reference(sched, activation):
     """Rows of hundreds per expert (MKL's blocked paths, two threads), one expert empty."""
     counts = [300, 0, 170, 230]
-    ref = run(counts, 96, 160, "silu", "reference")
-    got = run(counts, 96, 160, "silu", "cpu")
+    ref = run(counts, 96, 160, activation, "reference")
+    got = run(counts, 96, 160, activation, "cpu", sched=sched)
     for a, b in zip((got[0], got[1], *got[2]), (ref[0], ref[1], *ref[2])):
         assert (a is None) == (b is None)
         if a is not None:
@@ -78,9 +91,10 @@ def test_cpu_backend_at_layer_size_matches_reference():
 
 
 @needs_mkl
-def test_frozen_weights_get_no_gradient():
+@pytest.mark.parametrize("sched", SCHEDULES)
+def test_frozen_weights_get_no_gradient(sched):
     counts = [3, 4]
-    got = run(counts, 6, 5, "silu", "cpu", frozen=(0, 3))  # expert 0's fc1, expert 1's fc2
+    got = run(counts, 6, 5, "silu", "cpu", frozen=(0, 3), sched=sched)  # expert 0's fc1, expert 1's fc2
     ref = run(counts, 6, 5, "silu", "reference", frozen=(0, 3))
     assert got[2][0] is None and got[2][3] is None
     torch.testing.assert_close(got[2][1], ref[2][1], rtol=1e-5, atol=1e-5)
@@ -89,16 +103,63 @@ def test_frozen_weights_get_no_gradient():
 
 @needs_mkl
 def test_cpu_backend_batches_from_its_size_threshold_on():
-    """Below MIN_MACS multiply-adds in fc1 the reference runs (bit-identical to it), from there the batch."""
+    """Where the experts do not share out over the threads: below MIN_MACS multiply-adds in fc1 the reference
+    runs (bit-identical to it), from there the batch."""
     fc1, fc2 = experts(2, 8, 6)
     x = torch.randn(10, 8)
     macs = 10 * 8 * 12
-    with mock.patch.object(ops_grouped_mlp, "MIN_MACS", macs + 1), mock.patch.object(mkl, "gemm_batch") as batch:
+    unbalanced = mock.patch.object(ops_grouped_mlp, "BALANCE", 0.0)
+    with unbalanced, mock.patch.object(ops_grouped_mlp, "MIN_MACS", macs + 1), \
+            mock.patch.object(mkl, "gemm_batch") as batch:
         assert torch.equal(grouped_mlp(x, [4, 6], fc1, fc2, backend="cpu"), grouped_mlp_reference(x, [4, 6], fc1, fc2))
         assert not batch.called
-    with mock.patch.object(ops_grouped_mlp, "MIN_MACS", macs), mock.patch.object(mkl, "gemm_batch") as batch:
+    with unbalanced, mock.patch.object(ops_grouped_mlp, "MIN_MACS", macs), mock.patch.object(mkl, "gemm_batch") as batch:
         grouped_mlp(x, [4, 6], fc1, fc2, backend="cpu")
         assert batch.called
+
+
+def test_experts_per_thread_needs_an_even_share_of_rows():
+    assert experts_per_thread([512] * 8, 2)
+    assert experts_per_thread([610, 560, 526, 520, 500, 480, 470, 430], 2)  # greedy: 2,040 and 2,056 rows
+    assert not experts_per_thread([1000, 5, 3, 2], 2)  # one thread would do almost everything
+    assert not experts_per_thread([512] * 8, 16)  # 8 threads idle
+    assert experts_per_thread([1000, 5, 3, 2], 1)
+    assert experts_per_thread([7, 7, 7], 3) and not experts_per_thread([8, 7, 6], 3)  # 8 > 1.05 * 7
+
+
+@needs_mkl
+@pytest.mark.skipif(not cpu_ops.available(), reason="the fused CPU kernels are unavailable")
+def test_cpu_backend_picks_its_schedule_from_the_counts():
+    """Rows that share out over 2 threads: the per-thread kernel, at any size (no batched GEMM); rows that
+    do not: the batched GEMMs from MIN_MACS on."""
+    fc1, fc2 = experts(2, 8, 6)
+    x = torch.randn(10, 8)
+    with mock.patch.object(torch, "get_num_threads", return_value=2), mock.patch.object(mkl, "gemm_batch") as batch:
+        got = grouped_mlp(x, [5, 5], fc1, fc2, backend="cpu")
+        assert not batch.called
+        torch.testing.assert_close(got, grouped_mlp_reference(x, [5, 5], fc1, fc2), rtol=1e-5, atol=1e-5)
+        with mock.patch.object(ops_grouped_mlp, "MIN_MACS", 0):
+            grouped_mlp(x, [9, 1], fc1, fc2, backend="cpu")
+        assert batch.called
+
+
+@needs_kernels_and_mkl
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_kernel_activation_against_float64(activation):
+    """y = act(x) * x and its derivative over [-30, 30] (one expert, a = b = x; y.sum() hands the backward a
+    stride-0 gradient): within 1e-6 relative of float64, plus 1e-6 absolute for the tails (gelu: erfc by
+    Abramowitz & Stegun 7.1.26)."""
+    x = torch.linspace(-30, 30, 6001).unsqueeze(1)
+    fc1, fc2 = [torch.ones(2, 1)], [torch.ones(1, 1)]
+    xr = x.clone().requires_grad_()
+    with schedule("per_thread"):
+        y = grouped_mlp(xr, [x.shape[0]], fc1, fc2, activation, backend="cpu")
+    (dx,) = torch.autograd.grad(y.sum(), xr)
+    x64 = x.double().requires_grad_()
+    y64 = ops_grouped_mlp.ACTIVATIONS[activation](x64) * x64
+    (dx64,) = torch.autograd.grad(y64.sum(), x64)
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=1e-5)
 
 
 @needs_mkl
@@ -178,7 +239,7 @@ def test_moe_runs_plain_experts_through_the_op_and_others_as_modules(monkeypatch
     import blackmamba.layers.moe as moe_module
     real = moe_module.grouped_mlp
     monkeypatch.setattr(moe_module, "grouped_mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
-    with batched_at_any_size():
+    with mock.patch.object(ops_grouped_mlp, "MIN_MACS", 0):  # either schedule at this size
         via_op = grads(moe)
     assert calls == [1]
 

@@ -48,7 +48,7 @@ log = logging.getLogger("blackmamba")
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("scan_forward.cpp", "scan_backward.cpp", "conv.cpp", "step.cpp", "mamba_step.cpp", "gemv.cpp",
-           "norm.cpp", "fastexp.cpp")
+           "norm.cpp", "fastexp.cpp", "grouped_mlp.cpp")
 HEADERS = ("simd.h", "dot.h", "scan.h")
 # -march: the host's (native) unless BLACKMAMBA_CPU_ARCH names another target, e.g. x86-64-v3 (AVX2, the
 # portable code paths) to test them on an AVX-512 machine or to build for an older CPU
@@ -150,6 +150,8 @@ SIGNATURES = {
     "bm_gemv": (_INT, [_INT, _P, _P, _P, _P, _I64, _I64, _I64, _INT]),
     "bm_add_rmsnorm": (_INT, [_INT, _INT, _INT, _P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float, _INT]),
     "bm_exp": (None, [_P, _P, _I64, _INT]),
+    "bm_grouped_mlp_forward": (_INT, [_P, _INT, _I64, _P, _I64, _I64] + [_P] * 5 + [_INT]),
+    "bm_grouped_mlp_backward": (_INT, [_P, _INT, _I64, _P, _I64, _I64] + [_P] * 8 + [_INT]),
 }
 
 

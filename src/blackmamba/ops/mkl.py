@@ -34,6 +34,7 @@ _ARGTYPES = [_INT] + [_P] * 13 + [_INT, _P]
 
 _lock = threading.Lock()
 _fn = None
+_sgemm = None  # Fortran sgemm_ of the same MKL, for C kernels that multiply on their own threads
 _tried = False
 
 
@@ -41,38 +42,60 @@ def _load():
     for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
         path = Path(torch.__file__).parent / "lib" / name
         if path.exists():
-            fn = getattr(ctypes.CDLL(str(path)), "cblas_sgemm_batch", None)
-            if fn is not None:
+            lib = ctypes.CDLL(str(path))
+            fn, sgemm = getattr(lib, "cblas_sgemm_batch", None), getattr(lib, "sgemm_", None)
+            if fn is not None and sgemm is not None:
                 fn.restype, fn.argtypes = None, _ARGTYPES
-                return fn
-    return None
+                sgemm.restype, sgemm.argtypes = None, [_P] * 13
+                return fn, sgemm
+    return None, None
 
 
-def _self_test() -> bool:
-    """Two groups of different shapes and transpositions against torch.mm (catches an ILP64 build)."""
+def _self_test(sgemm) -> bool:
+    """The batched GEMM on two groups of different shapes and transpositions, and sgemm_ on one product,
+    against torch.mm (catches an ILP64 build)."""
     g = torch.Generator().manual_seed(0)
     a1, b1 = torch.randn(5, 7, generator=g), torch.randn(3, 7, generator=g)  # a1 @ b1.T
     a2, b2 = torch.randn(4, 6, generator=g), torch.randn(4, 2, generator=g)  # a2.T @ b2
     c1, c2 = torch.full((5, 3), float("nan")), torch.full((6, 2), float("nan"))
     _call([(NO_TRANS, TRANS, a1, b1, c1, 7), (TRANS, NO_TRANS, a2, b2, c2, 4)])
-    return torch.allclose(c1, a1 @ b1.T, atol=1e-5) and torch.allclose(c2, a2.T @ b2, atol=1e-5)
+    # column-major sgemm_: c1.T (3, 5) = b1 @ a1.T, i.e. op 'T' on b1's column-major (7, 3) view
+    c3 = torch.full((5, 3), float("nan"))
+    i = ctypes.c_int
+    one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+    sgemm(ctypes.c_char_p(b"T"), ctypes.c_char_p(b"N"), ctypes.byref(i(3)), ctypes.byref(i(5)), ctypes.byref(i(7)),
+          ctypes.byref(one), b1.data_ptr(), ctypes.byref(i(7)), a1.data_ptr(), ctypes.byref(i(7)), ctypes.byref(zero),
+          c3.data_ptr(), ctypes.byref(i(3)))
+    want = a1 @ b1.T
+    return (torch.allclose(c1, want, atol=1e-5) and torch.allclose(c2, a2.T @ b2, atol=1e-5)
+            and torch.allclose(c3, want, atol=1e-5))
 
 
 def available() -> bool:
-    """Whether ``gemm_batch`` can run (symbol found and self-test passed); decided once."""
-    global _fn, _tried
+    """Whether ``gemm_batch`` and ``sgemm_address`` can be used (symbols found, self-test passed); decided once."""
+    global _fn, _sgemm, _tried
     if not _tried:
         with _lock:
             if not _tried:
                 try:
-                    _fn = _load()
-                    if _fn is not None and not _self_test():
-                        log.warning("blackmamba: MKL's cblas_sgemm_batch failed its self-test; not used")
-                        _fn = None
+                    fn, sgemm = _load()
+                    _fn = fn
+                    if fn is not None and not _self_test(sgemm):
+                        log.warning("blackmamba: MKL's cblas_sgemm_batch / sgemm_ failed their self-test; not used")
+                        fn = None
+                    _fn, _sgemm = fn, (sgemm if fn is not None else None)
                 except OSError:
-                    _fn = None
+                    _fn, _sgemm = None, None
                 _tried = True
     return _fn is not None
+
+
+def sgemm_address() -> int:
+    """The address of MKL's Fortran ``sgemm_`` (32-bit integers), for C kernels (``ops/csrc/grouped_mlp.cpp``)
+    that call it on their own threads; MKL runs it single-threaded inside an OpenMP parallel region."""
+    if not available():
+        raise RuntimeError("MKL's sgemm_ is not available in this PyTorch build")
+    return ctypes.cast(_sgemm, ctypes.c_void_p).value
 
 
 def _ld(t: torch.Tensor) -> int:
