@@ -6,8 +6,9 @@ Router: Linear(H, E) with bias; gate = sigmoid(router logits).
   (``router_train_mode``: ``sinkhorn_blackmamba`` (default), ``sinkhorn`` (Megatron's vanilla), ``top1``).
 The output is expert(x) * sigmoid(chosen logit): the router learns through that gate only.
 Tokens are dispatched by sorting them by expert, no capacity, no dropping; the experts then run as op
-``grouped_mlp`` (on CPU: each matmul one batched GEMM over all experts), or as modules where an expert is
-not a plain ``GatedMLP`` of ``nn.Linear`` layers (a LoRA wrapper, a quantised layer, ...).
+``grouped_mlp`` (on CPU: one expert per thread, or each matmul one batched GEMM over all experts), or as
+modules where an expert is not a plain ``GatedMLP`` of ``nn.Linear`` layers (a LoRA wrapper, a quantised
+layer, ...).
 """
 
 from __future__ import annotations

@@ -100,6 +100,14 @@ def _pointers(tensors) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
 
 
+def _by_expert(E: int, live, blocks) -> list:
+    """The live experts' blocks at their experts' places, None for the experts without rows."""
+    out = [None] * E
+    for e, b in zip(live, blocks):
+        out[e] = b
+    return out
+
+
 def _kernel_call(name: str, *args) -> None:
     rc = getattr(cpu_ops.library(), name)(mkl.sgemm_address(), *args, torch.get_num_threads())
     if rc == 1:
@@ -118,12 +126,9 @@ class _GroupedMLP(torch.autograd.Function):
         hs = [x.new_empty(counts[e], F2) for e in live] if training or not per_thread else []  # [a | b] per row
         y = torch.empty_like(x)  # (T, H)
         if per_thread:
-            h_all = [None] * E
-            for e, h in zip(live, hs):
-                h_all[e] = h
             _kernel_call("bm_grouped_mlp_forward", ACTIVATION_CODE[activation], E, (ctypes.c_int64 * E)(*counts), H,
-                         F2 // 2, x.data_ptr(), _pointers(fc1), _pointers(fc2), _pointers(h_all) if training else None,
-                         y.data_ptr())
+                         F2 // 2, x.data_ptr(), _pointers(fc1), _pointers(fc2),
+                         _pointers(_by_expert(E, live, hs)) if training else None, y.data_ptr())
         else:
             xs = x.split(counts)
             mkl.gemm_batch([(_N, _T, xs[e], fc1[e], h, H) for e, h in zip(live, hs)])  # h_e = x_e @ fc1_e.T
@@ -152,11 +157,8 @@ class _GroupedMLP(torch.autograd.Function):
         dx = torch.empty_like(x) if need_x else None
         dy = dy.contiguous()  # (a bare pointer goes to the kernel: keep the tensor referenced)
         if ctx.per_thread:
-            h_all = [None] * E
-            for e, h in zip(live, hs):
-                h_all[e] = h
             _kernel_call("bm_grouped_mlp_backward", ACTIVATION_CODE[act], E, (ctypes.c_int64 * E)(*counts), H, F2 // 2,
-                         x.data_ptr(), dy.data_ptr(), _pointers(fc1), _pointers(fc2), _pointers(h_all),
+                         x.data_ptr(), dy.data_ptr(), _pointers(fc1), _pointers(fc2), _pointers(_by_expert(E, live, hs)),
                          _pointers(grads[:E]), _pointers(grads[E:]), None if dx is None else dx.data_ptr())
             return dx, None, None, None, None, *grads
         xs, dys = x.split(counts), dy.split(counts)

@@ -1,9 +1,12 @@
-"""MKL's batched float32 GEMM (``cblas_sgemm_batch``), called in PyTorch's own copy of MKL.
+"""MKL's batched float32 GEMM (``cblas_sgemm_batch``) and its plain ``sgemm_``, in PyTorch's own copy of MKL.
 
-PyTorch's x86-64 Linux wheels link Intel MKL into ``libtorch_cpu`` and export its CBLAS functions
-(checked on the 2.13.0 CPU wheel this project pins), so the batched GEMM is there without another
-dependency; a build without the symbol, or whose copy fails the self-test, leaves ``available()`` False. ``gemm_batch`` calls it through ctypes on
-tensors' memory: one call computes a list of independent products of different shapes.
+PyTorch's x86-64 Linux wheels link Intel MKL into ``libtorch_cpu`` and export its BLAS functions
+(checked on the 2.13.0 CPU wheel this project pins), so both are there without another dependency; a
+build without the symbols, or whose copy fails the self-test, leaves ``available()`` False. ``gemm_batch``
+calls the batched GEMM through ctypes on tensors' memory: one call computes a list of independent
+products of different shapes. ``sgemm_address`` hands ``sgemm_`` to C kernels that multiply on their own
+OpenMP threads (``ops/csrc/grouped_mlp.cpp``): PyTorch and the kernels share one OpenMP runtime, so MKL
+sees the parallel region and runs each call on the calling thread.
 
 Why: the expert matmuls of an MoE layer (a few hundred rows each, each with its own weight) run
 faster as one batched call than as one ``torch.mm`` per expert. Measured here (2 cores) on the first
@@ -11,7 +14,7 @@ expert matmul of ``blackmamba bench``'s MoE layer (T=4096, H=1152, 2F=6144, 8 ex
 relative to one dense 4096-row matmul: one ``torch.mm`` per expert 1.11-1.16x, one batched call
 1.00-1.08x.
 
-``available()`` is False where the symbol is missing (other platforms, other BLAS builds) or where a
+``available()`` is False where a symbol is missing (other platforms, other BLAS builds) or where a
 self-test on small matrices disagrees with ``torch.mm``; callers then use ``torch.mm``.
 """
 
