@@ -1,5 +1,6 @@
 """Fused CPU kernels, registered as backend ``cpu`` of the ops ``scan``, ``conv``, ``scan_step``, ``conv_step``,
-``mamba_step``, ``linear`` and ``add_rmsnorm`` (and called by ``grouped_mlp``'s, ops/grouped_mlp.py).
+``mamba_step``, ``linear`` and ``add_rmsnorm``; op ``grouped_mlp``'s cpu backend (ops/grouped_mlp.py) calls
+its per-thread expert kernel from here too.
 
 The C++ sources (``ops/csrc``) use no torch headers: on first use they are compiled (20-40 s) with the
 system C++ compiler (``$CXX``, else ``c++``) into a shared library and called through ``ctypes`` on the

@@ -20,7 +20,7 @@ Backends:
     multiply-adds in fc1 on (the reference below).
   Per-expert intermediates, no (T, 2F) buffer. Measured at the bench's layer (T=4096, H=1152, F=3072,
   8 experts, 2 threads), forward+backward: the batched schedule 1.09-1.13x one dense expert MLP on all
-  rows, one expert per thread 1.03x (README, "Performance").
+  rows, one expert per thread 1.02x (README, "CPU kernels").
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def available() -> bool:
             if not _tried:
                 try:
                     fn, sgemm = _load()
-                    _fn = fn
+                    _fn = fn  # the self-test's batched call goes through _call, which reads _fn
                     if fn is not None and not _self_test(sgemm):
                         log.warning("blackmamba: MKL's cblas_sgemm_batch / sgemm_ failed their self-test; not used")
                         fn = None
