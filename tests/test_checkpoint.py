@@ -164,6 +164,19 @@ def test_unreadable_or_absent_files(model, tmp_path, damage):
         blackmamba.load_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.safetensors"])
+def test_truncated_weights_name_the_file(model, tmp_path, name):
+    if name == "pytorch_model.bin":
+        write_release_checkpoint(tmp_path, model)
+    else:
+        model.save_pretrained(tmp_path)
+    path = tmp_path / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as e:
+        blackmamba.load_pretrained(tmp_path)
+    assert str(e.value).startswith(f"{path}: unreadable weights"), str(e.value)
+
+
 def test_pickled_code_is_never_executed(tmp_path, model):
     write_release_checkpoint(tmp_path, model)
 

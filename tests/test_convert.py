@@ -9,6 +9,8 @@ import torch
 from ecosystem_fixtures import tiny_model, train_tokenizer
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.ecosystem  # also run against the lowest declared transformers / peft / lm-eval
+
 import blackmamba
 from blackmamba.checkpoint import read_config, read_state_dict
 from blackmamba.cli import main

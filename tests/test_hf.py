@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.ecosystem  # also run against the lowest declared transformers / peft / lm-eval
+
 pytest.importorskip("transformers")
 
 from ecosystem_fixtures import tiny_model  # noqa: E402
@@ -19,7 +21,8 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 import blackmamba  # noqa: E402
 from blackmamba.generation import pad_prompts  # noqa: E402
-from blackmamba.hf import BlackMambaConfig, BlackMambaForCausalLM  # noqa: E402
+from blackmamba.hf import BlackMambaCache, BlackMambaConfig, BlackMambaForCausalLM  # noqa: E402
+from blackmamba.hf.modeling import CACHE_FIELD  # noqa: E402
 
 PAD = 0
 
@@ -50,7 +53,6 @@ def test_config_has_exactly_the_core_fields_and_defaults():
     cfg = BlackMambaConfig(layers=["r", "16", "a", "1"], hidden_size=32)
     assert cfg.to_core() == blackmamba.BlackMambaConfig(layers=["r", "16", "a", "1"], hidden_size=32)
     assert cfg.num_hidden_layers == 4
-    assert cfg.layer_types == ["linear_attention", "moe", "full_attention", "moe"]
 
 
 def test_config_rejects_bad_values_with_the_core_message():
@@ -85,12 +87,31 @@ def test_forward_equals_core_and_chunked_cache_equals_full(lm, hf):
     full = lm(ids).logits
     out = hf(ids)
     torch.testing.assert_close(out.logits, full, rtol=0, atol=0)
-    cache = DynamicCache(config=hf.config)
-    a = hf(ids[:, :5], cache_params=cache, use_cache=True)
-    assert a.cache_params is cache
-    b = hf(ids[:, 5:6], cache_params=cache)  # one-token decode step
-    c = hf(ids[:, 6:], cache_params=cache)
+    cache = BlackMambaCache()
+    a = hf(ids[:, :5], cache=cache, use_cache=True)
+    assert getattr(a, CACHE_FIELD) is cache and cache.get_seq_length() == 5
+    b = hf(ids[:, 5:6], cache=cache)  # one-token decode step
+    c = hf(ids[:, 6:], cache=cache)
     torch.testing.assert_close(torch.cat([a.logits, b.logits, c.logits], 1), full, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 12
+    # a fresh cache made by the forward (use_cache=True) carries on the same way, under either argument name
+    made = getattr(hf(ids[:, :5], use_cache=True), CACHE_FIELD)
+    d = hf(ids[:, 5:], cache_params=made)
+    torch.testing.assert_close(torch.cat([a.logits, d.logits], 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_row_operations_follow_the_rows(hf):
+    """Beam search reorders the cache; num_return_sequences repeats its rows: each row continues as its source."""
+    ids = torch.randint(0, 320, (3, 9), generator=torch.Generator().manual_seed(1))
+    cache = BlackMambaCache()
+    hf(ids[:, :6], cache=cache)
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    got = hf(ids[[2, 0, 0], 6:], cache=cache).logits
+    torch.testing.assert_close(got, hf(ids[[2, 0, 0]]).logits[:, 6:], rtol=1e-5, atol=1e-5)
+    cache.batch_repeat_interleave(2)
+    assert cache.batch_size == 6 and cache.get_seq_length() == 9
+    with pytest.raises(ValueError, match="rolled back"):
+        cache.crop(-1)
 
 
 def test_attention_layers_cache_with_left_padding():
@@ -98,9 +119,9 @@ def test_attention_layers_cache_with_left_padding():
     hf = BlackMambaForCausalLM.from_core(lm)
     ids, mask = pad_prompts([[5, 6, 7, 8, 9, 10], [11, 12, 13]], pad_id=PAD)
     full = lm(ids, attention_mask=mask).logits
-    cache = DynamicCache(config=hf.config)
-    first = hf(ids[:, :4], attention_mask=mask[:, :4], cache_params=cache).logits
-    rest = hf(ids[:, 4:], attention_mask=mask, cache_params=cache).logits  # mask over past + new, as generate gives
+    cache = BlackMambaCache()
+    first = hf(ids[:, :4], attention_mask=mask[:, :4], cache=cache).logits
+    rest = hf(ids[:, 4:], attention_mask=mask, cache=cache).logits  # mask over past + new, as generate gives
     real = mask.bool()
     torch.testing.assert_close(torch.cat([first, rest], 1)[real], full[real], rtol=1e-5, atol=1e-5)
     assert cache.get_seq_length() == 6
@@ -118,12 +139,14 @@ def test_loss_is_the_shifted_causal_lm_loss(lm, hf):
 
 def test_bad_inputs_are_clear_errors(hf):
     ids = torch.tensor([[1, 2, 3]])
-    with pytest.raises(ValueError, match="no cache_params"):
+    with pytest.raises(ValueError, match=r"over the 0 cached and the new ones"):
         hf(ids, attention_mask=torch.ones(1, 5, dtype=torch.long))
+    cache = BlackMambaCache()
+    hf(ids, cache=cache)
     with pytest.raises(ValueError, match="batch size"):
-        cache = DynamicCache(config=hf.config)
-        hf(ids, cache_params=cache)
-        hf(torch.tensor([[1], [2]]), cache_params=cache)
+        hf(torch.tensor([[1], [2]]), cache=cache)
+    with pytest.raises(TypeError, match="BlackMambaCache"):
+        hf(ids, cache=DynamicCache())
     with pytest.raises(TypeError, match="inputs_embeds"):
         hf(ids, inputs_embeds=torch.zeros(1, 3, 32))
 

@@ -1,7 +1,11 @@
 """Our Mamba mixer against an independent peer: transformers' MambaMixer with copied weights."""
 
+import inspect
+
 import pytest
 import torch
+
+pytestmark = pytest.mark.ecosystem  # also run against the lowest declared transformers / peft / lm-eval
 
 transformers = pytest.importorskip("transformers")
 from transformers import MambaConfig  # noqa: E402
@@ -38,13 +42,15 @@ def test_cached_stepping_matches_transformers():
     ours, peer, cfg = pair(seed=1)
     h = torch.randn(2, 11, 24)
     prompt = 5
+    # transformers 5.24 renamed the mixer's cache argument from cache_params to cache
+    name = "cache" if "cache" in inspect.signature(HFMambaMixer.forward).parameters else "cache_params"
     with torch.no_grad():
         cache = DynamicCache(config=cfg)
-        ref = [peer(h[:, :prompt], cache_params=cache)]
+        ref = [peer(h[:, :prompt], **{name: cache})]
         state = ours.new_state(2, torch.float32, "cpu")
         got = [ours(h[:, :prompt], state=state)]
         for t in range(prompt, 11):
-            ref.append(peer(h[:, t:t + 1], cache_params=cache))
+            ref.append(peer(h[:, t:t + 1], **{name: cache}))
             got.append(ours(h[:, t:t + 1], state=state))
     torch.testing.assert_close(torch.cat(got, 1), torch.cat(ref, 1), rtol=0, atol=1e-5)
     # and both agree with one uncached pass

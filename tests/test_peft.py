@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytestmark = pytest.mark.ecosystem  # also run against the lowest declared transformers / peft / lm-eval
+
 peft = pytest.importorskip("peft")
 
 from ecosystem_fixtures import tiny_model  # noqa: E402

@@ -154,41 +154,56 @@ def read_config(directory: Path) -> tuple[BlackMambaConfig, str]:
 
 
 # ----------------------------------------------------------------------------- tensors
+def _owned(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of the tensors in memory of their own. safetensors (0.8) hands out views into the mapped file at
+    whatever offset each tensor sits, so a weight can start off a cache line, and MKL's kernels then take another
+    path whose results differ in the last bit from the same weights in aligned memory; a mapped view would also
+    follow the file if it were replaced while the model lives."""
+    return {k: v.clone() for k, v in sd.items()}
+
+
 def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """Read every weight file in ``directory`` (safetensors preferred, else the release's .bin)."""
+    """Read every weight file in ``directory`` (safetensors preferred, else the release's .bin) into memory.
+    A file that cannot be read is a ``CheckpointError`` naming that file and why."""
+    directory = Path(directory)
+    index = directory / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: unreadable index ({type(e).__name__}: {e})") from None
+        sd = {}
+        for shard in shards:
+            sd.update(_read_weights(directory / shard))
+        return sd
+    for name in (SAFETENSORS_NAME, RELEASE_WEIGHTS):
+        if (directory / name).is_file():
+            return _read_weights(directory / name)
+    raise CheckpointError(f"{directory}: no weights ({SAFETENSORS_NAME}, {SAFETENSORS_INDEX} or {RELEASE_WEIGHTS})")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file, or a release ``.bin`` (a pickle of ``{"model": state_dict}``, read with
+    ``weights_only=True``: anything but tensors and plain containers is refused, so no pickled code runs)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    index = directory / SAFETENSORS_INDEX
-    single = directory / SAFETENSORS_NAME
-    release = directory / RELEASE_WEIGHTS
     try:
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            sd = {}
-            for shard in shards:
-                sd.update(load_file(str(directory / shard)))
-            return sd
-        if single.is_file():
-            return load_file(str(single))
-        if release.is_file():
-            obj = torch.load(str(release), map_location="cpu", weights_only=True, mmap=True)
-            if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-                obj = obj["model"]
-            if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-                raise CheckpointError(f"{release}: expected {{'model': state_dict}} of tensors")
-            return dict(obj)
-    except CheckpointError:
-        raise
+        if path.suffix == ".safetensors":
+            return _owned(load_file(str(path)))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        # weights_only=True refuses anything but tensors and plain containers: no pickled code runs
         why = re.search(r"WeightsUnpickler error: ([^\n]*)", str(e))
-        raise CheckpointError(f"{directory}: unreadable weights (not a plain tensor pickle, refused: "
+        raise CheckpointError(f"{path}: unreadable weights (not a plain tensor pickle, refused: "
                               f"{why.group(1).strip()[:160] if why else type(e).__name__})") from None
-    except (OSError, SafetensorError, RuntimeError, KeyError, ValueError, EOFError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{directory}: unreadable weights ({type(e).__name__}: {e})") from None
-    raise CheckpointError(f"{directory}: no weights ({SAFETENSORS_NAME}, {SAFETENSORS_INDEX} or {RELEASE_WEIGHTS})")
+    except (OSError, SafetensorError, RuntimeError, KeyError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path}: unreadable weights (truncated or not a weights file? "
+                              f"{type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected {{'model': state_dict}} of tensors")
+    return _owned(obj)
 
 
 def check_state_dict(model: BlackMambaLM, sd: dict[str, torch.Tensor], source: str) -> None:

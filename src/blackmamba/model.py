@@ -12,6 +12,7 @@ Module names equal the release checkpoint's keys (``embedding.word_embeddings``,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -45,6 +46,22 @@ class State:
             if s is not None:
                 total += sum(t.numel() * t.element_size() for t in vars(s).values() if torch.is_tensor(t))
         return total
+
+    def select(self, rows: torch.Tensor) -> "State":
+        """A new ``State`` whose row j is a copy of this state's row ``rows[j]`` (rows may repeat or be
+        dropped: beam reordering, one prefilled context continued several ways). This state is left untouched.
+
+        Every per-layer state is a dataclass of tensors with the batch first (Mamba: conv, ssm; attention:
+        k, v, key_mask), so this copies any of them."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        layers = []
+        for st in self.layers:
+            if st is None:
+                layers.append(None)
+                continue
+            layers.append(type(st)(**{f.name: getattr(st, f.name).index_select(0, rows.to(getattr(st, f.name).device))
+                                      for f in dataclasses.fields(st)}))
+        return State(layers=layers, batch_size=len(rows), seqlen=self.seqlen)
 
 
 class Block(nn.Module):

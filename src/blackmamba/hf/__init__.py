@@ -9,6 +9,7 @@ This package's ``__init__`` imports transformers only when one of its classes is
 from __future__ import annotations
 
 _EXPORTS = {
+    "BlackMambaCache": "cache",
     "BlackMambaConfig": "configuration",
     "BlackMambaForCausalLM": "modeling",
     "BlackMambaCausalLMOutput": "modeling",

@@ -1,14 +1,18 @@
-"""Bridge between transformers' ``Cache`` and the core model's recurrent ``State``.
+"""``BlackMambaCache``: transformers' ``Cache`` protocol over the core model's recurrent ``State``.
 
-The cache is transformers' own ``DynamicCache(config=...)``: one cache layer per model layer, by
-``config.layer_types`` — a ``LinearAttentionLayer`` (conv + SSM state) per Mamba layer, a ``DynamicLayer``
-(keys / values) per attention layer and a stateless ``DummyLayer`` per MLP / MoE layer. ``bind_state``
-returns a core ``State`` whose Mamba tensors *are* the cache's tensors, so the core model's in-place
-updates land in the cache with no copy. Attention keys / values grow by concatenation; ``commit`` appends
-the new ones to the cache after the forward.
+transformers' own ``DynamicCache`` keeps Mamba states in its ``LinearAttentionLayer``s, whose semantics change
+from release to release (5.24 refuses ``get_seq_length`` on a cache without attention layers; 5.25 counts tokens
+in ``update_conv_state`` calls). The adapter therefore owns its cache: a ``Cache`` subclass with no transformers
+layers that holds the core ``State`` (conv + SSM state per Mamba layer, keys / values per attention layer) and
+answers the calls ``generate`` makes through the ``Cache`` base class's public methods:
 
-Beam search reorders the cache's tensors (``Cache.reorder_cache``); the next ``bind_state`` picks the
-reordered tensors up.
+- ``get_seq_length()``: tokens consumed so far (padding included, as transformers counts the attention mask);
+- ``reorder_cache`` / ``batch_select_indices`` / ``batch_repeat_interleave``: row selection for beam search and
+  expanded batches (``State.select``);
+- ``crop`` raises: a recurrent state cannot be rolled back (no assisted decoding);
+- ``reset`` forgets the state.
+
+The state is created on the first forward, when the batch size is known (``BlackMambaForCausalLM.forward``).
 
 ``save_pretrained`` copies this file next to the weights for ``trust_remote_code``: import the core package
 by absolute name, the other ``blackmamba.hf`` modules relatively.
@@ -19,66 +23,62 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from blackmamba.layers.attention import AttentionState
-from blackmamba.layers.mamba import MambaState
-from blackmamba.model import BlackMambaLM, State
+from blackmamba.model import State
 
 
-def past_length(cache: Cache, lm: BlackMambaLM) -> int | None:
-    """Tokens the attention layers of ``cache`` hold; ``None`` for a model without attention layers (a
-    recurrent state does not know how many tokens it has seen)."""
-    for i, blk in enumerate(lm.decoder.layers):
-        if blk.kind == "attention":
-            return cache.layers[i].get_seq_length()
-    return None
+class BlackMambaCache(Cache):
+    """The recurrent state of a batch, as a transformers ``Cache``; ``state`` is None until the first forward."""
+
+    def __init__(self, state: State | None = None):
+        super().__init__(layers=[])
+        self.state = state
+
+    def __repr__(self) -> str:
+        rows = "empty" if self.state is None else f"{self.state.batch_size} rows, {self.state.seqlen} tokens"
+        return f"{type(self).__name__}({rows})"
+
+    # ------------------------------------------------------------------ lengths
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.state is None else self.state.seqlen
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1  # no maximum: the state's size does not depend on the length
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.state is None else self.state.batch_size
+
+    # ------------------------------------------------------------------ rows
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.state is not None:
+            self.state = self.state.select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.state is not None:
+            self.state = self.state.select(torch.arange(self.state.batch_size).repeat_interleave(repeats))
+
+    def reset(self) -> None:
+        self.state = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("a BlackMamba cache holds recurrent states, which cannot be rolled back "
+                         "(assisted / speculative decoding is not supported)")
+
+    # ------------------------------------------------------------------ what transformers asks of a cache
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.state is not None
 
 
-def _check_batch(cached: torch.Tensor, batch_size: int, layer: int) -> None:
-    if cached.shape[0] != batch_size:
-        raise ValueError(f"cache_params holds {cached.shape[0]} sequences at layer {layer}, "
-                         f"but input_ids has batch size {batch_size}")
-
-
-def bind_state(cache: Cache, lm: BlackMambaLM, batch_size: int, past_mask: torch.Tensor | None) -> State:
-    """A core ``State`` over ``cache``'s tensors (created on first use).
-
-    ``past_mask`` (b, past): the attention mask of the tokens already in the cache, which attention layers
-    need to keep cached padding masked (Mamba layers never see it: padding left no trace in their state);
-    ``None``: every past token is real.
-    """
-    if len(cache.layers) != len(lm.decoder.layers):
-        raise ValueError(f"cache_params has {len(cache.layers)} layers, the model has {len(lm.decoder.layers)}: "
-                         f"make it with DynamicCache(config=model.config)")
-    past = past_length(cache, lm)
-    if past is not None and past_mask is not None and past_mask.shape[1] != past:
-        raise ValueError(f"attention_mask covers {past_mask.shape[1]} past tokens but the cache holds {past}: "
-                         f"give a mask over the cached and the new tokens, or over the new tokens only")
-    layers = []
-    for i, blk in enumerate(lm.decoder.layers):
-        if blk.kind == "mamba":
-            if cache.get_conv_state(i) is None:
-                fresh = blk.new_state(batch_size, lm.dtype, lm.device)
-                cache.update_conv_state(fresh.conv, i)
-                cache.update_recurrent_state(fresh.ssm, i)
-            conv = cache.get_conv_state(i)
-            _check_batch(conv, batch_size, i)
-            layers.append(MambaState(conv=conv, ssm=cache.get_recurrent_state(i)))
-        elif blk.kind == "attention":
-            st = blk.new_state(batch_size, lm.dtype, lm.device)
-            if past:
-                layer = cache.layers[i]
-                _check_batch(layer.keys, batch_size, i)
-                st.k, st.v = layer.keys, layer.values
-                st.key_mask = (past_mask.bool() if past_mask is not None
-                               else torch.ones(batch_size, past, dtype=torch.bool, device=lm.device))
-            layers.append(st)
-        else:
-            layers.append(None)
-    return State(layers=layers, batch_size=batch_size, seqlen=past or 0)
-
-
-def commit(cache: Cache, state: State, past: int) -> None:
-    """Append the keys / values the forward added to each attention layer of ``cache``."""
-    for i, st in enumerate(state.layers):
-        if isinstance(st, AttentionState):
-            cache.update(st.k[:, :, past:], st.v[:, :, past:], i)
+__all__ = ["BlackMambaCache"]

@@ -17,10 +17,6 @@ from transformers import PreTrainedConfig
 
 from blackmamba.config import BlackMambaConfig as CoreConfig
 
-# transformers' per-layer cache types (``DynamicCache(config=...)`` builds one cache layer per entry):
-# Mamba layers keep a conv + SSM state, attention layers keys/values, MLP and MoE layers nothing.
-_CACHE_LAYER_TYPE = {"mamba": "linear_attention", "attention": "full_attention", "mlp": "moe", "moe": "moe"}
-
 
 class BlackMambaConfig(PreTrainedConfig):
     """Architecture of a BlackMamba model; see ``blackmamba.config.BlackMambaConfig`` for each field."""
@@ -62,10 +58,6 @@ class BlackMambaConfig(PreTrainedConfig):
     @property
     def num_hidden_layers(self) -> int:
         return len(self.layers)
-
-    @property
-    def layer_types(self) -> list[str]:
-        return [_CACHE_LAYER_TYPE[kind] for kind, _ in self.to_core().layer_kinds()]
 
 
 __all__ = ["BlackMambaConfig"]

@@ -5,9 +5,10 @@ A thin adapter, not a second implementation: the model's top-level modules *are*
 ``save_pretrained`` writes — holds exactly the native / release keys (``embedding.word_embeddings.weight``,
 ``decoder.layers.{i}.mixer.in_proj.weight``, ...), and ``forward`` runs the core model (``model.lm``).
 
-- ``generate()`` works with transformers' own ``DynamicCache`` (see ``blackmamba.hf.cache``): greedy,
-  sampling, beam search, streamers, stopping criteria. transformers passes the cache as ``cache_params``
-  (its name for Mamba-style models).
+- ``generate()`` keeps the recurrent state in a ``BlackMambaCache`` (a transformers ``Cache`` over the core
+  ``State``, see ``blackmamba.hf.cache``), which the forward creates on the first call: greedy, sampling, beam
+  search, streamers, stopping criteria. transformers 5.24 and later pass the cache as ``cache``, 5.23 as
+  ``cache_params``; the forward takes either and returns it under the name the installed release reads.
 - Logits are cut to ``config.vocab_size``: the padded embedding rows are never tokens.
 - ``from_pretrained`` loads transformers / native folders (they are the same format) and, through
   ``blackmamba.load_pretrained``, release-format folders and hub ids (``Zyphra/BlackMamba-1.5B``).
@@ -19,30 +20,36 @@ for ``trust_remote_code``; the core package is imported by absolute name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import ModelOutput
 
 from blackmamba.checkpoint import CheckpointError, load_pretrained
 from blackmamba.model import BlackMambaLM
 
-from .cache import bind_state, commit
+from .cache import BlackMambaCache
 from .configuration import BlackMambaConfig
 
 # keyword arguments that transformers' loss function takes from the Trainer
 _LOSS_KWARGS = ("num_items_in_batch",)
+# transformers 5.24 renamed every model's cache argument and output field to ``cache``; 5.23 calls a Mamba-style
+# model's cache ``cache_params`` (and finds it in the output under that name)
+CACHE_FIELD = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "cache_params"
 
 
-@dataclass
-class BlackMambaCausalLMOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None  # (b, l, vocab_size)
-    cache_params: Cache | None = None
+# loss, logits (b, l, vocab_size) and the cache, under CACHE_FIELD (a dataclass field of that one name: on 5.24 a
+# field named cache_params would shadow ModelOutput's alias of it)
+BlackMambaCausalLMOutput = dataclasses.make_dataclass(
+    "BlackMambaCausalLMOutput",
+    [("loss", "torch.Tensor | None", None), ("logits", "torch.Tensor | None", None),
+     (CACHE_FIELD, "BlackMambaCache | None", None)],
+    bases=(ModelOutput,), namespace={"__module__": __name__})
 
 
 class BlackMambaPreTrainedModel(PreTrainedModel):
@@ -59,6 +66,12 @@ class BlackMambaPreTrainedModel(PreTrainedModel):
         # The core model initialises itself when constructed; loading is strict, so no weight is ever left
         # for transformers to fill in.
         pass
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not make a DynamicCache: the forward makes its own BlackMambaCache (transformers'
+        # route for models that supply their cache, as its Mamba-style models did)
+        return False
 
 
 class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
@@ -121,14 +134,15 @@ class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                cache_params: Cache | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, return_dict: bool | None = None, **kwargs):
+                cache: BlackMambaCache | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, return_dict: bool | None = None,
+                cache_params: BlackMambaCache | None = None, **kwargs):
         """input_ids (b, l) → logits (b, l, vocab_size).
 
-        ``cache_params``: a ``DynamicCache(config=model.config)``; the tokens are consumed from it and it is
-        updated in place (``use_cache=True`` without one makes a fresh one). ``attention_mask``: 1 for tokens,
-        0 for (left) padding, over the new tokens or over the cached and the new ones (transformers' way).
-        ``labels``: transformers' causal-LM loss (labels are shifted inside; -100 is ignored).
+        ``cache`` (``cache_params`` on transformers 5.23): a ``BlackMambaCache``; the tokens are consumed from it
+        and it is updated in place (``use_cache=True`` without one makes a fresh one, returned in the output).
+        ``attention_mask``: 1 for tokens, 0 for (left) padding, over the new tokens or over the cached and the new
+        ones (transformers' way). ``labels``: transformers' causal-LM loss (shifted inside; -100 is ignored).
         """
         loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False)
@@ -137,28 +151,31 @@ class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
         if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a (batch, length) tensor of token ids")
         b, l = input_ids.shape
-        if cache_params is None and use_cache:
-            cache_params = DynamicCache(config=self.config)
-        mask = past_mask = None
+        if cache is None:
+            cache = cache_params
+        if cache is None and use_cache:
+            cache = BlackMambaCache()
+        if cache is not None and not isinstance(cache, BlackMambaCache):
+            raise TypeError(f"the cache must be a BlackMambaCache (blackmamba.hf.BlackMambaCache()), not "
+                            f"{type(cache).__name__}: a BlackMamba model keeps recurrent states")
+        if cache is not None and cache.state is None:
+            cache.state = self.lm.new_state(b)
+        past = cache.get_seq_length() if cache is not None else 0
+        if cache is not None and cache.state.batch_size != b:
+            raise ValueError(f"the cache holds {cache.state.batch_size} sequences, but input_ids has batch size {b}")
+        mask = None
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < l:
-                raise ValueError(f"attention_mask must be (batch, length) = ({b}, >= {l}), "
-                                 f"got {tuple(attention_mask.shape)}")
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] not in (l, past + l):
+                raise ValueError(f"attention_mask must be (batch, length) = ({b}, {l}) over the new tokens, or "
+                                 f"({b}, {past + l}) over the {past} cached and the new ones; got "
+                                 f"{tuple(attention_mask.shape)}")
             mask = attention_mask[:, -l:]
-            if attention_mask.shape[1] > l:
-                if cache_params is None:
-                    raise ValueError(f"attention_mask is longer ({attention_mask.shape[1]}) than input_ids ({l}) "
-                                     f"but there is no cache_params holding the earlier tokens")
-                past_mask = attention_mask[:, :-l]
-        state = bind_state(cache_params, self.lm, b, past_mask) if cache_params is not None else None
-        past = state.seqlen if state is not None else 0
-        logits = self.lm(input_ids, state=state, attention_mask=mask).logits[..., : self.config.vocab_size]
-        if state is not None:
-            commit(cache_params, state, past)
+        logits = self.lm(input_ids, state=cache.state if cache is not None else None,
+                         attention_mask=mask).logits[..., : self.config.vocab_size]
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        out = BlackMambaCausalLMOutput(loss=loss, logits=logits, cache_params=cache_params)
+        out = BlackMambaCausalLMOutput(loss=loss, logits=logits, **{CACHE_FIELD: cache})
         return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
 
 
@@ -182,4 +199,4 @@ def _is_release(path_or_id, revision: str | None) -> bool:
         return False
 
 
-__all__ = ["BlackMambaCausalLMOutput", "BlackMambaForCausalLM", "BlackMambaPreTrainedModel"]
+__all__ = ["BlackMambaCache", "BlackMambaCausalLMOutput", "BlackMambaForCausalLM", "BlackMambaPreTrainedModel"]
