@@ -66,12 +66,15 @@ def expert_usage(records: list[dict]) -> tuple[list[int], np.ndarray]:
     return layers, mat
 
 
-def plot_expert_usage(records: list[dict], path: Path) -> Path | None:
-    """Heatmap (MoE layer × expert) of the share of training tokens routed to each expert."""
+def expert_usage_figure(records: list[dict]):
+    """The heatmap of ``plot_expert_usage`` as a matplotlib Figure (None without router records); the caller
+    closes it. Cells and colour bar both read as percentages of the layer's tokens."""
     layers, mat = expert_usage(records)
     if not layers:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import PercentFormatter
+
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.7 * mat.shape[1]), 1.6 + 0.5 * len(layers)))
     im = ax.imshow(mat, cmap="viridis", aspect="auto", vmin=0)
     for r in range(mat.shape[0]):
@@ -82,8 +85,17 @@ def plot_expert_usage(records: list[dict], path: Path) -> Path | None:
     ax.set_xticks(range(mat.shape[1]))
     ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
     ax.set(xlabel="expert", title=f"share of training tokens per expert (uniform: {1 / mat.shape[1]:.1%})")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.colorbar(im, ax=ax, fraction=0.046, format=PercentFormatter(xmax=1), label="share of tokens")
     fig.tight_layout()
+    return fig
+
+
+def plot_expert_usage(records: list[dict], path: Path) -> Path | None:
+    """Heatmap (MoE layer × expert) of the share of training tokens routed to each expert, averaged over
+    the run (``expert_usage``), written to ``path``; None (and no file) without router records."""
+    fig = expert_usage_figure(records)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return Path(path)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import bz2
 from pathlib import Path
 
+import numpy as np
+
 from ..checkpoint import write_json
 from ..data.corpus import Corpus
 from ..textgen import generate_text
 from .metrics import read_metrics
-from .plots import plot_curves, plot_expert_usage
+from .plots import expert_usage, plot_curves, plot_expert_usage
 
 
 def bzip2_bpb(text: str) -> float:
@@ -21,6 +23,20 @@ def bzip2_bpb(text: str) -> float:
 def _duration(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def run_expert_load(records: list[dict]) -> list[dict]:
+    """Per MoE layer: each expert's share of the tokens over the whole run and max/mean load (1.0 =
+    balanced), from ``plots.expert_usage``, the same averages the heatmap shows; the train records'
+    own ``max_load`` describes only their logging window."""
+    layers, mat = expert_usage(records)
+    out = []
+    for i, row in zip(layers, mat):
+        row = row[~np.isnan(row)]
+        mean = float(row.mean())
+        out.append({"layer": i, "fraction": [round(float(f), 5) for f in row],
+                    "max_load": round(float(row.max()) / mean, 4) if mean > 0 else 0.0})
+    return out
 
 
 def finish_run(run_dir: Path, trainer, result, corpus: Corpus) -> str:
@@ -45,10 +61,10 @@ def finish_run(run_dir: Path, trainer, result, corpus: Corpus) -> str:
     if val:
         lines.append(f"validation ({val['val_bytes']:,} bytes held out): loss {val['val_loss']:.3f} nats/token, "
                      f"{val['val_bpb']:.3f} bits per byte (bzip2 -9 on the same text: {reference:.3f})")
-    last_router = next((r["router"] for r in reversed(records) if r.get("type") == "train" and r.get("router")), [])
-    if last_router:
-        loads = ", ".join(f"layer {r['layer']} {r['max_load']:.2f}" for r in last_router)
-        lines.append(f"experts (max/mean load, 1.00 = balanced): {loads}")
+    experts = run_expert_load(records)
+    if experts:
+        loads = ", ".join(f"layer {r['layer']} {r['max_load']:.2f}" for r in experts)
+        lines.append(f"experts, share of tokens over the run (max/mean load, 1.00 = balanced): {loads}")
     lines.append("plots: " + ", ".join(str(m) for m in made if m is not None))
     samples = []
     prompts = [s for s in cfg.train.sample_prompts if s]
@@ -62,7 +78,7 @@ def finish_run(run_dir: Path, trainer, result, corpus: Corpus) -> str:
         "steps": p.step, "tokens": p.tokens, "train_seconds": round(p.elapsed_s, 2),
         "tokens_per_s": round(result.tokens_per_s, 1), "final_train_loss": result.last_loss,
         "bzip2_bpb": round(reference, 4), **val,
-        "parameters": total, "active_parameters": active, "samples": samples})
+        "parameters": total, "active_parameters": active, "expert_load": experts, "samples": samples})
     text = "\n".join(lines)
     if samples:
         text += "\n\nsamples (temperature 0.8, top-k 50):\n" + "\n".join(

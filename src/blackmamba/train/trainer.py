@@ -49,6 +49,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _clock(seconds: float) -> str:
+    """A duration for a progress line: 45s, 3m05s, 2h07m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _flushed_print(msg: str) -> None:
+    print(msg, flush=True)
+
+
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (auto), fp32 on CPU (auto: bf16 matmuls are slower there on most CPUs)."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -58,13 +72,27 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 
 class Trainer:
+    """Trains ``cfg``'s model on ``data`` into ``run_dir``.
+
+    ``progress_bar``: a tqdm bar on stderr. Without it, ``run`` passes a one-line progress record
+    (step, percentage, mean loss and training tokens/s since the previous line, wall time since ``run``
+    started and, from the second line on, the time left at the wall time per step since the first line,
+    validation and checkpoints included) to ``log`` after the first step, so that the user sees the run
+    started, and then at most every ``progress_every_s`` seconds (0: every step), so that a run under
+    nohup, in CI or piped to a file shows it is alive; with the bar, no such lines are logged. The first
+    step is left out of the time left because it can include one-time work (compiling the CPU kernels).
+    ``log`` receives every message the trainer prints; the default flushes, since a redirected stdout is
+    block-buffered.
+    """
+
     def __init__(self, run_dir: Path, cfg: RunConfig, data: PreparedData, *, progress_bar: bool = True,
-                 log=print):
+                 log=_flushed_print, progress_every_s: float = 30.0):
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.data = data
         self.progress_bar = progress_bar
         self.log = log
+        self.progress_every_s = progress_every_s
         self.device = pick_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -135,6 +163,10 @@ class Trainer:
             bar = tqdm(total=c.steps, initial=self.progress.step, unit="step", dynamic_ncols=True, leave=True)
         last_val, last_loss = None, None
         window_loss, window_steps, window_time = 0.0, 0, 0.0
+        # the plain progress lines (no bar): when run started, when (and at which step) the first line was
+        # logged, sums since the last line
+        start_wall, first = time.monotonic(), None
+        line_wall, line_loss, line_steps, line_time = None, 0.0, 0, 0.0
         try:
             while self.progress.step < c.steps:
                 step = self.progress.step
@@ -171,6 +203,21 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+                else:
+                    line_loss += last_loss
+                    line_steps += 1
+                    line_time += dt
+                    now = time.monotonic()
+                    if line_wall is None or now - line_wall >= self.progress_every_s:
+                        msg = (f"step {step}/{c.steps} ({100 * step // c.steps}%)  loss {line_loss / line_steps:.3f}  "
+                               f"{tokens_per_step * line_steps / line_time:,.0f} tok/s  "
+                               f"elapsed {_clock(now - start_wall)}")
+                        if first is None:
+                            first = (now, step)
+                        else:
+                            msg += f"  eta {_clock((now - first[0]) / (step - first[1]) * (c.steps - step))}"
+                        self.log(msg)
+                        line_wall, line_loss, line_steps, line_time = now, 0.0, 0, 0.0
                 if step % c.log_every == 0 or step == c.steps:
                     metrics.write({"type": "train", "step": step, "loss": round(window_loss / window_steps, 5),
                                    "lr": lr, "grad_norm": round(norm, 5), "tokens": self.progress.tokens,
