@@ -87,8 +87,23 @@ def test_hub_failure_is_one_clear_error(monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(CheckpointError, match="could not fetch 'Zyphra/BlackMamba-2.8B'.*network unreachable"):
+    with pytest.raises(CheckpointError, match=r"Zyphra/BlackMamba-2.8B: no such local folder .* could not be fetched "
+                                              r"from the Hugging Face hub .*network unreachable"):
         blackmamba.load_pretrained("Zyphra/BlackMamba-2.8B")
+
+
+def test_a_missing_relative_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def hub(*a, **k):
+        raise AssertionError("looked up on the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for spec in ("runs/x", "./x", "a/b/c", "~/no-such-run-folder", str(tmp_path / "x")):
+        with pytest.raises(CheckpointError, match=r"no such folder \(.* does not exist\)"):
+            blackmamba.load_pretrained(spec)
 
 
 def test_every_bad_tensor_is_listed(model, tmp_path):

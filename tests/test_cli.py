@@ -34,6 +34,24 @@ def test_user_mistake_is_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_generate_mistakes_name_the_flag_and_come_before_the_model_loads(tmp_path):
+    """The command checks with the API's own validation; a prompt of undecodable bytes is refused in one line."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + "/src")
+    missing = str(tmp_path / "no-such-model")  # the model's error would come later: these come first
+    cases = [(["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"), (["--min-p", "2"], "--min-p 2.0: must be in [0, 1]"),
+             (["--top-k", "0"], "--top-k 0: must be an integer >= 1"),
+             (["--repetition-penalty", "0"], "--repetition-penalty 0.0: must be a number > 0"),
+             (["--max-new-tokens", "-1"], "--max-new-tokens -1: must be an integer >= 0")]
+    for flags, expected in cases:
+        r = subprocess.run([sys.executable, "-m", "blackmamba", "generate", missing, "hi", *flags],
+                           capture_output=True, text=True, env=env)
+        assert r.returncode == 2 and expected in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    r = subprocess.run([sys.executable.encode(), b"-m", b"blackmamba", b"generate", missing.encode(), b"ROMEO \xff"],
+                       capture_output=True, env=env)
+    err = r.stderr.decode(errors="replace").strip()
+    assert r.returncode == 2 and "not valid UTF-8" in err and err.count("\n") == 0, err
+
+
 _PROBE = """
 import os, sys
 import blackmamba.cli

@@ -127,6 +127,32 @@ def test_convert_rejects_checkpoints_that_do_not_fit(native, tmp_path):
         convert(bad, tmp_path / "out", "release")
 
 
+@pytest.mark.parametrize("case", ["read-only", "full", "file-size"])
+def test_an_unwritable_or_full_destination_is_one_line_and_leaves_nothing(release, tmp_path, case):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from oslimits import file_size_limit, private_mount
+
+    prefix, preexec, dst = [], None, tmp_path / "out"
+    if case == "file-size":
+        preexec = file_size_limit(20_000)  # the first tensor file fails to write, as on a full disk
+        expected = "could not write the checkpoint (File too large); nothing was left there"
+    else:
+        prefix, mnt = private_mount(tmp_path, "ro" if case == "read-only" else "size=16k")
+        dst = mnt / "out"
+        expected = "cannot write there (Read-only file system)" if case == "read-only" else "are free there"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    proc = subprocess.run([*prefix, sys.executable, "-m", "blackmamba", "convert", str(release), str(dst),
+                           "--to", "native", "--dtype", "float32"], env=env, capture_output=True, text=True,
+                          timeout=120, preexec_fn=preexec)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and expected in err and err.count("\n") == 0, err
+    assert not dst.exists() and not list(dst.parent.glob(".out.*"))
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("123") == 123
     assert parse_size("1.5 MB") == 1_500_000

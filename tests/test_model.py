@@ -66,22 +66,45 @@ def test_padded_batch_equals_each_prompt_alone(model):
 
 
 def test_sampled_padded_batch_equals_each_prompt_alone(model):
+    """With one seed per row, a sampled row is what the prompt gives alone with that seed (batch invariance)."""
     prompts = [[5, 6, 7, 8, 9], [3], [40, 41, 42]]
     ids, mask = pad_prompts(prompts, pad_id=0)
-    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.95, seed=11)
-    batch = model.generate(ids, attention_mask=mask, **kw)
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.95)
+    batch = model.generate(ids, attention_mask=mask, seed=[11, 12, 13], **kw)
     for i, p in enumerate(prompts):
-        alone = model.generate(torch.tensor([p]), **kw)
+        alone = model.generate(torch.tensor([p]), seed=[11 + i], **kw)
         assert batch[i, ids.shape[1]:].tolist() == alone[0, len(p):].tolist()
 
 
-def test_sampling_is_reproducible_with_a_seed(model):
-    ids = torch.tensor([[1, 2, 3]])
-    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.3, top_k=20, top_p=0.9, seed=7)
-    a, b = model.generate(ids, **kw), model.generate(ids, **kw)
-    assert torch.equal(a, b)
-    c = model.generate(ids, **{**kw, "seed": 8})
-    assert not torch.equal(a, c)
+def test_every_row_samples_from_a_stream_of_its_own(model):
+    ids = torch.tensor([[7, 8, 9]] * 4)  # the same prompt four times: only the streams can tell the rows apart
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.5)
+    for seed in (3, None):
+        out = model.generate(ids, seed=seed, **kw)[:, 3:].tolist()
+        assert len({tuple(r) for r in out}) == 4, out  # no two rows alike
+    a, b = model.generate(ids, seed=3, **kw), model.generate(ids, seed=3, **kw)
+    assert torch.equal(a, b)  # a seeded batch is reproducible
+    assert not torch.equal(a, model.generate(ids, seed=4, **kw))
+    torch.manual_seed(0)
+    c = model.generate(ids, **kw)
+    torch.manual_seed(0)
+    assert torch.equal(c, model.generate(ids, **kw))  # unseeded rows follow torch's global generator
+    # greedy batches are unaffected: every row equals its prompt alone
+    greedy = model.generate(ids, max_new_tokens=6)
+    assert all(row.tolist() == greedy[0].tolist() for row in greedy)
+
+
+@pytest.mark.parametrize("option, value", [("top_p", 0), ("top_p", 1.5), ("min_p", 2), ("top_k", 0), ("top_k", 2.5),
+                                           ("temperature", 0), ("temperature", float("nan")),
+                                           ("repetition_penalty", 0), ("repetition_penalty", -1.0),
+                                           ("max_new_tokens", -1), ("seed", -3), ("seed", [1, 2])])
+def test_generation_options_are_checked_with_the_options_name(model, option, value):
+    from blackmamba.generation import OptionError
+
+    kw = {"do_sample": True, "max_new_tokens": 3, option: value}
+    with pytest.raises(OptionError, match=rf"^{option} ") as e:
+        model.generate(torch.tensor([[1, 2, 3]]), **kw)
+    assert [name for name, _ in e.value.problems] == [option]
 
 
 def test_generation_never_emits_padding_rows():
@@ -94,11 +117,16 @@ def test_generation_never_emits_padding_rows():
 
 
 def test_eos_stops_and_pads_with_eos(model):
-    ids = torch.tensor([[4, 5, 6]])
+    ids = torch.tensor([[4, 5, 6], [7, 8, 9]])
     free = model.generate(ids, max_new_tokens=6)
-    eos = int(free[0, 4])
+    eos = int(free[0, 4])  # the second new token of row 0
+    assert eos not in free[1, 3:].tolist() and eos != int(free[0, 3])
     stopped = model.generate(ids, max_new_tokens=6, eos_token_id=eos)
-    assert stopped[0, -1] == eos and stopped.shape[1] <= free.shape[1]
+    # row 0 stops at its EOS and repeats it while row 1 goes on, unchanged, to the end
+    assert stopped.shape == free.shape and stopped[1].tolist() == free[1].tolist()
+    assert stopped[0].tolist() == free[0, :5].tolist() + [eos] * 4
+    alone = model.generate(ids[:1], max_new_tokens=6, eos_token_id=eos)
+    assert alone.tolist() == free[:1, :5].tolist()  # alone, generation ends with the EOS
 
 
 def test_bad_token_ids_and_shapes_are_named(model):
@@ -110,6 +138,29 @@ def test_bad_token_ids_and_shapes_are_named(model):
         model(torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="batch size 1"):
         model(torch.tensor([[1], [2]]), state=model.new_state(batch_size=1))
+    with pytest.raises(ValueError, match="no rows"):
+        model(torch.zeros(0, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="no rows"):
+        model.generate(torch.zeros(0, 5, dtype=torch.long))
+
+
+def test_attention_mask_must_be_left_padding(model):
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    bad = {"a hole": [[1, 0, 1, 1], [1, 1, 1, 1]], "right padding": [[1, 1, 1, 1], [1, 1, 0, 0]],
+           "all padding": [[1, 1, 1, 1], [0, 0, 0, 0]], "not 0/1": [[1, 1, 2, 1], [1, 1, 1, 1]]}
+    messages = {"a hole": "row 0 has padding after a token", "right padding": "row 1 has padding after a token",
+                "all padding": "row 1 is all padding", "not 0/1": "must hold 0"}
+    for case, mask in bad.items():
+        with pytest.raises(ValueError, match=messages[case]):
+            model(ids, attention_mask=torch.tensor(mask))
+        with pytest.raises(ValueError, match=messages[case]):
+            model.generate(ids, attention_mask=torch.tensor(mask), max_new_tokens=2)
+    # a long left padding may fill a whole chunk of a chunked prefill; after a row's first token, no more
+    state = model.new_state(2)
+    model(ids[:, :2], state=state, attention_mask=torch.tensor([[1, 1], [0, 0]]))
+    model(ids[:, 2:], state=state, attention_mask=torch.tensor([[1, 1], [0, 1]]))
+    with pytest.raises(ValueError, match="row 0 has padding after a token"):
+        model(ids[:, :2], state=state, attention_mask=torch.tensor([[0, 1], [1, 1]]))
 
 
 def test_loss_and_backward(model):

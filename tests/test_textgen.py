@@ -77,3 +77,22 @@ def test_eos_ends_generation(model, tok):
 def test_prompt_that_tokenizes_to_nothing_is_refused(model, tok):
     with pytest.raises(ValueError, match="tokenizes to nothing"):
         generate_text(model, tok, ["fine", ""], 5)
+
+
+def test_prompts_of_a_sampled_batch_do_not_share_a_stream(model, tok):
+    """Different prompts must not converge on the same text because they draw the same random numbers."""
+    prompts = ["ROMEO.", "KING.", "JULIET."]
+    kw = dict(do_sample=True, temperature=1.0, seed=0)
+    texts = generate_text(model, tok, prompts, 25, **kw)
+    assert len(set(texts)) == 3
+    same = generate_text(model, tok, ["ROMEO."] * 3, 25, **kw)
+    assert len(set(same)) == 3, same  # even one prompt three times gives three texts
+    assert generate_text(model, tok, prompts, 25, **kw) == texts
+
+
+def test_text_that_is_not_utf8_is_refused(model, tok):
+    bad = b"ROMEO \xff".decode("utf-8", "surrogateescape")  # how a command line carries undecodable bytes
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        generate_text(model, tok, [bad], 5)
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        list(stream_text(model, tok, bad, 5))

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from oslimits import file_size_limit, private_mount
 from textdata import corpus_dir, isolated_cache, one_thread  # noqa: F401  (fixtures)
 
 from blackmamba.cli import main
@@ -218,3 +219,101 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path, corpus_di
     assert train(tmp_path / "ckpt", corpus_dir, *args, "--set", "train.activation_checkpointing=true") == 0
     a, b = records(tmp_path / "plain", "train"), records(tmp_path / "ckpt", "train")
     assert [a[s]["loss"] for s in (1, 2, 3)] == pytest.approx([b[s]["loss"] for s in (1, 2, 3)], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the run folder
+def _spawn_training(run: Path, corpus: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    return subprocess.Popen([sys.executable, "-m", "blackmamba", "train", "--out", str(run), "--data", str(corpus),
+                             *TINY, *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+
+def test_a_run_folder_is_locked_for_the_life_of_its_run(tmp_path, corpus_dir, capsys):
+    run = tmp_path / "run"
+    proc = _spawn_training(run, corpus_dir, "--steps", "100000", "--set", "train.checkpoint_every=2")
+    try:
+        _wait_for(lambda: list_checkpoints(run), proc)  # training, with a checkpoint to resume from
+        before = (run / "train_config.json").read_bytes()
+        for argv in (["train", "--out", str(run), "--data", str(corpus_dir), *TINY],
+                     ["train", "--out", str(run), "--resume", "--no-progress"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert f"in use by pid {proc.pid}" in err and err.count("\n") == 0, err
+        assert (run / "train_config.json").read_bytes() == before
+    finally:
+        proc.kill()
+        proc.wait()
+    # the lock dies with its process: the killed run resumes
+    assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--no-progress"]) == 0
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_clean(tmp_path, corpus_dir):
+    run = tmp_path / "run"
+    args = ["--steps", "6", "--set", "train.log_every=1", "--set", "train.checkpoint_every=1000",
+            "--set", "train.sample_tokens=0"]
+    proc = _spawn_training(run, corpus_dir, *args)
+    try:
+        _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(records(run, "train")) >= 3, proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not list_checkpoints(run)
+    (run / ".model.safetensors.k1ll3d.tmp").write_bytes(b"torn")  # what a kill mid-write leaves
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the killed attempt's records are gone, not doubled back
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_resume_refuses_fewer_steps_than_done(tmp_path, corpus_dir, capsys):
+    run = tmp_path / "run"
+    assert train(run, corpus_dir, "--steps", "4", "--set", "train.sample_tokens=0") == 0
+    capsys.readouterr()
+    before = (run / "train_config.json").read_bytes()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already done 4 steps" in err and err.count("\n") == 0
+    assert (run / "train_config.json").read_bytes() == before
+
+
+def test_non_finite_settings_are_refused(tmp_path, capsys):
+    for setting in ("optim.lr=inf", "optim.lr=nan", "optim.grad_clip=inf"):
+        assert main(["train", "--out", str(tmp_path / "r"), *TINY, "--set", setting]) == 2
+        err = capsys.readouterr().err.strip()
+        assert setting.split("=")[0] in err and "finite" in err, err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("options, expected", [("ro", "cannot write there (Read-only file system)"),
+                                               ("size=64k", "are free there")])
+def test_a_read_only_or_full_output_is_refused_before_the_corpus_is_read(tmp_path, options, expected):
+    prefix, mnt = private_mount(tmp_path, options)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    proc = subprocess.run([*prefix, sys.executable, "-m", "blackmamba", "train", "--out", str(mnt / "run"),
+                           "--data", str(tmp_path / "no-such-corpus"), *TINY], env=env, capture_output=True,
+                          text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and expected in err and err.count("\n") == 0, err  # not the corpus' error
+
+
+def test_an_output_that_fills_up_mid_run_is_one_line_and_leaves_nothing_torn(tmp_path, corpus_dir):
+    """The file-size limit makes the first checkpoint's write fail as a full disk would."""
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"), BLACKMAMBA_BACKEND="reference")
+    proc = subprocess.run([sys.executable, "-m", "blackmamba", "train", "--out", str(run), "--data", str(corpus_dir),
+                           *TINY, "--steps", "2", "--set", "model.hidden_size=256"], env=env, capture_output=True,
+                          text=True, timeout=300, preexec_fn=file_size_limit(2_000_000))
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "could not write (File too large)" in err[0], proc.stderr
+    leftovers = [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers and not list_checkpoints(run)
+    assert not (run / "model.safetensors").exists()

@@ -8,21 +8,20 @@ Release folder:  ``config.json`` (num_layers, hidden_size, ..., mamba_moe_layers
 Both share one key layout (the model's module names equal the release's), so loading is: read the
 config, read the tensors, check every key and shape against the model, then assign. Any mismatch is a
 ``CheckpointError`` listing every offending key — never a silent partial load. Every file is written to
-a temporary name and renamed, so an interrupted save never leaves a torn checkpoint.
+a temporary name and renamed (``blackmamba.files``), so an interrupted save never leaves a torn checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import BlackMambaConfig, ConfigError, parse_layer
+from .files import atomic_file, write_json
 from .model import BlackMambaLM
 
 CONFIG_NAME = "config.json"
@@ -45,31 +44,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model; the message lists every problem."""
-
-
-# ----------------------------------------------------------------------------- atomic writes
-def atomic_write_with(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename tmp_path to ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------- configs
@@ -226,22 +200,30 @@ def check_state_dict(model: BlackMambaLM, sd: dict[str, torch.Tensor], source: s
 
 # ----------------------------------------------------------------------------- load
 def resolve_path(path_or_id, revision: str | None = None) -> Path:
-    """A local folder as is; a hub id ("Zyphra/BlackMamba-1.5B") downloaded through huggingface_hub."""
-    p = Path(str(path_or_id)).expanduser()
+    """A local folder as is; a hub id ("Zyphra/BlackMamba-1.5B") downloaded through huggingface_hub.
+
+    A name that can only be a path (``./x``, ``/x``, ``~/x``, ``a/b/c``, or ``runs/x`` where ``runs`` is a local
+    folder) is never looked up on the hub: its absence is reported as a missing folder. For ``owner/name`` that
+    is neither here nor on the hub, the error says both."""
+    spec = str(path_or_id)
+    p = Path(spec).expanduser()
     if p.exists():
         if not p.is_dir():
             raise CheckpointError(f"{p}: not a folder (give the folder holding config.json)")
         return p
-    if _HUB_ID.match(str(path_or_id)):
-        from huggingface_hub import snapshot_download
+    first = Path(spec).parts[0] if Path(spec).parts else ""
+    local = spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec) or Path(first).is_dir()
+    if local:
+        raise CheckpointError(f"{spec}: no such folder ({p.absolute()} does not exist)")
+    from huggingface_hub import snapshot_download
 
-        try:
-            return Path(snapshot_download(str(path_or_id), revision=revision,
-                                          allow_patterns=["*.json", "*.safetensors", RELEASE_WEIGHTS, "*.txt"]))
-        except Exception as e:  # network, auth, missing repo: one clear line
-            raise CheckpointError(f"could not fetch {path_or_id!r} from the Hugging Face hub: "
-                                  f"{type(e).__name__}: {e}") from None
-    raise CheckpointError(f"{path_or_id}: no such folder, and not a hub id of the form owner/name")
+    try:
+        return Path(snapshot_download(spec, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", RELEASE_WEIGHTS, "*.txt"]))
+    except Exception as e:  # network, auth, missing repo: one clear line
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{spec}: no such local folder ({p.absolute()} does not exist), and it could not be "
+                              f"fetched from the Hugging Face hub as a model id ({type(e).__name__}: {why})") from None
 
 
 def cast_model(model: BlackMambaLM, dtype: torch.dtype) -> BlackMambaLM:
@@ -294,7 +276,8 @@ def save_pretrained(model: BlackMambaLM, directory, *, max_shard_bytes: int | No
           .detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": "pt", "model_type": MODEL_TYPE}
     if max_shard_bytes is None or sum(t.numel() * t.element_size() for t in sd.values()) <= max_shard_bytes:
-        atomic_write_with(directory / SAFETENSORS_NAME, lambda tmp: save_file(sd, tmp, metadata=meta))
+        with atomic_file(directory / SAFETENSORS_NAME) as tmp:
+            save_file(sd, str(tmp), metadata=meta)
         (directory / SAFETENSORS_INDEX).unlink(missing_ok=True)
     else:
         shards, cur, size = [], {}, 0
@@ -309,7 +292,8 @@ def save_pretrained(model: BlackMambaLM, directory, *, max_shard_bytes: int | No
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            atomic_write_with(directory / name, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
+            with atomic_file(directory / name) as tmp:
+                save_file(shard, str(tmp), metadata=meta)
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in sd.values())
         write_json(directory / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -324,5 +308,6 @@ def save_release(model: BlackMambaLM, directory, *, dtype: torch.dtype | None = 
     cfg = config_to_release(model.config)
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
           for k, v in model.state_dict().items()}
-    atomic_write_with(directory / RELEASE_WEIGHTS, lambda tmp: torch.save({"model": sd}, tmp))
+    with atomic_file(directory / RELEASE_WEIGHTS) as tmp:
+        torch.save({"model": sd}, tmp)
     write_json(directory / CONFIG_NAME, cfg)

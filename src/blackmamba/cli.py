@@ -83,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data.corpus import DataError
+    from .files import OutputError
 
     try:
         return int(args._run(args) or 0)
-    except (UserError, CheckpointError, ConfigError, DataError, FileNotFoundError) as e:
+    except (UserError, CheckpointError, ConfigError, DataError, OutputError, FileNotFoundError) as e:
         msg = str(e).strip() or type(e).__name__
         print(f"blackmamba {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .files import OutputError, atomic_dir, check_free_space, describe_os_error, writable_folder, write_errors
 
 FORMATS = ("native", "release", "hf")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -89,22 +90,21 @@ def convert(src, dst, to: str, *, dtype: torch.dtype | None = None, max_shard_by
     dst = Path(dst).expanduser()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ValueError(f"{dst} already exists and is not an empty folder: choose a new destination")
+    writable_folder(dst.parent)  # before reading SRC, which may be a download of gigabytes
     model, fmt, directory = read_model(src)
     if dtype is not None:
         cast(model, to, dtype)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+    check_free_space(dst.parent, sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+                     "the converted checkpoint")
     try:
-        write(model, tmp, to, max_shard_bytes=max_shard_bytes)
-        for name in TOKENIZER_FILES:
-            if (directory / name).is_file():
-                shutil.copyfile(directory / name, tmp / name)
-        if dst.exists():
-            dst.rmdir()  # empty, checked above
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(dst) as tmp:  # DST appears complete or not at all
+            write(model, tmp, to, max_shard_bytes=max_shard_bytes)
+            for name in TOKENIZER_FILES:
+                if (directory / name).is_file():
+                    shutil.copyfile(directory / name, tmp / name)
+    except write_errors() as e:
+        raise OutputError(f"{dst}: could not write the checkpoint ({describe_os_error(e)}); nothing was left "
+                          f"there") from None
     return fmt
 
 

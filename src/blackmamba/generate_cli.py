@@ -32,26 +32,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
 
 
-def _check(args) -> None:
+def sampling_options(args) -> dict:
+    """The generation options the command line gives, checked by the API's own validation
+    (``generation.check_options``); a problem is a ``UserError`` naming the flag."""
     from .cli import UserError
+    from .generation import OptionError, check_options
 
-    problems = []
-    if args.max_new_tokens < 0:
-        problems.append(f"--max-new-tokens {args.max_new_tokens}: must be >= 0")
-    if not args.greedy and not args.temperature > 0:
-        problems.append(f"--temperature {args.temperature}: must be > 0 (or use --greedy)")
-    if args.top_k is not None and args.top_k < 1:
-        problems.append(f"--top-k {args.top_k}: must be >= 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        problems.append(f"--top-p {args.top_p}: must be in (0, 1]")
-    if args.min_p is not None and not 0 <= args.min_p <= 1:
-        problems.append(f"--min-p {args.min_p}: must be in [0, 1]")
-    if not args.repetition_penalty > 0:
-        problems.append(f"--repetition-penalty {args.repetition_penalty}: must be > 0")
+    options = {"max_new_tokens": args.max_new_tokens, "do_sample": not args.greedy,
+               "repetition_penalty": args.repetition_penalty}
+    if not args.greedy:
+        options.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                       seed=args.seed)
+    try:
+        check_options(**options)
+    except OptionError as e:
+        raise UserError("; ".join(f"--{name.replace('_', '-')} {why.removeprefix('= ')}"
+                                  for name, why in e.problems)) from None
     if args.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"--device {args.device!r}: choose auto, cpu or cuda")
-    if problems:
-        raise UserError("; ".join(problems))
+        raise UserError(f"--device {args.device!r}: choose auto, cpu or cuda")
+    return options
 
 
 def load_model_and_tokenizer(spec: str, tokenizer: str | None = None, device: str = "auto"):
@@ -88,29 +87,31 @@ def load_model_and_tokenizer(spec: str, tokenizer: str | None = None, device: st
 
 def run(args: argparse.Namespace) -> int:
     from .cli import UserError
-    from .textgen import encode_prompt, generate_text, stream_text
+    from .textgen import check_prompt, encode_prompt, generate_text, stream_text
 
-    _check(args)
+    sampling = sampling_options(args)
+    max_new = sampling.pop("max_new_tokens")
+    try:
+        for p in args.prompts:
+            check_prompt(p)  # before the model loads
+    except ValueError as e:
+        raise UserError(str(e)) from None
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device)
     for p in args.prompts:
         try:
             encode_prompt(tok, p)
         except ValueError as e:
             raise UserError(str(e)) from None
-    sampling = {"do_sample": not args.greedy, "repetition_penalty": args.repetition_penalty}
-    if not args.greedy:
-        sampling.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                        seed=args.seed)
     if len(args.prompts) == 1:
         prompt = args.prompts[0]
         sys.stdout.write(prompt)
         sys.stdout.flush()
-        for piece in stream_text(model, tok, prompt, args.max_new_tokens, stop=args.stop, **sampling):
+        for piece in stream_text(model, tok, prompt, max_new, stop=args.stop, **sampling):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    texts = generate_text(model, tok, args.prompts, args.max_new_tokens, stop=args.stop, **sampling)
+    texts = generate_text(model, tok, args.prompts, max_new, stop=args.stop, **sampling)
     for i, (prompt, text) in enumerate(zip(args.prompts, texts)):
         if i:
             print("-" * 40)

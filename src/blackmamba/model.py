@@ -38,7 +38,8 @@ class State:
 
     layers: list = field(default_factory=list)
     batch_size: int = 0
-    seqlen: int = 0  # tokens consumed so far
+    seqlen: int = 0  # tokens consumed so far (padding included)
+    started: list[bool] = field(default_factory=list)  # per row: a real (unpadded) token was consumed
 
     def nbytes(self) -> int:
         total = 0
@@ -61,7 +62,8 @@ class State:
                 continue
             layers.append(type(st)(**{f.name: getattr(st, f.name).index_select(0, rows.to(getattr(st, f.name).device))
                                       for f in dataclasses.fields(st)}))
-        return State(layers=layers, batch_size=len(rows), seqlen=self.seqlen)
+        return State(layers=layers, batch_size=len(rows), seqlen=self.seqlen,
+                     started=[self.started[i] for i in rows.tolist()])
 
 
 class Block(nn.Module):
@@ -148,15 +150,22 @@ class BlackMambaLM(nn.Module):
         dtype = dtype or self.dtype
         device = device or self.device
         return State(layers=[blk.new_state(batch_size, dtype, device) for blk in self.decoder.layers],
-                     batch_size=batch_size, seqlen=0)
+                     batch_size=batch_size, seqlen=0, started=[False] * batch_size)
 
     # ------------------------------------------------------------------ forward
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     state: State | None = None) -> None:
+        """ValueError naming the problem unless ``input_ids`` is a non-empty (batch, length) tensor of ids the
+        vocabulary has, and ``attention_mask`` (if given) left padding of the same shape: 0s then 1s in every row,
+        every row holding a token, unless ``state`` shows the row's tokens are still to come (a chunk of a long
+        left padding) — a row that already consumed tokens takes no more padding."""
         if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a (batch, length) integer tensor, got {shape}")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids has no rows: give at least one sequence")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: give at least one token per sequence")
         lo, hi = int(input_ids.min()), int(input_ids.max())
@@ -164,6 +173,27 @@ class BlackMambaLM(nn.Module):
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is out of range: the model's vocabulary has ids 0..{V - 1}")
+        if state is not None and state.batch_size != input_ids.shape[0]:
+            raise ValueError(f"state was made for batch size {state.batch_size}, input has batch size "
+                             f"{input_ids.shape[0]}")
+        if attention_mask is None:
+            return
+        if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
+            shape = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask shape {shape} != input_ids shape {tuple(input_ids.shape)}")
+        if attention_mask.is_floating_point() or attention_mask.is_complex() or \
+                not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold 0 (padding) and 1 (token), as integers or booleans")
+        m = attention_mask.bool()
+        holes = (m[:, :-1] & ~m[:, 1:]).any(1)
+        started = torch.tensor(state.started, device=m.device) if state is not None else torch.zeros_like(holes)
+        for row in (holes | (started & ~m.all(1))).nonzero().flatten().tolist():
+            raise ValueError(f"attention_mask row {row} has padding after a token (a hole or right padding): "
+                             f"only left padding is supported")
+        empty = ~m.any(1) & ~started
+        if state is None and bool(empty.any()):
+            raise ValueError(f"attention_mask row {int(empty.nonzero()[0])} is all padding: every sequence needs a "
+                             f"token")
 
     def forward(self, input_ids: torch.Tensor, state: State | None = None,
                 attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> ModelOutput:
@@ -173,17 +203,11 @@ class BlackMambaLM(nn.Module):
         ``attention_mask`` (b, l): 1 for tokens, 0 for (left) padding, which then never reaches any state.
         ``targets`` (b, l): also return the mean cross-entropy (positions with target -100 are ignored).
         """
-        self._check_ids(input_ids)
+        self.check_inputs(input_ids, attention_mask, state)
         b, l = input_ids.shape
-        if state is not None and state.batch_size != b:
-            raise ValueError(f"state was made for batch size {state.batch_size}, input has batch size {b}")
         mask = None
-        if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                                 f"{tuple(input_ids.shape)}")
-            if not bool(attention_mask.all()):
-                mask = attention_mask.bool()
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask.bool()
         h = self.embedding.word_embeddings(input_ids.long())
         residual = None
         fp32 = self.config.residual_in_fp32
@@ -199,6 +223,8 @@ class BlackMambaLM(nn.Module):
         logits = linear(h, weight)  # op `linear`: on CPU a decode-sized gemv reads bf16 weights directly
         if state is not None:
             state.seqlen += l
+            state.started = [True] * b if mask is None else [a or bool(r) for a, r in zip(state.started,
+                                                                                          mask.any(1).tolist())]
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long(),

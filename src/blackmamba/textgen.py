@@ -18,7 +18,21 @@ import torch
 from .generation import pad_prompts
 
 
+def check_prompt(prompt) -> None:
+    """ValueError unless ``prompt`` is text that UTF-8 can hold (a command line's undecodable bytes arrive as
+    lone surrogates, which no tokenizer takes)."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"a prompt must be text (str), got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the prompt {prompt!r} is not valid UTF-8 text (at character {e.start}); "
+                         f"check the terminal's encoding") from None
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids; ValueError for text that is not valid (``check_prompt``) or tokenizes to nothing."""
+    check_prompt(prompt)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError(f"the prompt {prompt!r} tokenizes to nothing: give some text")

