@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from ecosystem_fixtures import TEXT, model_folder, tiny_model, train_tokenizer
+from ecosystem_fixtures import EOS, TEXT, model_folder, tiny_model, train_tokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import blackmamba
 from blackmamba.cli import main
 from blackmamba.eval.perplexity import score_text, score_tokens
 from blackmamba.eval.state import select_rows
+from blackmamba.eval.textstream import PIECE_CHARS, can_cut, encode_text, read_text_chunks, split_pieces
 from blackmamba.eval.tokenizer import load_tokenizer, prefix_token_id
 
 V = 320
@@ -119,6 +127,213 @@ def test_eval_command_errors(folder, tmp_path, monkeypatch, capsys, argv, messag
     (tmp_path / "t.txt").write_text("hello there")
     assert main(["eval", str(folder), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- long texts in pieces
+MULTI_LINE = TEXT[:700].replace(". ", ".\n").replace("? ", "?\n\n  ")  # line breaks, blank and indented lines
+ONE_LINE = TEXT[:700]
+ENV = {**os.environ, "PYTHONPATH": str(Path(blackmamba.__file__).parents[1])}  # this checkout's package
+
+
+def neox_like(tok):
+    """``tok`` with GPT-NeoX-20B's extras: an NFC normalizer and added tokens for runs of whitespace."""
+    from tokenizers import AddedToken, Tokenizer, normalizers
+
+    t = Tokenizer.from_str(tok.to_str())
+    t.normalizer = normalizers.NFC()
+    t.add_tokens([AddedToken(w, normalized=True) for w in ("  ", "   ", "\n\n", "\t\t")])
+    return t
+
+
+@pytest.mark.parametrize("text", [MULTI_LINE, ONE_LINE], ids=["multi-line", "one-line"])
+@pytest.mark.parametrize("piece_chars", [1, 13, 200, PIECE_CHARS])
+def test_scoring_in_pieces_equals_scoring_the_whole_text(model, tok, text, piece_chars):
+    pieces = list(split_pieces([text], piece_chars))
+    assert "".join(pieces) == text
+    cuts = [i for i in range(1, len(text) - 1)
+            if text[i] in " \n" and not text[i - 1].isspace() and not text[i + 1].isspace()]
+    if piece_chars == 1:  # every cut point is used
+        assert [len(p) for p in pieces] == [b - a for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    else:  # the first cut point at or after piece_chars characters
+        assert all(len(p) >= piece_chars for p in pieces[:-1])
+        assert 1 < len(pieces) <= len(text) // piece_chars + 1 if piece_chars < len(text) else len(pieces) == 1
+    assert all(p.startswith((" ", "\n")) for p in pieces[1:])
+    # what score_text computed before it encoded in pieces: the whole text at once
+    whole = tok.encode(text, add_special_tokens=False)
+    eot = prefix_token_id(tok)
+    nll, n = score_tokens(model, whole.ids, prefix=eot)
+    got = score_text(model, tok, text, piece_chars=piece_chars)
+    assert (got.nll, got.tokens, got.bytes) == (nll, len(whole.ids), len(text.encode("utf-8")))
+    # chunks as read from a file, cut anywhere, give the same
+    chunks = [text[i:i + 7] for i in range(0, len(text), 7)]
+    assert score_text(model, tok, iter(chunks), piece_chars=piece_chars) == got
+    # without a prefix token, the bytes of the first token are not counted
+    from tokenizers import Tokenizer
+
+    plain = json.loads(tok.to_str())
+    plain["added_tokens"] = []
+    bare = Tokenizer.from_str(json.dumps(plain))
+    nll, n = score_tokens(model, whole.ids, prefix=None)
+    got = score_text(model, bare, text, piece_chars=piece_chars)
+    assert (got.nll, got.tokens) == (nll, len(whole.ids) - 1)
+    assert got.bytes == len(text[whole.offsets[0][1]:].encode("utf-8")) == len(text.encode()) - 3  # "The"
+
+
+FRAGMENTS = ["the", "dog", "Où", "bibliothèque", "'s", "'ll", "n't", "it's", "'", " ", "  ", "   ", "\n", "\n\n",
+             "\t", " \n ", "\r", ".", ",", "?!", "42", "3.14", "-", "\u00a0", "\u3000", "\u2028", "\u0085", "\x1c",
+             "\u200b", "\ufeff", "e\u0301", "\u0301", "\u212b", "\u00a8", "字", "漢字。", "😀", EOS]
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=3)), max_size=40).map("".join),
+       piece_chars=st.integers(1, 12), chunk=st.integers(1, 9))
+def test_encoding_in_pieces_gives_the_ids_of_the_whole_text(tok, text, piece_chars, chunk):
+    chunks = [text[i:i + chunk] for i in range(0, len(text), chunk)]
+    for t in (tok, neox_like(tok)):
+        assert can_cut(t)
+        whole = t.encode(text, add_special_tokens=False)
+        got = encode_text(t, iter(chunks), piece_chars)
+        assert got.ids.tolist() == whole.ids
+        assert got.bytes == len(text.encode("utf-8"))
+        assert got.first_token_bytes == (len(text[: whole.offsets[0][1]].encode()) if whole.ids else 0)
+
+
+def test_a_cut_point_ends_a_pre_token_for_every_character_before_it():
+    """The cut rule's premise, over the Basic Multilingual Plane (all of Unicode takes 16 s): every character
+    that ``str.isspace`` rejects ends a pre-token of the GPT-2 pattern when a space or line break follows, and
+    NFC maps it to text that does not end in whitespace."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str
+    nfc = normalizers.NFC().normalize_str
+    chars = [chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000 and not chr(c).isspace()]
+    assert len(chars) > 63_000
+    for c in chars:
+        for ws in " \n":
+            assert 2 in [start for _, (start, _) in split("x" + c + ws + "a")], (hex(ord(c)), ws)
+        assert not nfc(c)[-1:].isspace(), hex(ord(c))
+
+
+def test_other_tokenizers_are_encoded_whole(tok):
+    from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+
+    def variant(change):
+        t = Tokenizer.from_str(tok.to_str())
+        change(t)
+        return t
+
+    unsafe = [
+        variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.ByteLevel(add_prefix_space=True))),
+        variant(lambda t: t.add_tokens(["the lazy"])),  # an added token that a cut could split
+        variant(lambda t: t.add_tokens([AddedToken("fox", rstrip=True)])),  # takes the space after it
+        variant(lambda t: t.enable_truncation(16)),
+    ]
+    others = [
+        variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.Whitespace())),
+        variant(lambda t: setattr(t, "pre_tokenizer", pre_tokenizers.ByteLevel(use_regex=False))),
+        variant(lambda t: setattr(t, "normalizer", normalizers.Lowercase())),
+    ]
+    assert can_cut(tok) and can_cut(neox_like(tok))
+    for t in unsafe + others:
+        assert not can_cut(t)
+        whole = t.encode(MULTI_LINE, add_special_tokens=False).ids
+        assert encode_text(t, MULTI_LINE, piece_chars=1).ids.tolist() == whole
+        # encoding these in pieces would be wrong: a piece that starts with a line break gets a space in front,
+        # the added tokens would be cut or lose their space, every piece would be truncated
+        if t in unsafe:
+            pieces = [t.encode(p, add_special_tokens=False).ids for p in split_pieces([MULTI_LINE], 1)]
+            assert sum(pieces, []) != whole
+
+
+def test_text_files_are_read_in_chunks_like_read_text(tmp_path):
+    path = tmp_path / "t.txt"
+    data = "Où\r\nest\rla\n bibliothèque 😀\r\n\r".encode("utf-8")
+    path.write_bytes(data)
+    for n in (1, 2, 3, 5, 1000):
+        text = "".join(read_text_chunks(path, n))
+        assert text == path.read_text(encoding="utf-8") == "Où\nest\nla\n bibliothèque 😀\n\n"
+    for bad, offset in [(data[:5] + b"\xff" + data[5:], 5), (data + "😀".encode()[:3], len(data))]:
+        path.write_bytes(bad)
+        for n in (1, 2, 4, 1000):
+            with pytest.raises(ValueError, match=rf"t.txt: not UTF-8 text \(invalid byte at offset {offset}\)"):
+                list(read_text_chunks(path, n))
+
+
+def test_eval_text_command_rejects_invalid_utf8(folder, tmp_path, capsys):
+    (tmp_path / "t.txt").write_bytes(b"hello \xc3(there")
+    assert main(["eval", str(folder), "--text", str(tmp_path / "t.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "t.txt: not UTF-8 text (invalid byte at offset 6)" in err and err.strip().count("\n") == 0
+
+
+def one_line_text(chars: int, seed: int = 0, words=tuple(TEXT.split())) -> str:
+    """A text of ``chars`` characters without a line break: random words, one space apart."""
+    rng = random.Random(seed)
+    n = chars // (sum(map(len, words)) // len(words) + 1) + 1
+    return " ".join(rng.choices(words, k=n))[:chars]
+
+
+_ENCODE_MEMORY = """
+import json, resource, sys
+from tokenizers import Tokenizer
+from blackmamba.eval.textstream import encode_text, read_text_chunks
+tok = Tokenizer.from_file(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+enc = encode_text(tok, read_text_chunks(sys.argv[2]))
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"tokens": len(enc.ids), "bytes": enc.bytes, "grew_mb": grew / 1024}))
+"""
+
+
+def test_encoding_a_long_one_line_file_takes_bounded_memory(folder, tmp_path):
+    """6 MB on one line: encoding it whole took 1.2 GB (about 300 bytes a token); in pieces, the ids."""
+    path = tmp_path / "one_line.txt"
+    path.write_text(one_line_text(6_000_000), encoding="utf-8")
+    size = path.stat().st_size
+    # the process reports its own peak: RUSAGE_CHILDREN would be the largest of all this session's children
+    r = subprocess.run([sys.executable, "-c", _ENCODE_MEMORY, str(folder / "tokenizer.json"), str(path)],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["bytes"] == size > 6_000_000
+    assert size / 1.5 > out["tokens"] > size / 2  # ~1.66 bytes a token with the fixture's small BPE
+    assert out["grew_mb"] < 100, out  # ids: 4 bytes a token, twice while joined (~30 MB)
+
+
+WORDS = ("alpha", "beta", "gamma", "delta", "omega", "kappa")
+
+
+def word_tokenizer(path: Path) -> Path:
+    """A byte-level BPE in which each of ``WORDS`` after a space is one token (scoring a long text is quick)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=V, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(WORDS * 20)], trainer)
+    tok.save(str(path))
+    return path
+
+
+def test_eval_command_scores_a_one_line_file_in_pieces(folder, model, tmp_path):
+    """The real command on one line of 2.2 pieces: the numbers of scoring the whole text at once."""
+    tok = load_tokenizer(folder, word_tokenizer(tmp_path / "words.json"))
+    assert tok.get_vocab_size() <= V and len(tok.encode(" omega").ids) == 1
+    text = one_line_text(int(2.2 * PIECE_CHARS), words=WORDS)
+    assert len(list(split_pieces([text]))) == 3
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "blackmamba", "eval", str(folder), "--text", str(tmp_path / "t.txt"),
+                        "--tokenizer", str(tmp_path / "words.json"), "--output", str(tmp_path / "o.json")],
+                       capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "o.json").read_text())
+    ids = tok.encode(text, add_special_tokens=False).ids
+    nll, n = score_tokens(model, ids, prefix=prefix_token_id(tok))
+    assert (out["tokens"], out["bytes"]) == (n, len(text)) == (len(ids), len(text))
+    assert out["nll"] == pytest.approx(nll, rel=1e-9)  # another process: its own thread count
+    assert f"{n:,} tokens, {len(text):,} bytes scored (carried state)" in r.stdout
 
 
 # ----------------------------------------------------------------------------- lm-eval

@@ -80,17 +80,15 @@ def _device(name: str | None):
 def run_text(args) -> dict:
     from ..checkpoint import load_pretrained
     from .perplexity import score_text
+    from .textstream import read_text_chunks
     from .tokenizer import load_tokenizer
 
     if not args.text.is_file():
         raise FileNotFoundError(f"{args.text}: no such file")
-    try:
-        text = args.text.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{args.text}: not UTF-8 text ({e})") from None
     tokenizer = load_tokenizer(args.model, args.tokenizer)
     model = load_pretrained(args.model, dtype=args.dtype, device=_device(args.device))
-    score = score_text(model, tokenizer, text, window=args.window, stride=args.stride,
+    # the file is read and encoded a piece at a time (bounded memory; invalid UTF-8 is a ValueError)
+    score = score_text(model, tokenizer, read_text_chunks(args.text), window=args.window, stride=args.stride,
                        progress=sys.stderr.isatty())
     mode = f"sliding window {args.window}, stride {args.stride or max(1, args.window // 2)}" if args.window \
         else "carried state"

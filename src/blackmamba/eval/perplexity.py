@@ -12,16 +12,23 @@ The first token is scored after the tokenizer's end-of-text (or BOS) token; a to
 the first token unscored and its bytes out of the byte count.
 Log-probabilities are over the tokenizer's vocabulary (``config.vocab_size``): padded embedding rows are
 never tokens. Bits per byte = total NLL (nats) / ln 2 / UTF-8 bytes of the scored text.
+
+The text is encoded in pieces and only its ids are kept (``textstream``: exactly the ids of the whole
+text), so a long text costs 12 bytes a token (the ids, then the int64 stream) rather than the hundreds a
+whole-text ``Encoding`` takes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .textstream import PIECE_CHARS, encode_text
 from .tokenizer import prefix_token_id
 
 
@@ -62,14 +69,20 @@ def _sum_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
 @torch.no_grad()
 def score_tokens(model, tokens, *, prefix: int | None, window: int | None = None, stride: int | None = None,
                  chunk: int = 1024, progress: bool = False) -> tuple[float, int]:
-    """(total NLL in nats, tokens scored) of ``tokens`` after ``prefix`` (``None``: the first token is context).
+    """(total NLL in nats, tokens scored) of ``tokens`` (a sequence or array of ids) after ``prefix``
+    (``None``: the first token is context).
 
     ``window`` / ``stride``: sliding windows (``stride`` defaults to half the window); otherwise the state is
     carried through the whole sequence, ``chunk`` tokens at a time.
     """
     from tqdm import tqdm
 
-    stream = torch.tensor(([prefix] if prefix is not None else []) + list(tokens), dtype=torch.long)
+    tokens = np.asarray(tokens)
+    stream = np.empty(len(tokens) + (prefix is not None), dtype=np.int64)  # one copy, 8 bytes a token
+    stream[len(stream) - len(tokens):] = tokens
+    if prefix is not None:
+        stream[0] = prefix
+    stream = torch.from_numpy(stream)
     if len(stream) < 2:
         raise ValueError("nothing to score: the text has no token after its first")
     inputs, targets = stream[:-1], stream[1:]
@@ -107,14 +120,17 @@ def score_tokens(model, tokens, *, prefix: int | None, window: int | None = None
     return total, n
 
 
-def score_text(model, tokenizer, text: str, *, window: int | None = None, stride: int | None = None,
-               chunk: int = 1024, progress: bool = False) -> TextScore:
-    """Score ``text`` (a ``tokenizers.Tokenizer`` encodes it); see the module docstring."""
-    enc = tokenizer.encode(text, add_special_tokens=False)
-    if not enc.ids:
+def score_text(model, tokenizer, text: str | Iterable[str], *, window: int | None = None,
+               stride: int | None = None, chunk: int = 1024, progress: bool = False,
+               piece_chars: int = PIECE_CHARS) -> TextScore:
+    """Score ``text`` (a string, or the consecutive chunks of one, e.g. ``read_text_chunks(path)``) that a
+    ``tokenizers.Tokenizer`` encodes; see the module docstring. The ids are exactly those of encoding the
+    whole text at once, computed in pieces of about ``piece_chars`` characters where that is exact
+    (``textstream``), so memory does not grow with the text beyond its ids."""
+    enc = encode_text(tokenizer, text, piece_chars)
+    if not len(enc.ids):
         raise ValueError("nothing to score: the text is empty")
     prefix = prefix_token_id(tokenizer)
     nll, n = score_tokens(model, enc.ids, prefix=prefix, window=window, stride=stride, chunk=chunk,
                           progress=progress)
-    scored_text = text if prefix is not None else text[enc.offsets[0][1]:]
-    return TextScore(nll=nll, tokens=n, bytes=len(scored_text.encode("utf-8")))
+    return TextScore(nll=nll, tokens=n, bytes=enc.bytes - (enc.first_token_bytes if prefix is None else 0))
