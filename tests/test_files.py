@@ -39,7 +39,7 @@ def test_written_files_and_folders_get_the_umasks_permissions(tmp_path, with_uma
     model = blackmamba.BlackMambaLM(blackmamba.preset("tiny"))
     model.save_pretrained(tmp_path / "native")
     blackmamba.save_release(model, tmp_path / "release")
-    from blackmamba.convert import convert
+    from blackmamba.checkpoint.convert import convert
 
     convert(tmp_path / "native", tmp_path / "converted", "native")
     for folder in ("native", "release", "converted"):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import SMALL, random_model
+from support.models import SMALL, random_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -73,7 +73,7 @@ def _steps(cfg, vocab: int, steps: int, model_overrides: dict | None = None) -> 
     torch.manual_seed(0)
     model = BlackMambaLM(mc)
     if cfg.train.activation_checkpointing:
-        from blackmamba.gpu_training import enable_activation_checkpointing
+        from blackmamba.train.precision import enable_activation_checkpointing
 
         enable_activation_checkpointing(model)
     model.train()
@@ -145,7 +145,8 @@ class _LivePeak:
 
 
 def child(sets: list[str], steps: int) -> dict:
-    import blackmamba.cli  # noqa: F401  (the command's malloc and huge-page settings, before torch loads)
+    import blackmamba.cli.process
+    blackmamba.cli.process.prepare()  # the command's malloc and huge-page settings, before torch loads
     import ctypes
     import gc
 

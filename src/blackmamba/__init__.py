@@ -15,7 +15,7 @@ import importlib
 _EXPORTS = {
     "CheckpointError": "checkpoint", "load_pretrained": "checkpoint", "save_release": "checkpoint",
     "PRESETS": "config", "BlackMambaConfig": "config", "ConfigError": "config", "preset": "config",
-    "BlackMambaLM": "model", "ModelOutput": "model", "State": "model",
+    "BlackMambaLM": "model", "ModelOutput": "model", "State": "state",
 }
 
 __version__ = "0.1.0"

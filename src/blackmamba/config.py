@@ -169,6 +169,48 @@ class BlackMambaConfig:
         active += emb + head + final_norm
         return total, active
 
+    def flops_per_token(self, context: int = 0) -> int:
+        """Forward FLOPs per token (2 per multiply-add of the active weights, plus the scan and, at ``context``
+        tokens before it, attention)."""
+        _, active = self.param_counts()
+        emb = self.padded_vocab_size * self.hidden_size
+        matmul = 2 * (active - emb) + 2 * emb  # the tied head is a matmul; the embedding lookup is not
+        scan = sum(9 * self.d_inner * self.state_size for k, _ in self.layer_kinds() if k == "mamba")
+        attn = sum(4 * self.hidden_size * context for k, _ in self.layer_kinds() if k == "attention")
+        return matmul + scan + attn
+
+
+def compact_pattern(layers: list[str]) -> str:
+    """["r","8","r","8"] → '["r", "8"] × 2'; a pattern with no repeating unit is shown as is."""
+    n = len(layers)
+    for unit in range(1, n // 2 + 1):
+        if n % unit == 0 and layers == layers[:unit] * (n // unit):
+            return f"{layers[:unit]} × {n // unit}".replace("'", '"')
+    return str(layers).replace("'", '"')
+
+
+def describe(cfg: BlackMambaConfig) -> str:
+    """What ``blackmamba info`` and ``blackmamba train`` print about an architecture."""
+    total, active = cfg.param_counts()
+    counts: dict[str, int] = {}
+    for s in cfg.layers:
+        counts[s] = counts.get(s, 0) + 1
+    runs = ", ".join(f"{n}×{s!r}" for s, n in counts.items())
+    state = sum(cfg.d_inner * ((cfg.conv_width - 1) * 4 + cfg.state_size * 4)
+                for k, _ in cfg.layer_kinds() if k == "mamba")
+    lines = [
+        f"layers          {cfg.num_layers}: {runs}",
+        f"pattern         {compact_pattern(cfg.layers)}",
+        f"hidden / inner  {cfg.hidden_size} / {cfg.d_inner} (state {cfg.state_size}, conv {cfg.conv_width}, "
+        f"dt rank {cfg.dt_rank_value})",
+        f"ffn             {cfg.ffn_hidden_size} ({cfg.mlp_activation} gated)",
+        f"vocab           {cfg.vocab_size} (embedding rows {cfg.padded_vocab_size})",
+        f"parameters      {total:,} total, {active:,} active per token",
+        f"FLOPs/token     {cfg.flops_per_token():,} (forward)",
+        f"recurrent state {state / 1024:.1f} KiB per sequence (fp32), independent of context length",
+    ]
+    return "\n".join(lines)
+
 
 # ----------------------------------------------------------------------------- presets
 PRESETS: dict[str, dict] = {

@@ -6,15 +6,18 @@ Residual stream (as released; fp32 residual):
     h = mixer(RMSNorm(residual))
     out = LayerNorm(h + residual);  logits = out @ embedding.weightᵀ
 
+``forward`` runs sequences (b, l) — training, prefill, scoring — and ``step`` one token per row (b,) — decoding;
+each block and each layer has the same two methods, so the residual loop above is written once for each, and
+every computation below it goes through the ops (``blackmamba.ops``), whose backends the registry picks.
+
 Module names equal the release checkpoint's keys (``embedding.word_embeddings``,
 ``decoder.layers.{i}.norm`` / ``.mixer``, ``decoder.final_layernorm``), so a release state dict loads as is.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +26,17 @@ from torch import nn
 from .config import BlackMambaConfig
 from .layers import Attention, GatedMLP, MambaMixer, MoE, RMSNorm
 from .ops.linear import linear
-from .ops.norm import add_rmsnorm
+from .state import State
+
+
+# The SSM parameters are kept in float32 whatever the other weights' dtype (Mamba practice; the release stores
+# them so), and are not decayed by the optimizer.
+SSM_PARAMETERS = ("A_log", "D")
+
+
+def is_ssm_parameter(name: str) -> bool:
+    """Whether the parameter called ``name`` (``decoder.layers.0.mixer.A_log``) is one of SSM_PARAMETERS."""
+    return name.rsplit(".", 1)[-1] in SSM_PARAMETERS
 
 
 @dataclass
@@ -32,44 +45,13 @@ class ModelOutput:
     loss: torch.Tensor | None = None
 
 
-@dataclass
-class State:
-    """Recurrent state of a batch: one entry per layer (Mamba: conv + SSM; attention: KV; MLP/MoE: None)."""
-
-    layers: list = field(default_factory=list)
-    batch_size: int = 0
-    seqlen: int = 0  # tokens consumed so far (padding included)
-    started: list[bool] = field(default_factory=list)  # per row: a real (unpadded) token was consumed
-
-    def nbytes(self) -> int:
-        total = 0
-        for s in self.layers:
-            if s is not None:
-                total += sum(t.numel() * t.element_size() for t in vars(s).values() if torch.is_tensor(t))
-        return total
-
-    def select(self, rows: torch.Tensor) -> "State":
-        """A new ``State`` whose row j is a copy of this state's row ``rows[j]`` (rows may repeat or be
-        dropped: beam reordering, one prefilled context continued several ways). This state is left untouched.
-
-        Every per-layer state is a dataclass of tensors with the batch first (Mamba: conv, ssm; attention:
-        k, v, key_mask), so this copies any of them."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        layers = []
-        for st in self.layers:
-            if st is None:
-                layers.append(None)
-                continue
-            layers.append(type(st)(**{f.name: getattr(st, f.name).index_select(0, rows.to(getattr(st, f.name).device))
-                                      for f in dataclasses.fields(st)}))
-        return State(layers=layers, batch_size=len(rows), seqlen=self.seqlen,
-                     started=[self.started[i] for i in rows.tolist()])
-
-
 class Block(nn.Module):
+    """One residual layer: the block entry (residual add + RMSNorm) and its mixer."""
+
     def __init__(self, config: BlackMambaConfig, kind: str, experts: int):
         super().__init__()
         self.kind = kind
+        self.residual_dtype = torch.float32 if config.residual_in_fp32 else None  # None: the stream's dtype
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         if kind == "mamba":
             self.mixer = MambaMixer(config.hidden_size, config.state_size, config.conv_width, config.expand,
@@ -86,6 +68,17 @@ class Block(nn.Module):
         if self.kind in ("mamba", "attention"):
             return self.mixer.new_state(batch_size, dtype, device)
         return None
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, state=None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) (b, l, H) → the next block's (h, residual); ``state`` updated in place."""
+        h, residual = self.norm(h, residual, self.residual_dtype)
+        return self.mixer(h, state=state, mask=mask), residual
+
+    def step(self, h: torch.Tensor, residual: torch.Tensor | None, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row: (h, residual) (b, H) → the next block's; ``state`` updated in place."""
+        h, residual = self.norm(h, residual, self.residual_dtype)
+        return self.mixer.step(h, state), residual
 
 
 class Embedding(nn.Module):
@@ -145,14 +138,24 @@ class BlackMambaLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embedding.word_embeddings.weight.dtype
 
+    def to_dtype(self, dtype: torch.dtype) -> "BlackMambaLM":
+        """Cast the weights to ``dtype`` in place, keeping the SSM parameters (A_log, D) in float32."""
+        self.to(dtype)
+        for name, p in self.named_parameters():
+            if is_ssm_parameter(name):
+                p.data = p.data.float()
+        return self
+
     def new_state(self, batch_size: int = 1, dtype: torch.dtype | None = None, device=None) -> State:
-        """Fresh recurrent state for ``batch_size`` sequences (zeros: nothing consumed yet)."""
+        """Fresh recurrent state for ``batch_size`` sequences (nothing consumed yet). ``dtype``: of the conv state
+        and attention keys / values (default: the model's; float32 with bfloat16 weights keeps them exact); the SSM
+        state is always float32."""
         dtype = dtype or self.dtype
         device = device or self.device
         return State(layers=[blk.new_state(batch_size, dtype, device) for blk in self.decoder.layers],
                      batch_size=batch_size, seqlen=0, started=[False] * batch_size)
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ inputs
     def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      state: State | None = None) -> None:
         """ValueError naming the problem unless ``input_ids`` is a non-empty (batch, length) tensor of ids the
@@ -195,61 +198,75 @@ class BlackMambaLM(nn.Module):
             raise ValueError(f"attention_mask row {int(empty.nonzero()[0])} is all padding: every sequence needs a "
                              f"token")
 
+    # ------------------------------------------------------------------ forward and step
     def forward(self, input_ids: torch.Tensor, state: State | None = None,
                 attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (b, l) → logits (b, l, V).
 
-        ``state``: consume the tokens from it and update it in place (chunked prefill and decode).
-        ``attention_mask`` (b, l): 1 for tokens, 0 for (left) padding, which then never reaches any state.
-        ``targets`` (b, l): also return the mean cross-entropy (positions with target -100 are ignored).
+        ``state``: consume the tokens from it and update it in place (chunked prefill and decode; at inference
+        one token with a state and no mask is ``step``). ``attention_mask`` (b, l): 1 for tokens, 0 for (left) padding, which then
+        never reaches any state. ``targets`` (b, l): also return the mean cross-entropy (-100 is ignored).
         """
         self.check_inputs(input_ids, attention_mask, state)
         b, l = input_ids.shape
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = attention_mask.bool()
+        if state is not None and l == 1 and attention_mask is None and targets is None and not (
+                torch.is_grad_enabled() or self.training):
+            return ModelOutput(logits=self.step(input_ids[:, 0], state)[:, None])
+        mask = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
         h = self.embedding.word_embeddings(input_ids.long())
         residual = None
-        fp32 = self.config.residual_in_fp32
         for i, blk in enumerate(self.decoder.layers):
-            # residual = h + residual; h = norm(residual): op `add_rmsnorm` (one kernel call on CPU and GPU)
-            h, residual = add_rmsnorm(h, residual, blk.norm.weight, blk.norm.eps,
-                                      torch.float32 if fp32 else h.dtype)
-            h = blk.mixer(h, state=state.layers[i] if state is not None else None, mask=mask)
-        residual = h + residual
-        fn = self.decoder.final_layernorm
-        h = fn(residual.to(fn.weight.dtype))
-        weight = self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
-        logits = linear(h, weight)  # op `linear`: on CPU a decode-sized gemv reads bf16 weights directly
+            h, residual = blk(h, residual, state.layers[i] if state is not None else None, mask)
+        logits = self._head(h, residual)
         if state is not None:
             state.seqlen += l
-            state.started = [True] * b if mask is None else [a or bool(r) for a, r in zip(state.started,
-                                                                                          mask.any(1).tolist())]
+            real = [True] * b if mask is None else mask.any(1).tolist()
+            state.started = [a or r for a, r in zip(state.started, real)]
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long(),
                                    ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss)
 
-    # ------------------------------------------------------------------ routing statistics
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: State) -> torch.Tensor:
+        """One token per row: tokens (b,) → next-token logits (b, V); consumes them into ``state`` in place.
+
+        No input checks and nothing read back on the host (a CUDA graph can capture it; ``forward`` checks);
+        inference only (MoE layers route as in eval mode)."""
+        h = F.embedding(tokens, self.embedding.word_embeddings.weight)  # (b, H)
+        residual = None
+        for blk, st in zip(self.decoder.layers, state.layers):
+            h, residual = blk.step(h, residual, st)
+        state.seqlen += 1
+        return self._head(h, residual)
+
+    def _head(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The last block's (h, residual) → logits: out = LayerNorm(h + residual), the (tied) LM head."""
+        fn = self.decoder.final_layernorm
+        h = fn((h + residual).to(fn.weight.dtype))
+        weight = self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+        return linear(h, weight)  # op `linear`: on CPU a decode-sized gemv reads bf16 weights directly
+
+    # ------------------------------------------------------------------ routing statistics and sizes
     def routing_stats(self) -> list[dict]:
         """Per MoE layer, from the last forward: layer index, tokens per expert, Sinkhorn iterations."""
-        out = []
-        for i, blk in enumerate(self.decoder.layers):
-            if blk.kind == "moe" and blk.mixer.last_stats is not None:
-                out.append({"layer": i, **blk.mixer.last_stats})
-        return out
+        return [{"layer": i, **blk.mixer.last_stats} for i, blk in enumerate(self.decoder.layers)
+                if blk.kind == "moe" and blk.mixer.last_stats is not None]
 
-    # ------------------------------------------------------------------ counts
     def num_parameters(self, active: bool = False) -> int:
-        """Total parameters, or those used per token (one expert per MoE layer)."""
-        total = sum(p.numel() for p in self.parameters())
-        if not active:
-            return total
+        """Total parameters, or those used per token (one expert per MoE layer): ``config.param_counts``."""
+        return self.config.param_counts()[1 if active else 0]
+
+    def weight_bytes(self, tokens: int = 1) -> int:
+        """Bytes of the weights a decode step of ``tokens`` sequences reads: every parameter, but of each MoE
+        layer's experts only the ``min(tokens, experts)`` that the tokens can use."""
+        total = sum(p.numel() * p.element_size() for p in self.parameters())
         for blk in self.decoder.layers:
             if blk.kind == "moe":
-                per_expert = sum(p.numel() for p in blk.mixer.local_experts[0].parameters())
-                total -= per_expert * (blk.mixer.num_experts - 1)
+                E = blk.mixer.num_experts
+                expert = sum(p.numel() * p.element_size() for p in blk.mixer.local_experts[0].parameters())
+                total -= expert * (E - min(E, tokens))
         return total
 
     # ------------------------------------------------------------------ generation and checkpoints

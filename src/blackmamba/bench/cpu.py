@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,12 +43,12 @@ import torch
 import torch.nn.functional as F
 
 from ..config import BlackMambaConfig
-from ..cuda_graphs import decode_stepper
-from ..decode import StepPlan
+from ..generation.stepper import Stepper
 from ..layers import GatedMLP, MambaMixer, MoE
 from ..model import BlackMambaLM
 from ..ops import cpu as cpu_ops
 from ..ops.scan import selective_scan
+from .harness import Paired, best_time, decode_bytes_per_token, optional, paired_ratio, paired_ratios, row
 
 
 @dataclass
@@ -83,42 +82,6 @@ TARGETS = {
 }
 
 
-def best_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
-    """Fastest of ``reps`` wall-clock runs after ``warmup`` runs (the machine may be shared: the fastest
-    run is the one least disturbed)."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(max(1, reps)):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def row(rows: list, name: str, value: float, unit: str, baseline: str | None = None, ratio: float | None = None,
-        target: str | None = None, quick: bool = False, spread: tuple[float, float] | None = None) -> None:
-    """Append one result; ``target`` names an entry of TARGETS judged on ``ratio`` (not in quick mode);
-    ``spread``: the quartiles of a ratio taken as the median of paired samples (see paired_ratios)."""
-    met = None
-    if target is not None and ratio is not None and not quick:
-        kind, threshold = TARGETS[target]
-        met = ratio >= threshold if kind == "min" else ratio <= threshold
-    goal = None
-    if target is not None:
-        kind, threshold = TARGETS[target]
-        goal = f"{'≥' if kind == 'min' else '≤'} {threshold:g}"
-    rows.append(dict(bench=name, value=value, unit=unit, baseline=baseline, ratio=ratio,
-                     ratio_quartiles=list(spread) if spread is not None else None, target=goal, met=met))
-
-
-def _optional(module: str):
-    try:
-        return __import__(module, fromlist=["_"])
-    except ImportError:
-        return None
-
-
 # --------------------------------------------------------------------------- machine limits
 def copy_bandwidth(quick: bool) -> float:
     """Bytes read + written per second by a large copy (16 MiB quick, 256 MiB otherwise)."""
@@ -147,61 +110,6 @@ def exp_workload(quick: bool) -> tuple[Callable[[], None], int]:
     return exps, repeat * buf.numel()
 
 
-@dataclass
-class Paired:
-    """Per-pair time ratios t_a / t_b of two alternately timed workloads, and each one's fastest time."""
-    ratios: list
-    best_a: float
-    best_b: float
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.ratios)
-
-    def quartiles(self) -> tuple[float, float]:
-        """(first, third) quartile of the per-pair ratios: how far the machine's noise spreads them."""
-        if len(self.ratios) < 2:
-            return self.ratios[0], self.ratios[0]
-        q = statistics.quantiles(self.ratios, n=4, method="inclusive")
-        return q[0], q[2]
-
-    def per(self, amount: float) -> tuple[float, tuple[float, float]]:
-        """(amount / median ratio, its quartiles): a's rate relative to b's, for ``amount`` of a's work
-        done per unit of b's (a time ratio's first quartile is the rate's third)."""
-        lo, hi = self.quartiles()
-        return amount / self.median, (amount / hi, amount / lo)
-
-
-def paired_ratios(pairs: dict, reps: int, warm: bool = False) -> dict:
-    """{key: Paired} for pairs {key: (fn_a, fn_b)}: ``reps`` rounds, each timing every pair once, a then b.
-
-    The two workloads of a pair run back to back, so each ratio compares runs made under the same load:
-    on a shared machine the speed of both drifts by tens of percent within seconds, and a ratio of two
-    separately taken bests can land anywhere in that range. The rounds visit every pair in turn, so each
-    pair's ratios are sampled across the whole measurement rather than in one stretch of a few seconds
-    (the machine's slow and fast phases last that long, and they slow some workloads more than others);
-    the median of the per-pair ratios is the reported value. ``warm``: run each workload once untimed
-    right before its timed run, so that neither is timed on caches the other has just flushed (for
-    workloads whose data fit in the caches).
-    """
-    for fn_a, fn_b in pairs.values():
-        fn_a(), fn_b()
-    warmup = 1 if warm else 0
-    out = {key: Paired([], float("inf"), float("inf")) for key in pairs}
-    for _ in range(max(1, reps)):
-        for key, (fn_a, fn_b) in pairs.items():
-            ta, tb = best_time(fn_a, 1, warmup=warmup), best_time(fn_b, 1, warmup=warmup)
-            p = out[key]
-            p.ratios.append(ta / tb)
-            p.best_a, p.best_b = min(p.best_a, ta), min(p.best_b, tb)
-    return out
-
-
-def paired_ratio(fn_a: Callable[[], object], fn_b: Callable[[], object], reps: int, warm: bool = False) -> Paired:
-    """``paired_ratios`` of one pair."""
-    return paired_ratios({0: (fn_a, fn_b)}, reps, warm)[0]
-
-
 # --------------------------------------------------------------------------- scan
 def _scan_inputs(b, l, d, n=16, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
@@ -215,7 +123,7 @@ def _scan_inputs(b, l, d, n=16, seed=0, requires_grad=False):
 
 
 def _hf_scan_fn():
-    mm = _optional("transformers.models.mamba.modeling_mamba")
+    mm = optional("transformers.models.mamba.modeling_mamba")
     return getattr(mm, "mamba_selective_scan", None) if mm is not None else None
 
 
@@ -256,10 +164,10 @@ def bench_scan(sz: Sizes, quick: bool) -> list:
         # the exp bound: tokens/s if each state update cost one torch.exp (exp_count in t_exp)
         bound, spread = p.per(calls * b * l * d * n / exp_count)
         name = f"scan fwd B={b} L={l} D={d} N={n}"
-        row(rows, name, tps, "tok/s", "exp bound (torch.exp)", bound, "scan_vs_exp_bound", quick, spread=spread)
+        row(rows, name, tps, "tok/s", "exp bound (torch.exp)", bound, TARGETS["scan_vs_exp_bound"], quick, spread=spread)
         if b in hf_tps:
             row(rows, name, tps, "tok/s", f"transformers sequential (L={sz.hf_scan_length})", tps / hf_tps[b],
-                "scan_vs_hf", quick)
+                TARGETS["scan_vs_hf"], quick)
     return rows
 
 
@@ -285,7 +193,7 @@ def bench_scan_grad(sz: Sizes, quick: bool) -> list:
 
     t_ours = best_time(ours, sz.reps)
     name = f"scan fwd+bwd B={b} L={l} D={d} N=16"
-    pscan_mod = _optional("mambapy.pscan")
+    pscan_mod = optional("mambapy.pscan")
     if pscan_mod is None:
         row(rows, name, b * l / t_ours, "tok/s")
         return rows
@@ -296,7 +204,7 @@ def bench_scan_grad(sz: Sizes, quick: bool) -> list:
         _mambapy_scan(pscan_mod.pscan, *args).sum().backward()
 
     t_theirs = best_time(theirs, 1 if quick else 2)
-    row(rows, name, b * l / t_ours, "tok/s", "mambapy pscan", t_theirs / t_ours, "scan_grad_vs_mambapy", quick)
+    row(rows, name, b * l / t_ours, "tok/s", "mambapy pscan", t_theirs / t_ours, TARGETS["scan_grad_vs_mambapy"], quick)
     return rows
 
 
@@ -324,7 +232,7 @@ def bench_mixer(sz: Sizes, quick: bool) -> list:
 
     t_ours = best_time(lambda: step(ours), sz.reps)
     name = f"mixer fwd+bwd d_model={H} L={L}"
-    if _optional("transformers") is None:
+    if optional("transformers") is None:
         row(rows, name, L / t_ours, "tok/s")
         return rows
     from transformers.models.mamba.modeling_mamba import MambaMixer as HFMixer
@@ -332,7 +240,7 @@ def bench_mixer(sz: Sizes, quick: bool) -> list:
     hf = HFMixer(_hf_mamba_config(H, 1, 16, ours.dt_rank, use_mambapy=True), layer_idx=0).train()
     hf.load_state_dict(ours.state_dict())
     t_hf = best_time(lambda: step(hf), 1 if quick else 2)
-    row(rows, name, L / t_ours, "tok/s", "transformers MambaMixer (use_mambapy)", t_hf / t_ours, "mixer_vs_hf", quick)
+    row(rows, name, L / t_ours, "tok/s", "transformers MambaMixer (use_mambapy)", t_hf / t_ours, TARGETS["mixer_vs_hf"], quick)
     return rows
 
 
@@ -346,7 +254,7 @@ def bench_prefill(sz: Sizes, quick: bool) -> list:
     with torch.no_grad():
         t_ours = best_time(lambda: ours(ids), sz.reps)
     name = f"prefill {sz.model_layers} Mamba layers d_model={H} L={L}"
-    if _optional("transformers") is None:
+    if optional("transformers") is None:
         row(rows, name, L / t_ours, "tok/s")
         return rows
     from transformers import MambaModel
@@ -354,7 +262,7 @@ def bench_prefill(sz: Sizes, quick: bool) -> list:
     hf = MambaModel(_hf_mamba_config(H, sz.model_layers, vocab, ours.config.dt_rank_value, False)).eval()
     with torch.no_grad():
         t_hf = best_time(lambda: hf(ids), 1 if quick else 2)
-    row(rows, name, L / t_ours, "tok/s", "transformers MambaModel forward", t_hf / t_ours, "prefill_vs_hf", quick)
+    row(rows, name, L / t_ours, "tok/s", "transformers MambaModel forward", t_hf / t_ours, TARGETS["prefill_vs_hf"], quick)
     return rows
 
 
@@ -368,23 +276,7 @@ def _decode_model(sz: Sizes) -> BlackMambaLM:
 
 def _bf16_weights(model: BlackMambaLM) -> BlackMambaLM:
     """A bfloat16 copy, keeping A_log and D in float32 (as load_pretrained does)."""
-    m = copy.deepcopy(model).to(torch.bfloat16)
-    for name, p in m.named_parameters():
-        if name.endswith(("A_log", ".D")):
-            p.data = dict(model.named_parameters())[name].data.clone()
-    return m
-
-
-def bytes_per_token(model: BlackMambaLM) -> int:
-    """Bytes a batch-1 decode step reads: every weight a token uses (the tied embedding once, as the LM
-    head, one embedding row being noise; one expert per MoE layer) plus the recurrent state, read and
-    written."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    for blk in model.decoder.layers:
-        if blk.kind == "moe":
-            expert = sum(p.numel() * p.element_size() for p in blk.mixer.local_experts[0].parameters())
-            weights -= expert * (blk.mixer.num_experts - 1)
-    return weights + 2 * model.new_state(1).nbytes()
+    return copy.deepcopy(model).to_dtype(torch.bfloat16)
 
 
 def _generate_rate(generate: Callable[[int], object], tokens: int) -> float:
@@ -420,11 +312,11 @@ def _accuracy(fp32: BlackMambaLM, bf16: BlackMambaLM, ids: torch.Tensor) -> dict
 
 def _decode_tokens(model: BlackMambaLM, prompt: torch.Tensor, tokens: int) -> Callable[[], None]:
     """``fn()`` greedily decodes ``tokens`` more tokens, one step at a time as ``generate`` does (its
-    stepper, then argmax), continuing the same sequence from call to call: the per-token cost does not
+    ``Stepper``, then argmax), continuing the same sequence from call to call: the per-token cost does not
     depend on the context (measured below), so every call costs the same."""
     with torch.no_grad():
-        state, step = decode_stepper(model, prompt.shape[0])
-        last = [model(prompt, state=state).logits[:, -1].argmax(-1)]
+        step = Stepper.for_model(model, prompt.shape[0])
+        last = [model(prompt, state=step.state).logits[:, -1].argmax(-1)]
 
     def run():
         with torch.no_grad():
@@ -448,7 +340,7 @@ def bench_decode(sz: Sizes, limits: dict, quick: bool) -> tuple[list, dict]:
     copy_bytes = 2 * src.numel() * 4
     dims = f"{c['layers']} Mamba layers hidden={c['hidden']} vocab={c['vocab']}"
     hf_generate: Callable[[int], None] | None = None
-    if _optional("transformers") is not None:
+    if optional("transformers") is not None:
         from transformers import MambaForCausalLM
 
         hf = MambaForCausalLM(_hf_mamba_config(c["hidden"], c["layers"], c["vocab"], model.config.dt_rank_value,
@@ -463,21 +355,21 @@ def bench_decode(sz: Sizes, limits: dict, quick: bool) -> tuple[list, dict]:
         p = paired_ratio(_decode_tokens(m, prompt, sz.decode_tokens), lambda: dst.copy_(src),
                          max(1, sz.paired_reps // 2))
         # the roofline fraction: tokens/s ÷ (bandwidth / bytes per token)
-        fraction, spread = p.per(sz.decode_tokens * bytes_per_token(m) / copy_bytes)
-        row(rows, name, sz.decode_tokens / p.best_a, "tok/s", "bandwidth roofline", fraction, "decode_vs_roofline",
+        fraction, spread = p.per(sz.decode_tokens * decode_bytes_per_token(m) / copy_bytes)
+        row(rows, name, sz.decode_tokens / p.best_a, "tok/s", "bandwidth roofline", fraction, TARGETS["decode_vs_roofline"],
             quick, spread=spread)
         if hf_generate is not None:  # generate against generate, prompt cost subtracted from both, alternately
             ratio, rate = paired_rates(lambda n: m.generate(prompt, max_new_tokens=n), sz.decode_tokens,
                                        hf_generate, sz.hf_decode_tokens, reps)
             row(rows, name, rate, "tok/s", "transformers MambaForCausalLM.generate (float32)", ratio,
-                "decode_vs_hf", quick)
+                TARGETS["decode_vs_hf"], quick)
     # BlackMamba's own pattern (no target: the issue's targets are set on the pure-Mamba model)
     torch.manual_seed(0)
     bm = _bf16_weights(BlackMambaLM(BlackMambaConfig(
         layers=["r", "8"] * (c["layers"] // 2), hidden_size=c["hidden"], ffn_hidden_size=8 * c["hidden"] // 3,
         vocab_size=c["vocab"])).eval())
     p = paired_ratio(_decode_tokens(bm, prompt, sz.decode_tokens), lambda: dst.copy_(src), max(1, sz.paired_reps // 2))
-    fraction, spread = p.per(sz.decode_tokens * bytes_per_token(bm) / copy_bytes)
+    fraction, spread = p.per(sz.decode_tokens * decode_bytes_per_token(bm) / copy_bytes)
     row(rows, f"decode B=1 bfloat16 weights, {c['layers'] // 2}x(Mamba, 8-expert MoE) hidden={c['hidden']}",
         sz.decode_tokens / p.best_a, "tok/s", "bandwidth roofline (active weights)", fraction, spread=spread)
     accuracy = _accuracy(model, bf16, torch.randint(0, c["vocab"], (1, 8 if quick else 64)))
@@ -496,8 +388,8 @@ def bench_context(model: BlackMambaLM, sz: Sizes, quick: bool) -> list:
         with torch.no_grad():
             for lo in range(0, ctx, 1024):  # chunked prefill: the logits of 8192 positions at once are 1.6 GB
                 model(ids[:, lo:lo + 1024], state=state)
-        plan, tok = StepPlan(model, state), ids[:, -1]
-        steps[ctx] = lambda plan=plan, tok=tok: plan(tok)
+        tok = ids[:, -1]
+        steps[ctx] = lambda state=state, tok=tok: model.step(tok, state)
     short, long = sz.contexts
     times = {short: [], long: []}
     for _ in range(sz.decode_tokens * sz.paired_reps):
@@ -506,7 +398,7 @@ def bench_context(model: BlackMambaLM, sz: Sizes, quick: bool) -> list:
     t_long, t_short = statistics.median(times[long]), statistics.median(times[short])
     rows: list = []
     row(rows, f"decode latency at context {long} vs {short}", t_long * 1e3, "ms/tok", f"latency at context {short}",
-        t_long / t_short, "decode_context", quick)
+        t_long / t_short, TARGETS["decode_context"], quick)
     return rows
 
 
@@ -537,7 +429,7 @@ def bench_moe(sz: Sizes, quick: bool) -> list:
                             "fwd+bwd": (lambda: fwd_bwd(moe), lambda: fwd_bwd(dense))}, sz.moe_pairs)
     for k, p in paired.items():
         row(rows, f"{name} {k}", p.best_a * 1e3, "ms", "one dense expert MLP on all T tokens", p.median,
-            "moe_vs_dense", quick, spread=p.quartiles())
+            TARGETS["moe_vs_dense"], quick, spread=p.quartiles())
     return rows
 
 
@@ -562,21 +454,8 @@ def run_cpu_bench(quick: bool = False, log: Callable[[str], None] = print) -> di
     rows += decode_rows
     log("... MoE")
     rows += bench_moe(sz, quick)
-    return {"quick": quick, "torch": torch.__version__, "fused_kernels": cpu_ops.available(), "machine": limits,
-            "rows": rows, "bf16_decode_accuracy": accuracy}
-
-
-def format_table(result: dict) -> str:
-    head = f"{'benchmark':<58} {'value':>12}  {'baseline':<48} {'ratio':>8} {'quartiles':>11}  {'target':>7}"
-    lines = [head, "-" * len(head)]
-    for r in result["rows"]:
-        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
-        quart = "{:.2f}-{:.2f}".format(*r["ratio_quartiles"]) if r.get("ratio_quartiles") else ""
-        verdict = {True: " ok", False: " MISSED", None: ""}[r["met"]]
-        lines.append(f"{r['bench']:<58} {r['value']:>8.4g} {r['unit']:<6} {r['baseline'] or '-':<48} {ratio:>8}"
-                     f" {quart:>11}  {r['target'] or '':>7}{verdict}")
-    acc = result["bf16_decode_accuracy"]
-    lines.append(f"bfloat16 weights vs float32 (decode, random weights): top-1 agreement "
-                 f"{100 * acc['top1_agreement']:.1f}%, mean KL {acc['mean_kl_nats']:.2e} nats, "
-                 f"max |Δlogit| {acc['max_abs_logit_error_over_std']:.3f} logit std")
-    return "\n".join(lines)
+    note = (f"bfloat16 weights vs float32 (decode, random weights): top-1 agreement "
+            f"{100 * accuracy['top1_agreement']:.1f}%, mean KL {accuracy['mean_kl_nats']:.2e} nats, "
+            f"max |Δlogit| {accuracy['max_abs_logit_error_over_std']:.3f} logit std")
+    return {"device": "cpu", "quick": quick, "torch": torch.__version__, "fused_kernels": cpu_ops.available(),
+            "machine": limits, "rows": rows, "bf16_decode_accuracy": accuracy, "notes": [note]}

@@ -13,7 +13,8 @@ All baselines are measured in the same run, on the same GPU:
 - training tokens/s on a 4-layer model of the 1.5B's width (L=2048): fp32 reference path against
   Triton scan + bf16 autocast + fused AdamW, and the latter's model-FLOPs utilisation against the GEMM.
 
-``run_gpu_bench(args)`` is the entry point (``args.quick``: shorter sequences, fewer steps).
+``run_gpu_bench(quick)`` returns the rows (``bench.harness``; ``quick``: shorter sequences, fewer steps): each
+measurement twice, as a ratio to the reference path and as a fraction of its roofline.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import time
 from typing import Callable
 
 import torch
+
+from .harness import decode_bytes_per_token, row
 
 SCAN_SHAPE = dict(b=8, l=2048, d=2048, n=16)
 DECODE_PRESETS = ("blackmamba-1.5b", "blackmamba-2.8b")
@@ -75,22 +78,10 @@ def scan_bytes(b: int, l: int, d: int, n: int, elem: int, backward: bool) -> int
     return fwd + 4 * big + 2 * small + 3 * big + 2 * small + 2 * (d * n * 4 + d * 4)
 
 
-def decode_bytes_per_token(model, batch_size: int = 1) -> int:
-    """Bytes one decode step must read: every weight except the idle experts' (one expert per token and
-    MoE layer, at most all of them), plus reading and writing the recurrent state."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    for blk in model.decoder.layers:
-        if blk.kind == "moe":
-            E = blk.mixer.num_experts
-            per_expert = sum(p.numel() * p.element_size() for p in blk.mixer.local_experts[0].parameters())
-            total -= per_expert * (E - min(E, batch_size))
-    return total + 2 * model.new_state(batch_size).nbytes()
-
-
 # --------------------------------------------------------------------------- benchmarks
 def bench_scan(device: torch.device, bandwidth: float, quick: bool) -> list[dict]:
     from ..ops.scan import selective_scan_reference
-    from ..ops.triton_scan import selective_scan_triton
+    from ..ops.triton.scan import selective_scan_triton
 
     b, l, d, n = SCAN_SHAPE.values()
     if quick:
@@ -121,25 +112,25 @@ def bench_scan(device: torch.device, bandwidth: float, quick: bool) -> list[dict
         t_fast = time_fn(make(selective_scan_triton), device)
         t_ref = time_fn(make(selective_scan_reference), device, warmup=1, iters=2)
         achieved = scan_bytes(b, l, d, n, 2, backward) / t_fast
-        rows.append(dict(bench=f"{name} B={b} L={l} D={d} N={n} bf16", value=b * l / t_fast, unit="tok/s",
-                         vs_reference=t_ref / t_fast, roofline_fraction=achieved / bandwidth))
+        bench = f"{name} B={b} L={l} D={d} N={n} bf16"
+        row(rows, bench, b * l / t_fast, "tok/s", "reference scan (PyTorch loop)", t_ref / t_fast)
+        row(rows, bench, b * l / t_fast, "tok/s", "bandwidth roofline (bytes it must move)", achieved / bandwidth)
     return rows
 
 
 def _random_model(preset_name: str, device: torch.device, dtype=torch.bfloat16, **overrides):
-    from ..checkpoint import cast_model
     from ..config import preset
     from ..model import BlackMambaLM
 
     with torch.device(device):
         model = BlackMambaLM(preset(preset_name, **overrides))
-    return cast_model(model, dtype).eval()
+    return model.to_dtype(dtype).eval()
 
 
 def _decode_times(name: str, device: torch.device, steps: int) -> tuple[float, float, float, int]:
-    """Seconds per batch-1 token: eager reference path, eager fused step, CUDA graph; bytes per token."""
-    from ..cuda_graphs import GraphedDecode
-    from ..decode import decode_step
+    """Seconds per batch-1 token: the reference ops, ``model.step`` on the Triton kernels, the CUDA graph of it
+    (``Stepper``); and the bytes a token reads."""
+    from ..generation.stepper import Stepper
     from ..ops import set_backend
 
     model = _random_model(name, device)
@@ -150,15 +141,15 @@ def _decode_times(name: str, device: torch.device, steps: int) -> tuple[float, f
         try:
             ref_state = model.new_state(1)
             model(prompt, state=ref_state)
-            t_ref = time_fn(lambda: model(tok[:, None], state=ref_state), device, warmup=2, iters=max(steps // 4, 2))
+            t_ref = time_fn(lambda: model.step(tok, ref_state), device, warmup=2, iters=max(steps // 4, 2))
         finally:
             set_backend(None)
         state = model.new_state(1)
         model(prompt, state=state)
-        t_eager = time_fn(lambda: decode_step(model, tok, state, fused=True), device, iters=steps)
-        runner = GraphedDecode(model, 1)
-        model(prompt, state=runner.reset())
-        t_graph = time_fn(lambda: runner(tok), device, iters=steps)
+        t_eager = time_fn(lambda: model.step(tok, state), device, iters=steps)
+        graphed = Stepper(model, 1, graph=True)
+        model(prompt, state=graphed.reset())
+        t_graph = time_fn(lambda: graphed(tok), device, iters=steps)
     return t_ref, t_eager, t_graph, decode_bytes_per_token(model, 1)
 
 
@@ -169,22 +160,23 @@ def bench_decode(device: torch.device, bandwidth: float, quick: bool, presets=DE
         if device.type == "cuda":
             torch.cuda.empty_cache()
         roofline = bandwidth / nbytes  # tokens/s if every step only streamed its bytes at full bandwidth
-        for label, t in (("eager reference", t_ref), ("eager fused", t_eager), ("CUDA graph", t_graph)):
-            rows.append(dict(bench=f"decode {name} bf16 batch 1, {label}", value=1 / t, unit="tok/s",
-                             vs_reference=t_ref / t, roofline_fraction=(1 / t) / roofline))
+        for label, t in (("reference ops", t_ref), ("Triton step", t_eager), ("CUDA graph", t_graph)):
+            bench = f"decode {name} bf16 batch 1, {label}"
+            row(rows, bench, 1 / t, "tok/s", "reference ops", t_ref / t)
+            row(rows, bench, 1 / t, "tok/s", "bandwidth roofline", (1 / t) / roofline)
     return rows
 
 
 def _train_step_time(cfg, ids: torch.Tensor, device: torch.device, fast: bool) -> tuple[float, int]:
     """Seconds per optimizer step, and active parameters: fp32 reference path, or Triton + bf16 + fused AdamW."""
-    from ..gpu_training import autocast, fused_adamw
     from ..model import BlackMambaLM
     from ..ops import set_backend
+    from ..train.precision import autocast
 
     torch.manual_seed(0)
     with torch.device(device):
         model = BlackMambaLM(cfg)
-    opt = fused_adamw(model.parameters(), lr=1e-4) if fast else torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fast)
 
     def step():
         with autocast(device) if fast else contextlib.nullcontext():
@@ -214,37 +206,27 @@ def bench_training(device: torch.device, matmul_flops: float, quick: bool) -> li
             torch.cuda.empty_cache()
         t_ref = t if t_ref is None else t_ref
         tokens = batch * seq / t
-        rows.append(dict(bench=f"train 4-layer 1.5B-width L={seq} batch {batch}, {label}", value=tokens,
-                         unit="tok/s", vs_reference=t_ref / t, roofline_fraction=6 * active * tokens / matmul_flops))
+        bench = f"train 4-layer 1.5B-width L={seq} batch {batch}, {label}"
+        row(rows, bench, tokens, "tok/s", "reference fp32", t_ref / t)
+        row(rows, bench, tokens, "tok/s", "model FLOPs / bf16 GEMM rate", 6 * active * tokens / matmul_flops)
     return rows
 
 
-def format_rows(rows: list[dict]) -> str:
-    head = f"{'benchmark':<72} {'value':>14}  {'× reference':>11}  {'of roofline':>11}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['bench']:<72} {r['value']:>10.4g} {r['unit']:<4} {r['vs_reference']:>10.2f}×"
-                     f"  {100 * r['roofline_fraction']:>10.1f}%")
-    return "\n".join(lines)
-
-
-def run_gpu_bench(args) -> int:
-    """Run every GPU benchmark and print the table; ``args.quick`` shortens them."""
-    from ..cli import UserError
-    from ..ops.gpu import triton_available
+def run_gpu_bench(quick: bool = False, log=print) -> dict:
+    """Run every GPU benchmark; returns {"device", "machine", "rows"} (ValueError without a GPU or Triton)."""
+    from ..ops.triton import available
 
     if not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    if not triton_available():
-        raise UserError("--device cuda needs Triton: pip install 'blackmamba[gpu]'")
-    quick = bool(getattr(args, "quick", False))
+        raise ValueError("--device cuda: no CUDA device is available")
+    if not available():
+        raise ValueError("--device cuda needs Triton: pip install 'blackmamba[gpu]'")
     device = torch.device("cuda")
     bandwidth = measure_bandwidth(device)
     matmul = measure_matmul_flops(device)
-    print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth / 1e9:.0f} GB/s, "
-          f"bf16 matmul {matmul / 1e12:.0f} TFLOP/s (the rooflines below)")
+    log(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth / 1e9:.0f} GB/s, "
+        f"bf16 matmul {matmul / 1e12:.0f} TFLOP/s (the rooflines below)")
     rows = bench_scan(device, bandwidth, quick)
     rows += bench_decode(device, bandwidth, quick)
     rows += bench_training(device, matmul, quick)
-    print(format_rows(rows))
-    return 0
+    return {"device": torch.cuda.get_device_name(device), "quick": quick, "torch": torch.__version__,
+            "machine": {"copy_bandwidth_bytes_per_s": bandwidth, "bf16_matmul_flops": matmul}, "rows": rows}

@@ -1,4 +1,3 @@
-"""Evaluation: perplexity / bits per byte on text files, and the lm-evaluation-harness adapter.
-
-``blackmamba eval MODEL --text FILE`` and ``blackmamba eval MODEL --tasks ...`` (see ``command``).
+"""Evaluation: perplexity / bits per byte of text (``perplexity``, reading files in pieces: ``textstream``), and
+lm-evaluation-harness tasks (``tasks``, through the adapter ``lm_eval_adapter``); the command is ``cli/eval.py``.
 """

@@ -36,7 +36,6 @@ from ..checkpoint import load_pretrained
 from ..generation import generate, pad_prompts
 from ..model import BlackMambaLM
 from .perplexity import score_tokens
-from .state import select_rows
 from .tokenizer import load_tokenizer, prefix_token_id
 
 log = logging.getLogger(__name__)
@@ -150,7 +149,7 @@ class BlackMambaEvalLM(TemplateLM):
             x = torch.zeros(len(conts), longest - 1, dtype=torch.long)
             for j, c in enumerate(conts):
                 x[j, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-            rest = self.model(x.to(self.device), state=select_rows(state, rows)).logits
+            rest = self.model(x.to(self.device), state=state.select(rows)).logits
             logits = torch.cat([logits, rest], dim=1)
         logprobs = F.log_softmax(logits[..., : self.vocab_size].double(), dim=-1)  # float64: exact sums
         out = []

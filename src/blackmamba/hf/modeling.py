@@ -31,7 +31,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from blackmamba.checkpoint import CheckpointError, load_pretrained
-from blackmamba.model import BlackMambaLM
+from blackmamba.model import SSM_PARAMETERS, BlackMambaLM
 
 from .cache import BlackMambaCache
 from .configuration import BlackMambaConfig
@@ -60,7 +60,7 @@ class BlackMambaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
     _is_stateful = True  # a recurrent state cannot be rolled back: no assisted generation
     # the SSM parameters stay fp32 in bf16 / fp16 models, as in blackmamba.load_pretrained
-    _keep_in_fp32_modules_strict = ["A_log", "mixer.D"]
+    _keep_in_fp32_modules_strict = [f"mixer.{name}" for name in SSM_PARAMETERS]
 
     def _init_weights(self, module):
         # The core model initialises itself when constructed; loading is strict, so no weight is ever left

@@ -7,9 +7,12 @@
     y      = selective_scan(x, delta, -exp(A_log), B, C, D, z)
     out    = out_proj(y)
 
-Recurrent state per sequence: conv (I, K-1) — the last K-1 conv inputs — and ssm (I, N) in fp32.
-A padding mask (b, l) zeroes the conv input and the step size at padded positions, so padding
-never reaches the conv or SSM state.
+``forward`` runs a sequence (b, l, H) through the ops ``conv`` and ``scan``; ``step`` runs one token per row
+(b, H) through op ``mamba_step``, whose reference is this same computation for one token.
+
+Recurrent state per sequence (``MambaState``): conv (I, K-1) — the last K-1 conv inputs, in the state dtype —
+and ssm (I, N) in fp32. A padding mask (b, l) zeroes the conv input and the step size at padded positions, so
+padding never reaches the conv or SSM state.
 """
 
 from __future__ import annotations
@@ -21,15 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.conv import causal_conv1d, causal_conv1d_step
-from ..ops.linear import linear, linear_module
+from ..ops.conv import causal_conv1d
+from ..ops.linear import apply, linear, operand
 from ..ops.mamba_step import mamba_step
-from ..ops.scan import selective_scan, selective_scan_step
+from ..ops.scan import selective_scan
 
 
 @dataclass
 class MambaState:
-    conv: torch.Tensor  # (b, I, K-1), model dtype
+    conv: torch.Tensor  # (b, I, K-1): the state dtype (the model's by default; fp32 is allowed)
     ssm: torch.Tensor  # (b, I, N), fp32
 
 
@@ -66,24 +69,19 @@ class MambaMixer(nn.Module):
             ssm=torch.zeros(batch_size, self.d_inner, self.state_size, dtype=torch.float32, device=device),
         )
 
-    def _delta(self, dt: torch.Tensor) -> torch.Tensor:
-        # matmul in the model dtype, bias and softplus in fp32 (as the release's scan does)
-        return F.softplus(linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
-
     def forward(self, h: torch.Tensor, state: MambaState | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """h (b, l, H) → (b, l, H); consumes and updates ``state`` in place when given."""
-        if state is not None and h.shape[1] == 1 and mask is None:
-            return self.step(h[:, 0], state).unsqueeze(1)
         I, N, R = self.d_inner, self.state_size, self.dt_rank
-        x, z = self.in_proj(h).split([I, I], dim=-1)  # (b, l, I) each
+        x, z = apply(h, operand(self.in_proj)).split([I, I], dim=-1)  # (b, l, I) each
         if mask is not None:
             x = x * mask.unsqueeze(-1).to(x.dtype)
         x, conv_final = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias,
                                       state.conv if state is not None else None)
         x = F.silu(x)
-        dt, B, C = self.x_proj(x).split([R, N, N], dim=-1)
-        delta = self._delta(dt)  # (b, l, I) fp32
+        dt, B, C = apply(x, operand(self.x_proj)).split([R, N, N], dim=-1)
+        # dt_proj's matmul in the model dtype, its bias and the softplus in fp32 (as the release's scan does)
+        delta = F.softplus(linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (b, l, I)
         if mask is not None:
             delta = delta * mask.unsqueeze(-1).to(delta.dtype)
         A = -torch.exp(self.A_log.float())  # (I, N)
@@ -92,26 +90,10 @@ class MambaMixer(nn.Module):
         if state is not None:
             state.conv.copy_(conv_final.detach())
             state.ssm.copy_(ssm_final.detach())
-        return self.out_proj(y)
-
-    def step_args(self, state: MambaState) -> tuple | None:
-        """The arguments of op ``mamba_step`` after h (weights, then ``state``'s tensors), or None when a
-        projection is not a plain ``nn.Linear`` (a LoRA wrapper, say), whose own call must not be skipped."""
-        if not all(type(m) is nn.Linear for m in (self.in_proj, self.x_proj, self.out_proj)):
-            return None
-        return (self.in_proj.weight, self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight,
-                self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight, state.conv,
-                state.ssm)
+        return apply(y, operand(self.out_proj))
 
     def step(self, h: torch.Tensor, state: MambaState) -> torch.Tensor:
-        """One token per sequence: h (b, H) → (b, H); updates ``state`` in place."""
-        args = self.step_args(state)
-        if args is not None:  # op `mamba_step`: the whole step in one call on CPU
-            return mamba_step(h, *args)
-        I, N, R = self.d_inner, self.state_size, self.dt_rank  # wrapped projections (e.g. LoRA): called as modules
-        x, z = linear_module(self.in_proj, h).split([I, I], dim=-1)  # (b, I); op `linear`: decode-sized gemv
-        x = F.silu(causal_conv1d_step(x, self.conv1d.weight[:, 0], self.conv1d.bias, state.conv))
-        dt, B, C = linear_module(self.x_proj, x).split([R, N, N], dim=-1)
-        A = -torch.exp(self.A_log.float())
-        y = selective_scan_step(x, self._delta(dt), A, B, C, self.D, z, state.ssm)
-        return linear_module(self.out_proj, y)
+        """One token per sequence: h (b, H) → (b, H); updates ``state`` in place (op ``mamba_step``)."""
+        return mamba_step(h, operand(self.in_proj), self.conv1d.weight[:, 0], self.conv1d.bias, operand(self.x_proj),
+                          self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, operand(self.out_proj),
+                          state.conv, state.ssm)

@@ -1,10 +1,15 @@
-"""Gated MLP (the release's expert and dense layer): fc2(act(a) * b) with a, b = split(fc1(x))."""
+"""Gated MLP (the release's dense layer, and each expert of a MoE layer): fc2(act(a) * b), a, b = split(fc1(x)).
+
+Stateless: ``step`` (one token per row, (b, H)) is ``forward`` on those rows.
+"""
+
+from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..ops.grouped_mlp import ACTIVATIONS  # silu; gelu: exact erf, as the released inference code
-from ..ops.linear import linear_module
+from ..ops.linear import operand
+from ..ops.moe import gated_mlp
 
 
 class GatedMLP(nn.Module):
@@ -15,6 +20,8 @@ class GatedMLP(nn.Module):
         self.linear_fc1 = nn.Linear(hidden_size, 2 * ffn_hidden_size, bias=False)  # gate rows first
         self.linear_fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, **_) -> torch.Tensor:
-        a, b = linear_module(self.linear_fc1, x).chunk(2, dim=-1)  # op `linear`: decode-sized gemv on CPU
-        return linear_module(self.linear_fc2, ACTIVATIONS[self.activation](a) * b)
+    def forward(self, x: torch.Tensor, state=None, mask=None) -> torch.Tensor:
+        return gated_mlp(x, operand(self.linear_fc1), operand(self.linear_fc2), self.activation)
+
+    def step(self, x: torch.Tensor, state=None) -> torch.Tensor:
+        return self.forward(x)

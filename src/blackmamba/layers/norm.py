@@ -1,7 +1,15 @@
-"""RMSNorm: weight only, computed in fp32, output in the input's dtype (as mamba_ssm's)."""
+"""RMSNorm (weight only) as the block's entry: the residual add and the norm in one op (``ops.add_rmsnorm``).
+
+    out, residual = norm(h, residual, residual_dtype)
+    # residual = h (+ residual), in residual_dtype; out = RMSNorm(residual) computed in fp32, in the weight's dtype
+"""
+
+from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..ops.norm import add_rmsnorm
 
 
 class RMSNorm(nn.Module):
@@ -10,7 +18,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        return out.to(x.dtype)
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None,
+                residual_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return add_rmsnorm(h, residual, self.weight, self.eps, residual_dtype or h.dtype)

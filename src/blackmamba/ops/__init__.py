@@ -1,18 +1,20 @@
-"""Numerical ops, each with one contract and several backends (see ``ops.backend``)."""
+"""Numerical ops: one public function and one contract per op (a module each, its reference beside it), and
+their backends — ``cpu`` (C++ kernels, ``ops/cpu``) and ``triton`` (``ops/triton``) — chosen by the one registry
+(``ops.registry``; ``set_backend`` or ``BLACKMAMBA_BACKEND`` to override)."""
 
-from . import gpu as _gpu  # noqa: F401  (registers the triton backends)
-from .backend import available_backends, requested_backend, set_backend
+from .activations import ACTIVATIONS
 from .conv import causal_conv1d, causal_conv1d_step
-from .grouped_mlp import grouped_mlp
 from .linear import linear
 from .mamba_step import mamba_step
+from .moe import moe_experts, moe_step
 from .norm import add_rmsnorm
+from .registry import available_backends, requested_backend, set_backend
 from .scan import selective_scan, selective_scan_reference, selective_scan_step
 from .sinkhorn import sinkhorn
-from . import cpu  # noqa: F401  (registers the fused CPU kernels as backend "cpu"; built on first use)
+from . import cpu, triton  # noqa: E402,F401  (register the backends; nothing is compiled or imported yet)
 
 __all__ = [
-    "add_rmsnorm", "available_backends", "requested_backend", "set_backend", "causal_conv1d", "causal_conv1d_step",
-    "grouped_mlp", "linear", "mamba_step", "selective_scan", "selective_scan_reference", "selective_scan_step",
-    "sinkhorn",
+    "ACTIVATIONS", "add_rmsnorm", "available_backends", "causal_conv1d", "causal_conv1d_step", "linear", "mamba_step",
+    "moe_experts", "moe_step", "requested_backend", "selective_scan", "selective_scan_reference",
+    "selective_scan_step", "set_backend", "sinkhorn",
 ]

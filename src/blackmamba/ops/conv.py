@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import backend as _backend
+from . import registry
 
 
 def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -41,20 +41,20 @@ def causal_conv1d_step_reference(x: torch.Tensor, weight: torch.Tensor, bias: to
     return y
 
 
-_backend.register("conv", "reference", causal_conv1d_reference)
-_backend.register("conv_step", "reference", causal_conv1d_step_reference)
+registry.register("conv", "reference", causal_conv1d_reference)
+registry.register("conv_step", "reference", causal_conv1d_step_reference)
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   initial_state: torch.Tensor | None = None,
                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """y_t = bias + sum_k weight[:, k] * x_{t-K+1+k}; returns (y (b, l, d), final state (b, d, K-1)) (op ``conv``)."""
-    _, fn = _backend.resolve("conv", x.device, backend)
+    _, fn = registry.resolve("conv", x.device, backend)
     return fn(x, weight, bias, initial_state)
 
 
 def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        state: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """One token: x (b, d) → y (b, d); shifts ``state`` (b, d, K-1) in place (op ``conv_step``)."""
-    _, fn = _backend.resolve("conv_step", x.device, backend)
+    _, fn = registry.resolve("conv_step", x.device, backend)
     return fn(x, weight, bias, state)

@@ -1,10 +1,15 @@
-"""The linear layer as an op (``linear``), so that decode-time matrix-vector products can use a kernel.
+"""The linear layer as an op (``linear``), and the one test of whether a projection can go to a kernel.
 
     y = linear(x, weight, bias=None)      # x (..., i), weight (o, i), bias (o,) → y (..., o) = F.linear
 
-Backends: ``reference`` is ``F.linear``; ``cpu`` (ops/cpu.py) reads bfloat16 weights directly for a
-few rows without autograd — torch's CPU bfloat16 matmul is slow at that shape on CPUs without native
-bfloat16 instructions, and decoding is limited by reading the weights — and is ``F.linear`` otherwise.
+Backends: ``reference`` is ``F.linear``; ``cpu`` reads bfloat16 weights directly for a few rows without
+autograd (torch's CPU bfloat16 matmul is slow at that shape on CPUs without native bfloat16 instructions,
+and decoding is limited by reading the weights) and is ``F.linear`` otherwise.
+
+Ops that take projections (``mamba_step``, ``moe_experts``, ``moe_step``) take *linear operands*: the weight
+of a plain ``nn.Linear`` — which a kernel can read — or, for anything else (a LoRA wrapper, a quantised layer),
+the module itself, called as it is so that nothing it adds is skipped (``operand``; ``operand_with_bias`` for
+a projection with a bias); ``apply`` computes either. A backend given a module hands the call to the reference.
 """
 
 from __future__ import annotations
@@ -13,26 +18,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backend as _backend
+from . import registry
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(x, weight, bias)
 
 
-_backend.register("linear", "reference", linear_reference)
+registry.register("linear", "reference", linear_reference)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            backend: str | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` through the backend registry (op ``linear``)."""
-    _, fn = _backend.resolve("linear", x.device, backend)
+    _, fn = registry.resolve("linear", x.device, backend)
     return fn(x, weight, bias)
 
 
-def linear_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for a plain ``nn.Linear``, through op ``linear``; any other module (a LoRA wrapper,
-    a quantised layer, ...) is called as it is, so nothing it adds is skipped."""
-    if type(module) is nn.Linear:
-        return linear(x, module.weight, module.bias)
-    return module(x)
+def plain(module: nn.Module) -> bool:
+    """Whether ``module`` is a plain ``nn.Linear``, whose weight (and bias) a kernel may read instead of calling it."""
+    return type(module) is nn.Linear
+
+
+def operand(module: nn.Module):
+    """The weight of a plain bias-free ``nn.Linear``; any other module as itself (called by ``apply``)."""
+    return module.weight if plain(module) and module.bias is None else module
+
+
+def operand_with_bias(module: nn.Module) -> tuple:
+    """(weight, bias) of a plain ``nn.Linear``; (module, None) for any other module."""
+    return (module.weight, module.bias) if plain(module) else (module, None)
+
+
+def apply(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear operand applied to x: op ``linear`` for a weight tensor, the module's own call otherwise."""
+    return linear(x, weight, bias) if torch.is_tensor(weight) else weight(x)
+
+
+def all_tensors(*weights) -> bool:
+    """Whether every operand is a plain weight tensor (what the fused kernels take)."""
+    return all(w is None or torch.is_tensor(w) for w in weights)

@@ -2,22 +2,22 @@
 
     out, residual = add_rmsnorm(h, residual, weight, eps, residual_dtype)
 
-is what ``model.BlackMambaLM.forward`` does before every mixer:
+is what every block (``model.Block``) does before its mixer, in ``forward`` and ``step``:
 
     residual = h if residual is None else h + residual      (then cast to ``residual_dtype``)
     out = RMSNorm(residual.to(weight.dtype))                 (in fp32, returned in weight's dtype)
 
 h (..., H); residual (..., H) or None (the first block); weight (H,). At decode time these are about
 ten tiny tensor ops per layer, each costing more in dispatch than in arithmetic; the ``cpu`` backend
-(ops/cpu.py, csrc/norm.cpp) and the ``triton`` one (ops/triton_norm.py, CUDA) do it in one call. Both
-fall back to the reference when a gradient is needed.
+(``ops/cpu/csrc/norm.cpp``) and the ``triton`` one (``ops/triton/norm.py``) do it in one call. Both
+hand a call that needs a gradient to the reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import backend as _backend
+from . import registry
 
 
 def add_rmsnorm_reference(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -28,7 +28,7 @@ def add_rmsnorm_reference(h: torch.Tensor, residual: torch.Tensor | None, weight
     return out, residual.to(residual_dtype)
 
 
-_backend.register("add_rmsnorm", "reference", add_rmsnorm_reference)
+registry.register("add_rmsnorm", "reference", add_rmsnorm_reference)
 
 
 def add_rmsnorm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -38,5 +38,5 @@ def add_rmsnorm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     if h.shape[-1] != weight.shape[-1] or weight.dim() != 1 or (residual is not None and residual.shape != h.shape):
         raise ValueError(f"add_rmsnorm: h {tuple(h.shape)}, residual "
                          f"{None if residual is None else tuple(residual.shape)}, weight {tuple(weight.shape)}")
-    _, fn = _backend.resolve("add_rmsnorm", h.device, backend)
+    _, fn = registry.resolve("add_rmsnorm", h.device, backend)
     return fn(h, residual, weight, eps, residual_dtype)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import backend as _backend
+from . import registry
 
 
 def selective_scan_reference(x, delta, A, B, C, D=None, z=None, initial_state=None):
@@ -65,8 +65,8 @@ def selective_scan_step_reference(x, delta, A, B, C, D, z, state):
     return y.to(x.dtype)
 
 
-_backend.register("scan", "reference", selective_scan_reference)
-_backend.register("scan_step", "reference", selective_scan_step_reference)
+registry.register("scan", "reference", selective_scan_reference)
+registry.register("scan_step", "reference", selective_scan_step_reference)
 
 
 def _check(x, delta, A, B, C, D, z, initial_state):
@@ -92,11 +92,11 @@ def _check(x, delta, A, B, C, D, z, initial_state):
 def selective_scan(x, delta, A, B, C, D=None, z=None, initial_state=None, backend: str | None = None):
     """Run the selective scan with the chosen (or automatic) backend; see the module docstring."""
     _check(x, delta, A, B, C, D, z, initial_state)
-    _, fn = _backend.resolve("scan", x.device, backend)
+    _, fn = registry.resolve("scan", x.device, backend)
     return fn(x, delta, A, B, C, D, z, initial_state)
 
 
 def selective_scan_step(x, delta, A, B, C, D, z, state, backend: str | None = None):
     """One decode step; see the module docstring."""
-    _, fn = _backend.resolve("scan_step", x.device, backend)
+    _, fn = registry.resolve("scan_step", x.device, backend)
     return fn(x, delta, A, B, C, D, z, state)

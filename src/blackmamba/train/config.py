@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import PRESETS, BlackMambaConfig, ConfigError, preset
+from .precision import PRECISIONS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +32,6 @@ else:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass

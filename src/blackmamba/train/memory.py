@@ -12,7 +12,7 @@ allocates (the ``_mamba``, ``_moe``, ``_mlp``, ``_attention`` and ``_head`` func
 - activations: what autograd holds for the backward at the end of the forward. The largest are the
   log-softmax of the loss (tokens × padded vocab, fp32) and, per Mamba layer, about 8 fp32 values per
   inner channel and token plus the scan's state saved every 16 steps; an attention layer adds an fp32
-  (batch, 1, L, L) mask. With ``train.activation_checkpointing`` a mixer keeps only its input;
+  (batch, 1, L, L) mask. With ``train.activation_checkpointing`` a block keeps only its inputs;
 - transient: the widest working set on top of those, one at a time: the loss's backward (two more
   tokens × vocab fp32 tensors), one layer's backward (with checkpointing: its recomputed activations
   too), or AdamW's step (a temporary per parameter);
@@ -198,11 +198,12 @@ def _tensors(run_config, vocab_size, device) -> tuple[dict[str, list[int]], list
             saved, work = _mlp(c, b, L)
         else:
             saved, work = _attention(c, b, L)
-        if t.activation_checkpointing:  # only the mixer's input is kept; its backward recomputes the rest
-            work, saved = work + saved, [T * H * F32]
-        saved_by_kind.setdefault(kind, []).extend(saved)
         # the block's residual (fp32) and RMSNorm's normalised input and 1/rms; its output is the mixer's input
-        saved_by_kind["norms"] += [T * H * F32, T * H * F32, T * F32]
+        norms = [T * H * F32, T * H * F32, T * F32]
+        if t.activation_checkpointing:  # only the block's inputs (h, residual) are kept; its backward recomputes
+            work, saved, norms = work + saved + norms, [T * H * F32, T * H * F32], []
+        saved_by_kind.setdefault(kind, []).extend(saved)
+        saved_by_kind["norms"] += norms
         phases.append(work)
     head_saved, head_forward, head_work = _head(c, b, L, bf16)
     saved_by_kind["head"] = head_saved

@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model import is_ssm_parameter
 from .config import OptimConfig
 
 
 def no_decay(name: str, p: nn.Parameter) -> bool:
     """A_log, D and every 1-D parameter (norm weights, biases) are not decayed."""
-    return p.dim() < 2 or name.endswith(("A_log", ".D"))
+    return p.dim() < 2 or is_ssm_parameter(name)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -27,7 +28,5 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     groups = param_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if device.type == "cuda":
-        from ..gpu_training import fused_adamw
-
-        return fused_adamw(groups, **kwargs)
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, foreach=True, **kwargs)

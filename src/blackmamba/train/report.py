@@ -9,7 +9,7 @@ import numpy as np
 
 from ..files import write_json
 from ..data.corpus import Corpus
-from ..textgen import generate_text
+from ..generation.text import generate_text
 from .metrics import read_metrics
 from .plots import expert_usage, plot_curves, plot_expert_usage
 

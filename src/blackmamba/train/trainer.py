@@ -25,6 +25,7 @@ from .checkpoints import (Progress, latest_checkpoint, load_checkpoint, prune_ch
 from .config import RunConfig
 from .metrics import MetricsLog, RouterStats, truncate_metrics
 from .optim import build_optimizer
+from .precision import autocast as precision_autocast
 from .schedule import lr_at
 from .validate import evaluate
 
@@ -63,14 +64,6 @@ def _flushed_print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (auto), fp32 on CPU (auto: bf16 matmuls are slower there on most CPUs)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 class Trainer:
     """Trains ``cfg``'s model on ``data`` into ``run_dir``.
 
@@ -99,7 +92,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = BlackMambaLM(cfg.model_config(data.tokenizer.vocab_size)).to(self.device)
         if cfg.train.activation_checkpointing:
-            from ..gpu_training import enable_activation_checkpointing
+            from .precision import enable_activation_checkpointing
 
             enable_activation_checkpointing(self.model)
         self.model.train()
@@ -151,7 +144,7 @@ class Trainer:
     def run(self) -> RunResult:
         c, o, d = self.cfg.train, self.cfg.optim, self.cfg.data
         model, opt = self.model, self.optimizer
-        autocast = autocast_for(self.device, c.precision)
+        autocast = precision_autocast(self.device, c.precision)
         metrics = MetricsLog(self.run_dir, tensorboard=c.tensorboard)
         router = RouterStats()
         params = [p for p in model.parameters() if p.requires_grad]

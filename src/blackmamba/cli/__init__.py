@@ -1,0 +1,73 @@
+"""The ``blackmamba`` command: one module per subcommand, each defining ``add_arguments(parser)`` and
+``run(args) -> int``; this file lists them and turns user mistakes into one line and exit status 2.
+
+The process settings (``process``) are applied in ``main``, before any subcommand imports torch; the subcommand
+modules import torch and the package's heavy modules only inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name → (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("blackmamba.cli.info", "print a model's parameters (total/active), layer pattern and FLOPs per token"),
+    "train": ("blackmamba.cli.train",
+              "train a model on a text corpus (default: Shakespeare's complete works); --resume continues a run"),
+    "generate": ("blackmamba.cli.generate", "continue prompts with a trained model, streaming the text"),
+    "convert": ("blackmamba.cli.convert", "convert a checkpoint between the native, release and transformers formats"),
+    "eval": ("blackmamba.cli.eval", "lm-evaluation-harness tasks, or perplexity / bits per byte of a text file"),
+    "bench": ("blackmamba.cli.bench", "benchmarks: ratios against baselines and machine limits measured in the same run"),
+}
+
+
+class UserError(Exception):
+    """A mistake on the command line or in the inputs: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blackmamba", description="BlackMamba (Mamba + top-1 MoE) language models: "
+                                     "train, generate, evaluate, convert and benchmark.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log backend choices and other details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that report a user's mistake (each a ValueError naming it), not a defect of the program."""
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..data.corpus import DataError
+    from ..files import OutputError
+    from ..generation.sampling import OptionError
+
+    return (UserError, CheckpointError, ConfigError, DataError, OptionError, OutputError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .process import prepare
+
+    prepare()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except user_errors() as e:
+        msg = str(e).strip() or type(e).__name__
+        print(f"blackmamba {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"blackmamba {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

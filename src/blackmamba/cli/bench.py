@@ -1,0 +1,51 @@
+"""``blackmamba bench``: print a table of ratios against baselines measured in the same run; ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: fused CPU kernels, decode, MoE (default); cuda: the Triton kernels on a GPU")
+    p.add_argument("--quick", action="store_true", help="toy sizes, a few seconds (a smoke test: no targets judged)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's, usually all cores)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import UserError
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.json:
+        out = Path(args.json)
+        if out.is_dir():
+            raise UserError(f"--json {out}: is a directory, give a file path")
+        out.parent.mkdir(parents=True, exist_ok=True)
+    from ..bench.harness import format_table
+
+    try:
+        if args.device == "cuda":
+            from ..bench.gpu import run_gpu_bench
+
+            result = run_gpu_bench(quick=args.quick)
+        else:
+            from ..bench.cpu import run_cpu_bench
+
+            result = run_cpu_bench(quick=args.quick)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(format_table(result))
+    if args.json:
+        from ..files import write_json
+
+        write_json(out, result)
+        print(f"wrote {out}")
+    return 0

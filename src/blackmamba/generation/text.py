@@ -1,0 +1,133 @@
+"""Text in, text out: prompts encoded with a tokenizer, the continuation streamed back as text.
+
+    from blackmamba.generation import load_model_and_tokenizer, stream_text, generate_text
+    model, tokenizer = load_model_and_tokenizer("runs/shakespeare")
+    for piece in stream_text(model, tokenizer, "ROMEO.\\n", max_new_tokens=100, do_sample=True, seed=0):
+        print(piece, end="", flush=True)
+    texts = generate_text(model, tokenizer, ["ROMEO.\\n", "To be"], max_new_tokens=50)   # one padded batch
+
+Generation ends at the tokenizer's EOS token, at the first stop string (which is not included in the
+text), or after ``max_new_tokens``. Sampling options are those of ``blackmamba.generation.generate``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from .generate import pad_prompts
+
+NEOX_VOCAB = (50277, 50304)  # GPT-NeoX-20B's ids, and the release's padded embedding rows
+
+
+def load_model_and_tokenizer(spec, tokenizer: str | None = None, device: str = "auto"):
+    """(model in eval mode, TextTokenizer) for a run directory, model folder or hub id. The tokenizer is
+    ``tokenizer`` (a tokenizer.json, folder or hub id), else the folder's ``tokenizer.json``, else, for the release
+    checkpoints (which ship none), GPT-NeoX-20B's. Problems are ValueErrors (CheckpointError, DataError) naming them.
+    """
+    from ..checkpoint import load_pretrained, resolve_path
+    from ..data.corpus import DataError
+    from ..data.tokenizer import NEOX_TOKENIZER, TOKENIZER_NAME, load_tokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: no CUDA device is available")
+    directory = resolve_path(spec)
+    model = load_pretrained(directory, device=device)
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    elif (directory / TOKENIZER_NAME).is_file():
+        tok = load_tokenizer(directory / TOKENIZER_NAME)
+    elif model.config.vocab_size in NEOX_VOCAB:
+        tok = load_tokenizer(NEOX_TOKENIZER)
+    else:
+        raise DataError(f"{spec}: no {TOKENIZER_NAME} next to the model; give one with --tokenizer")
+    if tok.vocab_size > model.config.padded_vocab_size:
+        raise DataError(f"the tokenizer ({tok.source}) has {tok.vocab_size} ids but the model only "
+                        f"{model.config.padded_vocab_size} embedding rows: they do not belong together")
+    return model, tok
+
+
+def check_prompt(prompt) -> None:
+    """ValueError unless ``prompt`` is text that UTF-8 can hold (a command line's undecodable bytes arrive as
+    lone surrogates, which no tokenizer takes)."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"a prompt must be text (str), got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the prompt {prompt!r} is not valid UTF-8 text (at character {e.start}); "
+                         f"check the terminal's encoding") from None
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids; ValueError for text that is not valid (``check_prompt``) or tokenizes to nothing."""
+    check_prompt(prompt)
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError(f"the prompt {prompt!r} tokenizes to nothing: give some text")
+    return ids
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Index of the first stop string in ``text``, or None."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, *, stop: Sequence[str] = (),
+                **sampling) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` piece by piece, as soon as each piece is valid text."""
+    ids = encode_prompt(tokenizer, prompt)
+    eos = tokenizer.eos_id
+    hold = max((len(s) for s in stop), default=1) - 1  # a tail that may still become a stop string
+    new: list[int] = []
+    printed = 0
+    for nxt in model.stream(torch.tensor([ids]), max_new_tokens, eos_token_id=eos, **sampling):
+        t = int(nxt[0])
+        if eos is not None and t == eos:
+            break
+        new.append(t)
+        text = tokenizer.decode(new)
+        cut = _cut_at_stop(text, stop)
+        if cut is not None:
+            if cut > printed:
+                yield text[printed:cut]
+            return
+        ready = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)  # incomplete UTF-8 waits
+        ready = min(ready, len(text) - hold)
+        if ready > printed:
+            yield text[printed:ready]
+            printed = ready
+    text = tokenizer.decode(new)
+    cut = _cut_at_stop(text, stop)
+    end = len(text) if cut is None else cut
+    if end > printed:
+        yield text[printed:end]
+
+
+def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 200, *,
+                  stop: Sequence[str] = (), **sampling) -> list[str]:
+    """The continuation of every prompt, generated together in one left-padded batch; each row comes out
+    exactly as it would alone."""
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    eos = tokenizer.eos_id
+    ids, mask = pad_prompts(encoded, pad_id=eos if eos is not None else 0)
+    L = ids.shape[1]
+
+    def stopped(history: torch.Tensor) -> torch.Tensor:  # (b, L + n) → (b,) bool
+        return torch.tensor([_cut_at_stop(tokenizer.decode(row[L:].tolist()), stop) is not None
+                             for row in history])
+
+    out = model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=eos,
+                         stop=stopped if stop else None, **sampling)
+    texts = []
+    for row in out[:, L:].tolist():
+        if eos is not None and eos in row:
+            row = row[:row.index(eos)]
+        text = tokenizer.decode(row)
+        cut = _cut_at_stop(text, stop)
+        texts.append(text if cut is None else text[:cut])
+    return texts

@@ -1,0 +1,127 @@
+"""The ``cpu`` backend of the decode-time ops: ``mamba_step``, ``moe_step``, ``linear`` and ``add_rmsnorm``.
+
+Decoding a token reads every active weight once, so its speed is the memory bandwidth; these kernels
+(csrc/mamba_step.cpp, moe_step.cpp, gemv.cpp, norm.cpp) read each weight matrix once, prefetching the next rows,
+for up to ``MAX_ROWS`` sequences, with bfloat16 weights read directly (half the bytes). Each wrapper checks its
+inputs and hands what its kernel does not take to the op's reference: more rows, other dtypes, a gradient to
+compute, a projection that is not a plain weight (a LoRA wrapper). The checks are a few attribute reads: at
+batch 1 the Python around the kernels is a measurable part of a token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from .. import registry
+from ..linear import all_tensors
+from ..mamba_step import mamba_step_reference
+from ..moe import moe_step_reference
+from ..norm import add_rmsnorm_reference
+from .build import DTYPE_CODE, KERNEL_DTYPES, MAX_ROWS, available, grad_needed, library, ptr, threads_for
+
+ACTIVATION_CODE = {"silu": 0, "gelu": 1}  # csrc/act.h kSilu, kGelu
+
+
+def _ready(dtype: torch.dtype, tensors) -> bool:
+    """Every tensor (None allowed) has ``dtype`` and is contiguous."""
+    return all(t is None or (t.dtype is dtype and t.is_contiguous()) for t in tensors)
+
+
+def mamba_step_cpu(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj, conv_state, ssm_state):
+    """The whole mixer step in one call (csrc/mamba_step.cpp)."""
+    b = h.shape[0]
+    wdt = conv_w.dtype
+    if (not all_tensors(in_proj, x_proj, out_proj) or not 1 <= b <= MAX_ROWS or h.dtype not in KERNEL_DTYPES
+            or wdt not in KERNEL_DTYPES or dt_b is None or not _ready(wdt, (in_proj, conv_w, conv_b, x_proj, dt_w, dt_b,
+                                                                             out_proj))
+            or conv_state.dtype not in (wdt, torch.float32) or not conv_state.is_contiguous()
+            or not _ready(torch.float32, (A_log, D, ssm_state))
+            or grad_needed(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj)):
+        return mamba_step_reference(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj, conv_state,
+                                    ssm_state)
+    h = h.contiguous()
+    I, K = conv_w.shape
+    H = in_proj.shape[1]
+    out = torch.empty(b, H, dtype=h.dtype)
+    rc = library().bm_mamba_step(DTYPE_CODE[h.dtype], DTYPE_CODE[wdt], DTYPE_CODE[conv_state.dtype], h.data_ptr(),
+                                 in_proj.data_ptr(), conv_w.data_ptr(), ptr(conv_b), x_proj.data_ptr(),
+                                 dt_w.data_ptr(), dt_b.data_ptr(), A_log.data_ptr(), ptr(D), out_proj.data_ptr(),
+                                 conv_state.data_ptr(), ssm_state.data_ptr(), out.data_ptr(), b, H, I, A_log.shape[1],
+                                 dt_w.shape[1], K, threads_for(b * 3 * I * H))
+    if rc:
+        raise RuntimeError(f"blackmamba cpu mamba_step: unsupported inputs (code {rc})")
+    return out
+
+
+def moe_step_cpu(h, router_w, router_b, fc1, fc2, activation):
+    """Routing and the chosen experts' gated MLPs in one call (csrc/moe_step.cpp)."""
+    b, H = h.shape
+    wdt = router_w.dtype if torch.is_tensor(router_w) else None
+    if (not all_tensors(router_w, *fc1, *fc2) or not 1 <= b <= MAX_ROWS or h.dtype not in KERNEL_DTYPES
+            or wdt not in KERNEL_DTYPES or not _ready(wdt, (router_w, router_b, *fc1, *fc2))
+            or grad_needed(h, router_w, router_b, *fc1, *fc2)):
+        return moe_step_reference(h, router_w, router_b, fc1, fc2, activation)
+    h = h.contiguous()
+    E, F2 = len(fc1), fc1[0].shape[0]
+    out = torch.empty(b, H, dtype=h.dtype)
+    table = ctypes.c_void_p * E
+    rc = library().bm_moe_step(DTYPE_CODE[h.dtype], DTYPE_CODE[wdt], ACTIVATION_CODE[activation], h.data_ptr(),
+                               router_w.data_ptr(), ptr(router_b), table(*[w.data_ptr() for w in fc1]),
+                               table(*[w.data_ptr() for w in fc2]), out.data_ptr(), b, H, F2 // 2, E,
+                               threads_for(b * 3 * F2 * H))
+    if rc:
+        raise RuntimeError(f"blackmamba cpu moe_step: unsupported inputs (code {rc})")
+    return out
+
+
+def linear_cpu(x, weight, bias=None):
+    """bfloat16 weights times a few rows, read once (csrc/gemv.cpp); torch's matmul otherwise (see ops/linear.py)."""
+    i, o = x.shape[-1], weight.shape[0]
+    rows = x.numel() // i if i else 0
+    if (weight.dtype is not torch.bfloat16 or x.dtype not in KERNEL_DTYPES or not 1 <= rows <= MAX_ROWS
+            or not weight.is_contiguous() or grad_needed(x, weight, bias)):
+        return F.linear(x, weight, bias)
+    xf = x.reshape(rows, i).float().contiguous()
+    b = bias.float().contiguous() if bias is not None else None
+    y = torch.empty(rows, o, dtype=torch.float32)
+    rc = library().bm_gemv(DTYPE_CODE[weight.dtype], xf.data_ptr(), weight.data_ptr(), ptr(b), y.data_ptr(), rows,
+                           i, o, threads_for(rows * i * o))
+    if rc:
+        raise RuntimeError(f"blackmamba cpu linear: unsupported inputs (code {rc})")
+    return y.reshape(*x.shape[:-1], o).to(x.dtype)
+
+
+def add_rmsnorm_cpu(h, residual, weight, eps, residual_dtype):
+    """The block entry in one call (csrc/norm.cpp; see ops/norm.py)."""
+    if (h.dtype not in KERNEL_DTYPES or weight.dtype not in KERNEL_DTYPES or residual_dtype not in KERNEL_DTYPES
+            or (residual is not None and residual.dtype is not residual_dtype) or not weight.is_contiguous()
+            or grad_needed(h, residual, weight)):
+        return add_rmsnorm_reference(h, residual, weight, eps, residual_dtype)
+    h = h.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    out = torch.empty(h.shape, dtype=weight.dtype)
+    res_out = torch.empty(h.shape, dtype=residual_dtype)
+    H = h.shape[-1]
+    rows = h.numel() // H if H else 0
+    if rows:
+        library().bm_add_rmsnorm(DTYPE_CODE[h.dtype], DTYPE_CODE[residual_dtype], DTYPE_CODE[weight.dtype],
+                                 h.data_ptr(), ptr(residual), weight.data_ptr(), out.data_ptr(), res_out.data_ptr(),
+                                 rows, H, eps, threads_for(rows * H * 8))
+    return out, res_out
+
+
+def exp_approx(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' float32 exp applied elementwise (to validate it against ``torch.exp``)."""
+    x = x.float().contiguous()
+    out = torch.empty_like(x)
+    library().bm_exp(ptr(x), ptr(out), x.numel(), torch.get_num_threads())
+    return out
+
+
+registry.register("mamba_step", "cpu", mamba_step_cpu, available, devices=("cpu",))
+registry.register("moe_step", "cpu", moe_step_cpu, available, devices=("cpu",))
+registry.register("linear", "cpu", linear_cpu, available, devices=("cpu",))
+registry.register("add_rmsnorm", "cpu", add_rmsnorm_cpu, available, devices=("cpu",))

@@ -1,0 +1,88 @@
+"""The one place that decides which implementation ("backend") of a numerical op runs.
+
+Each op (``scan``, ``scan_step``, ``conv``, ``conv_step``, ``linear``, ``add_rmsnorm``, ``mamba_step``,
+``moe_experts``, ``moe_step``) has one public function with one contract, in its own module under ``ops/``,
+and implementations registered here:
+
+- ``reference``: plain PyTorch, the oracle every other backend is tested against; registered for every device;
+- ``cpu``: C++ kernels for CPU tensors (``ops/cpu``, compiled on first use);
+- ``triton``: Triton kernels for CUDA tensors (``ops/triton``); under Triton's interpreter
+  (``TRITON_INTERPRET=1``) also for CPU tensors, which is how their wiring is tested without a GPU.
+
+The choice, per (op, device type): the backend asked for — ``blackmamba.ops.set_backend(name)``, else the
+``BLACKMAMBA_BACKEND`` environment variable, else ``auto`` — when it implements the op for that device (else the
+reference); ``auto`` takes the first available of ``PREFERENCE``. A backend may still hand a call it cannot take
+(a dtype or shape its kernel lacks, a gradient it does not compute, a LoRA-wrapped projection) to the reference:
+that is part of its contract, and its tests cover both. ``-v`` on the command line logs each choice once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("blackmamba")
+
+BACKENDS = ("reference", "cpu", "triton")
+PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
+
+# op → backend → (implementation, available(), device types)
+_registry: dict[str, dict[str, tuple[Callable, Callable[[], bool], tuple[str, ...]]]] = {}
+_override: str | None = None
+_logged: set[tuple[str, str, str]] = set()
+
+
+def register(op: str, backend: str, fn: Callable, available: Callable[[], bool] = lambda: True,
+             devices: tuple[str, ...] = ("cpu", "cuda")) -> None:
+    """Register ``fn`` as the ``backend`` implementation of ``op`` for the given device types."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    _registry.setdefault(op, {})[backend] = (fn, available, devices)
+
+
+def set_backend(name: str | None) -> None:
+    """Ask for one backend for every op that has it (``None`` or ``"auto"``: the automatic choice)."""
+    if name is not None and name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose auto or one of {', '.join(BACKENDS)}")
+    global _override
+    _override = None if name in (None, "auto") else name
+
+
+def requested_backend() -> str:
+    if _override is not None:
+        return _override
+    env = os.environ.get("BLACKMAMBA_BACKEND", "auto").strip().lower() or "auto"
+    if env != "auto" and env not in BACKENDS:
+        raise ValueError(f"BLACKMAMBA_BACKEND={env!r} is not a backend; choose auto or one of {', '.join(BACKENDS)}")
+    return env
+
+
+def available_backends(op: str, device_type: str) -> list[str]:
+    """The backends that implement ``op`` for ``device_type`` and can run on this machine."""
+    return [name for name, (_, available, devices) in _registry.get(op, {}).items()
+            if device_type in devices and available()]
+
+
+def resolve(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
+    """(backend name, implementation) of ``op`` for tensors on ``device``; ``backend`` overrides the request."""
+    want = backend or requested_backend()
+    impls = _registry[op]
+    dev = device.type
+    if want == "auto":
+        chosen = next((name for name in PREFERENCE.get(dev, ()) if name in impls and dev in impls[name][2]
+                       and impls[name][1]()), "reference")
+    elif want in impls and dev in impls[want][2]:
+        if not impls[want][1]():
+            raise RuntimeError(f"backend {want!r} for op {op!r} is not available on this machine "
+                               f"({'no C++ compiler?' if want == 'cpu' else 'pip install triton; a GPU or TRITON_INTERPRET=1'})")
+        chosen = want
+    else:  # the backend asked for has no kernel for this op and device: the reference computes it
+        chosen = "reference"
+    key = (op, dev, chosen)
+    if key not in _logged:
+        _logged.add(key)
+        log.info("blackmamba: op %s on %s uses backend %s", op, dev, chosen)
+    return chosen, impls[chosen][0]

@@ -1,0 +1,171 @@
+"""CPU decode kernels against the reference ops: the fused Mamba step, the fused MoE step and the bfloat16-weight
+gemv; a projection that is not a plain weight (a LoRA wrapper) goes to the reference, not skipped."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from blackmamba import BlackMambaConfig, BlackMambaLM
+from blackmamba.layers import MambaMixer, MoE
+from blackmamba.ops import linear, mamba_step, moe_step
+from blackmamba.ops.cpu import build as cpu
+from blackmamba.ops.linear import operand_with_bias
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the cpu backend is unavailable")
+
+
+def mixer(hidden, state=16, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    m = MambaMixer(hidden, state).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    m = m.to(dtype)
+    m.A_log.data, m.D.data = m.A_log.data.float(), m.D.data.float()  # as load_pretrained keeps them
+    return m
+
+
+def step_args(m, h, s):
+    return (h, m.in_proj.weight, m.conv1d.weight[:, 0], m.conv1d.bias, m.x_proj.weight, m.dt_proj.weight,
+            m.dt_proj.bias, m.A_log, m.D, m.out_proj.weight, s.conv, s.ssm)
+
+
+@pytest.mark.parametrize("dtype,b,hidden,state,h_dtype,state_dtype", [
+    (torch.float32, 1, 48, 16, None, None), (torch.float32, 3, 40, 5, None, None),
+    (torch.bfloat16, 2, 48, 16, None, None), (torch.bfloat16, 1, 48, 16, torch.float32, None),
+    (torch.bfloat16, 8, 48, 16, None, torch.float32)])  # a float32 conv state with bfloat16 weights
+def test_fused_mamba_step_matches_reference(dtype, b, hidden, state, h_dtype, state_dtype):
+    h_dtype = h_dtype or dtype  # the activations' dtype may differ from the weights'
+    m = mixer(hidden, state, dtype)
+    s_cpu, s_ref = m.new_state(b, state_dtype or dtype, "cpu"), m.new_state(b, state_dtype or dtype, "cpu")
+    tol = dict(rtol=1e-5, atol=1e-5) if torch.bfloat16 not in (dtype, h_dtype) else dict(rtol=3e-2, atol=3e-2)
+    with torch.no_grad():
+        for _ in range(6):
+            h = torch.randn(b, hidden).to(h_dtype)
+            out = mamba_step(*step_args(m, h, s_cpu), backend="cpu")
+            ref = mamba_step(*step_args(m, h, s_ref), backend="reference")
+            assert out.dtype == ref.dtype == h_dtype
+            torch.testing.assert_close(out.float(), ref.float(), **tol)
+    torch.testing.assert_close(s_cpu.ssm, s_ref.ssm, **tol)
+    torch.testing.assert_close(s_cpu.conv.float(), s_ref.conv.float(), **tol)
+
+
+class Wrapped(nn.Module):
+    """Stands for a LoRA-style wrapper: not an nn.Linear, adds its own term."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.extra = nn.Linear(base.in_features, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.extra(x)
+
+
+def test_mixer_step_calls_wrapped_projections():
+    m = mixer(32)
+    state_plain = m.new_state(1, torch.float32, "cpu")
+    h = torch.randn(1, 32)
+    with torch.no_grad():
+        plain = m.step(h, state_plain)
+        m.in_proj = Wrapped(m.in_proj)
+        nn.init.zeros_(m.in_proj.extra.weight)
+        same = m.step(h, m.new_state(1, torch.float32, "cpu"))
+        nn.init.normal_(m.in_proj.extra.weight)
+        changed = m.step(h, m.new_state(1, torch.float32, "cpu"))
+    torch.testing.assert_close(same, plain, rtol=1e-5, atol=1e-6)
+    assert (changed - plain).abs().max() > 1e-3  # the wrapper's term is not skipped
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_bf16_linear_matches_float_math(rows):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(70, 45, generator=g).to(torch.bfloat16)
+    bias = torch.randn(70, generator=g)
+    x = torch.randn(rows, 45, generator=g)
+    y = linear(x, w, bias, backend="cpu")
+    torch.testing.assert_close(y, F.linear(x, w.float(), bias), rtol=1e-5, atol=1e-5)
+    xb = x.to(torch.bfloat16)
+    assert linear(xb, w, backend="cpu").dtype == torch.bfloat16
+
+
+def moe(hidden, ffn, experts, dtype=torch.float32, activation="silu", seed=0, scale=0.3):
+    torch.manual_seed(seed)
+    m = MoE(hidden, ffn, experts, activation).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return m.to(dtype)
+
+
+def moe_args(m, h):
+    return (h, *operand_with_bias(m.router), *m.experts(), m.activation)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 8), hidden=st.integers(1, 70), ffn=st.integers(1, 40), experts=st.integers(2, 9),
+       activation=st.sampled_from(["silu", "gelu"]), bf16=st.booleans(), seed=st.integers(0, 2**16),
+       same=st.booleans())
+def test_fused_moe_step_matches_reference(b, hidden, ffn, experts, activation, bf16, seed, same):
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    m = moe(hidden, ffn, experts, dtype, activation, seed)
+    h = torch.randn(b, hidden, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if same:  # every token on one expert: they share one pass over its weights
+        h = h[:1].repeat(b, 1)
+    with torch.no_grad():
+        out = moe_step(*moe_args(m, h), backend="cpu")
+        ref = moe_step(*moe_args(m, h), backend="reference")
+    assert out.dtype == ref.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if not bf16 else dict(rtol=2e-2, atol=2e-2 * max(1.0, ref.abs().max().item()))
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+
+
+def test_moe_step_routes_saturated_ties_like_torch():
+    """Large router logits saturate the sigmoid to 1.0: torch's max then takes the first of the tied experts,
+    not the one with the largest logit, and the kernel must do the same."""
+    m = moe(16, 8, 4)
+    with torch.no_grad():
+        m.router.weight.zero_()
+        m.router.bias.copy_(torch.tensor([5.0, 30.0, 40.0, 20.0]))  # sigmoid: < 1, then three exact 1.0s
+        h = torch.randn(2, 16)
+        out = moe_step(*moe_args(m, h), backend="cpu")
+        want = m.local_experts[1](h)  # expert 1: the first of the saturated three, gate 1.0
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_step_calls_wrapped_experts():
+    m = moe(16, 8, 4)
+    h = torch.randn(3, 16)
+    with torch.no_grad():
+        plain = moe_step(*moe_args(m, h), backend="cpu")
+        for e in m.local_experts:
+            e.linear_fc2 = Wrapped(e.linear_fc2)
+            nn.init.normal_(e.linear_fc2.extra.weight)
+        changed = moe_step(*moe_args(m, h), backend="cpu")
+        ref = moe_step(*moe_args(m, h), backend="reference")
+    assert (changed - plain).abs().max() > 1e-3
+    torch.testing.assert_close(changed, ref)
+
+
+def test_linear_beyond_decode_sizes_is_f_linear():
+    w, x = torch.randn(7, 5).to(torch.bfloat16), torch.randn(20, 5).to(torch.bfloat16)
+    assert torch.equal(linear(x, w, backend="cpu"), F.linear(x, w))
+
+
+def test_bf16_weights_decode_close_to_float32():
+    torch.manual_seed(0)
+    model = BlackMambaLM(BlackMambaConfig(layers=["r", "r"], hidden_size=64, vocab_size=128)).eval()
+    half = BlackMambaLM(model.config).eval()
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    half.decoder.layers[0].mixer.A_log.data = model.decoder.layers[0].mixer.A_log.data.clone()
+    ids = torch.randint(0, 128, (1, 12))
+    s32, s16 = model.new_state(1), half.new_state(1)
+    with torch.no_grad():
+        for t in range(12):
+            a = model(ids[:, t:t + 1], state=s32).logits.float()
+            b = half(ids[:, t:t + 1], state=s16).logits.float()
+            assert (a - b).abs().max() < 0.05 * a.std() + 0.02

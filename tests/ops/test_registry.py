@@ -1,0 +1,58 @@
+"""The op registry: the one place that picks a backend per op and device, and how the choice is overridden."""
+
+import pytest
+import torch
+from support.triton_interpreter import HAS_TRITON
+
+from blackmamba.ops import available_backends, registry
+from blackmamba.ops.cpu import build
+
+CPU = torch.device("cpu")
+OPS = ("scan", "scan_step", "conv", "conv_step", "linear", "add_rmsnorm", "mamba_step", "moe_experts", "moe_step")
+
+
+def test_every_op_has_a_reference_for_every_device():
+    for op in OPS:
+        for device in ("cpu", "cuda"):
+            assert "reference" in registry._registry[op] and device in registry._registry[op]["reference"][2]
+
+
+@pytest.mark.skipif(not build.available(), reason="no C++ compiler: the cpu backend is unavailable")
+def test_auto_takes_the_cpu_kernels_on_cpu_and_never_the_interpreted_triton(monkeypatch):
+    monkeypatch.delenv("BLACKMAMBA_BACKEND", raising=False)
+    for op in OPS:
+        want = "cpu" if "cpu" in available_backends(op, "cpu") else "reference"
+        assert registry.resolve(op, CPU)[0] == want, op
+    assert registry.resolve("scan", CPU)[0] == "cpu"
+
+
+def test_the_request_comes_from_set_backend_then_the_environment(monkeypatch):
+    monkeypatch.setenv("BLACKMAMBA_BACKEND", "reference")
+    assert registry.resolve("scan", CPU)[0] == "reference"
+    assert registry.resolve("scan", CPU, backend="auto")[0] == ("cpu" if build.available() else "reference")
+    registry.set_backend("auto")
+    try:
+        monkeypatch.delenv("BLACKMAMBA_BACKEND")
+        registry.set_backend("reference")
+        assert registry.resolve("mamba_step", CPU)[0] == "reference"
+    finally:
+        registry.set_backend(None)
+
+
+def test_unknown_backends_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        registry.set_backend("cuda")
+    monkeypatch.setenv("BLACKMAMBA_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="BLACKMAMBA_BACKEND='gpu' is not a backend"):
+        registry.resolve("scan", CPU)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_a_requested_backend_runs_where_it_has_a_kernel_and_the_reference_elsewhere(monkeypatch):
+    """Under Triton's interpreter (the test suite sets it) the triton backend takes CPU tensors when asked for;
+    ops it has no kernel for (the full-sequence conv, linear) run the reference."""
+    monkeypatch.setenv("BLACKMAMBA_BACKEND", "triton")
+    for op in ("scan", "scan_step", "conv_step", "add_rmsnorm", "mamba_step", "moe_experts", "moe_step"):
+        assert registry.resolve(op, CPU)[0] == "triton", op
+    for op in ("conv", "linear"):
+        assert registry.resolve(op, CPU)[0] == "reference", op
