@@ -61,6 +61,7 @@ import blackmamba.cli.process
 assert "torch" not in sys.modules and os.environ.get("THP_MEM_ALLOC_ENABLE") == before, "the import changed things"
 blackmamba.cli.process.prepare()  # what main() does first
 assert "torch" not in sys.modules
+import torch
 x = torch.ones(4 << 20)  # 16 MB: above PyTorch's 2 MB huge-page threshold
 huge = [l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")] if sys.platform == "linux" else []
 print(os.environ["THP_MEM_ALLOC_ENABLE"], huge[0].split()[1] if huge else "-")
