@@ -88,8 +88,9 @@ def test_command_asks_for_huge_pages_before_torch_loads():
     setting, huge_kb = _probe()
     assert setting == "1"
     thp = "/sys/kernel/mm/transparent_hugepage/enabled"
-    if os.path.exists(thp) and "[never]" not in open(thp).read():
-        assert int(huge_kb) >= 2048  # PyTorch honoured it: the 16 MB tensor sits on 2 MB pages
+    if not os.path.exists(thp) or "[never]" in open(thp).read():
+        pytest.skip("this kernel gives no transparent huge pages: whether PyTorch asks cannot be seen")
+    assert int(huge_kb) >= 2048  # PyTorch honoured it: the 16 MB tensor sits on 2 MB pages
 
 
 def test_users_huge_page_setting_wins():
@@ -165,9 +166,9 @@ def test_command_keeps_freed_memory_for_the_next_step():
         count, applied = r.stdout.split()
         return int(count), applied == "True"
 
-    (tuned, applied), (default, _) = faults("command"), faults("plain")
+    (tuned, applied), (default, _) = faults("command"), faults("plain")  # default: for the message
     if not applied:
         pytest.skip("no glibc mallopt here")
-    assert tuned < 50, (tuned, default)  # 20 steps of 4 MB: no page faulted in again
-    if default >= 500:  # where glibc's defaults refault the block, the command's setting is what avoids it
-        assert tuned < default / 10
+    # 20 steps of a 4 MB tensor: no page faulted in again (glibc's defaults hand the freed block back to the kernel
+    # and fault it in again, 1,024 pages a step, unless its dynamic mmap threshold has already moved)
+    assert tuned < 50, (tuned, default)
