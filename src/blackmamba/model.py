@@ -204,8 +204,8 @@ class BlackMambaLM(nn.Module):
         """input_ids (b, l) → logits (b, l, V).
 
         ``state``: consume the tokens from it and update it in place (chunked prefill and decode; at inference
-        one token with a state and no mask is ``step``). ``attention_mask`` (b, l): 1 for tokens, 0 for (left) padding, which then
-        never reaches any state. ``targets`` (b, l): also return the mean cross-entropy (-100 is ignored).
+        one token with a state and no mask is ``step``). ``attention_mask`` (b, l): 1 for tokens, 0 for (left)
+        padding, which then never reaches any state. ``targets`` (b, l): also return the mean cross-entropy (-100 is ignored).
         """
         self.check_inputs(input_ids, attention_mask, state)
         b, l = input_ids.shape

@@ -130,10 +130,8 @@ def test_convert_rejects_checkpoints_that_do_not_fit(native, tmp_path):
 
 @pytest.mark.parametrize("case", ["read-only", "full", "file-size"])
 def test_an_unwritable_or_full_destination_is_one_line_and_leaves_nothing(release, tmp_path, case):
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
     from support.oslimits import file_size_limit, private_mount
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -339,7 +338,7 @@ def write_tasks(root, rows=QUIZ):
     root.mkdir(parents=True, exist_ok=True)
     (root / "quiz.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in DOCS))
-    common = (f"dataset_path: json\ntest_split: test\n")
+    common = ("dataset_path: json\ntest_split: test\n")
 
     def data(name):
         return f"dataset_kwargs:\n  data_files:\n    test: {root / name}\n  cache_dir: {root / 'hf-cache'}\n"

@@ -65,9 +65,7 @@ def test_config_rejects_bad_values_with_the_core_message():
 
 def test_import_blackmamba_registers_without_importing_transformers(lm, tmp_path):
     """The acceptance path, in a fresh process: import blackmamba, then transformers' auto classes."""
-    import os
     import subprocess
-    from pathlib import Path
 
     lm.save_pretrained(tmp_path)
     env = checkout_env()

@@ -2,7 +2,6 @@
 the whole model — forward, chunked state, step, generate — runs through every Triton kernel it has (scan, conv and
 SSM updates, add + RMSNorm, router, expert gemvs) on CPU tensors, held to the released inference code's math."""
 
-import json
 
 import pytest
 import torch

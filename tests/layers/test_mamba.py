@@ -13,7 +13,6 @@ from transformers.cache_utils import DynamicCache  # noqa: E402
 from transformers.models.mamba.modeling_mamba import MambaMixer as HFMambaMixer  # noqa: E402
 
 from blackmamba.layers import MambaMixer  # noqa: E402
-from blackmamba.model import State  # noqa: E402
 
 
 def pair(hidden=24, state=8, conv=4, expand=2, seed=0):

@@ -48,7 +48,7 @@ from ..layers import GatedMLP, MambaMixer, MoE
 from ..model import BlackMambaLM
 from ..ops import cpu as cpu_ops
 from ..ops.scan import selective_scan
-from .harness import Paired, best_time, decode_bytes_per_token, optional, paired_ratio, paired_ratios, row
+from .harness import best_time, decode_bytes_per_token, optional, paired_ratio, paired_ratios, row
 
 
 @dataclass
@@ -164,7 +164,8 @@ def bench_scan(sz: Sizes, quick: bool) -> list:
         # the exp bound: tokens/s if each state update cost one torch.exp (exp_count in t_exp)
         bound, spread = p.per(calls * b * l * d * n / exp_count)
         name = f"scan fwd B={b} L={l} D={d} N={n}"
-        row(rows, name, tps, "tok/s", "exp bound (torch.exp)", bound, TARGETS["scan_vs_exp_bound"], quick, spread=spread)
+        row(rows, name, tps, "tok/s", "exp bound (torch.exp)", bound, TARGETS["scan_vs_exp_bound"], quick,
+            spread=spread)
         if b in hf_tps:
             row(rows, name, tps, "tok/s", f"transformers sequential (L={sz.hf_scan_length})", tps / hf_tps[b],
                 TARGETS["scan_vs_hf"], quick)
@@ -240,7 +241,8 @@ def bench_mixer(sz: Sizes, quick: bool) -> list:
     hf = HFMixer(_hf_mamba_config(H, 1, 16, ours.dt_rank, use_mambapy=True), layer_idx=0).train()
     hf.load_state_dict(ours.state_dict())
     t_hf = best_time(lambda: step(hf), 1 if quick else 2)
-    row(rows, name, L / t_ours, "tok/s", "transformers MambaMixer (use_mambapy)", t_hf / t_ours, TARGETS["mixer_vs_hf"], quick)
+    row(rows, name, L / t_ours, "tok/s", "transformers MambaMixer (use_mambapy)", t_hf / t_ours,
+        TARGETS["mixer_vs_hf"], quick)
     return rows
 
 
@@ -262,7 +264,8 @@ def bench_prefill(sz: Sizes, quick: bool) -> list:
     hf = MambaModel(_hf_mamba_config(H, sz.model_layers, vocab, ours.config.dt_rank_value, False)).eval()
     with torch.no_grad():
         t_hf = best_time(lambda: hf(ids), 1 if quick else 2)
-    row(rows, name, L / t_ours, "tok/s", "transformers MambaModel forward", t_hf / t_ours, TARGETS["prefill_vs_hf"], quick)
+    row(rows, name, L / t_ours, "tok/s", "transformers MambaModel forward", t_hf / t_ours, TARGETS["prefill_vs_hf"],
+        quick)
     return rows
 
 
@@ -356,8 +359,8 @@ def bench_decode(sz: Sizes, limits: dict, quick: bool) -> tuple[list, dict]:
                          max(1, sz.paired_reps // 2))
         # the roofline fraction: tokens/s ÷ (bandwidth / bytes per token)
         fraction, spread = p.per(sz.decode_tokens * decode_bytes_per_token(m) / copy_bytes)
-        row(rows, name, sz.decode_tokens / p.best_a, "tok/s", "bandwidth roofline", fraction, TARGETS["decode_vs_roofline"],
-            quick, spread=spread)
+        row(rows, name, sz.decode_tokens / p.best_a, "tok/s", "bandwidth roofline", fraction,
+            TARGETS["decode_vs_roofline"], quick, spread=spread)
         if hf_generate is not None:  # generate against generate, prompt cost subtracted from both, alternately
             ratio, rate = paired_rates(lambda n: m.generate(prompt, max_new_tokens=n), sz.decode_tokens,
                                        hf_generate, sz.hf_decode_tokens, reps)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import BlackMambaConfig, ConfigError
 from ..model import BlackMambaLM
 from .errors import CheckpointError
 from .hub import resolve_path

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..config import BlackMambaConfig, ConfigError
-from ..model import is_ssm_parameter
+from ..model import BlackMambaLM, is_ssm_parameter
 from ..files import atomic_file, write_json
 from .errors import CheckpointError
 

@@ -11,6 +11,7 @@ import torch
 
 from ..config import BlackMambaConfig, ConfigError, parse_layer
 from ..files import atomic_file, write_json
+from ..model import BlackMambaLM
 from .errors import CheckpointError
 
 RELEASE_WEIGHTS = "pytorch_model.bin"

@@ -20,7 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("blackmamba.cli.generate", "continue prompts with a trained model, streaming the text"),
     "convert": ("blackmamba.cli.convert", "convert a checkpoint between the native, release and transformers formats"),
     "eval": ("blackmamba.cli.eval", "lm-evaluation-harness tasks, or perplexity / bits per byte of a text file"),
-    "bench": ("blackmamba.cli.bench", "benchmarks: ratios against baselines and machine limits measured in the same run"),
+    "bench": ("blackmamba.cli.bench",
+              "benchmarks: ratios against baselines and machine limits measured in the same run"),
 }
 
 

@@ -165,7 +165,8 @@ class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
             raise ValueError(f"the cache holds {cache.state.batch_size} sequences, but input_ids has batch size {b}")
         mask = None
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] not in (l, past + l):
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or \
+                    attention_mask.shape[1] not in (l, past + l):
                 raise ValueError(f"attention_mask must be (batch, length) = ({b}, {l}) over the new tokens, or "
                                  f"({b}, {past + l}) over the {past} cached and the new ones; got "
                                  f"{tuple(attention_mask.shape)}")

@@ -76,8 +76,8 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> tuple[
                        and impls[name][1]()), "reference")
     elif want in impls and dev in impls[want][2]:
         if not impls[want][1]():
-            raise RuntimeError(f"backend {want!r} for op {op!r} is not available on this machine "
-                               f"({'no C++ compiler?' if want == 'cpu' else 'pip install triton; a GPU or TRITON_INTERPRET=1'})")
+            need = "a C++ compiler" if want == "cpu" else "pip install triton, and a GPU or TRITON_INTERPRET=1"
+            raise RuntimeError(f"backend {want!r} for op {op!r} is not available on this machine (it needs {need})")
         chosen = want
     else:  # the backend asked for has no kernel for this op and device: the reference computes it
         chosen = "reference"

@@ -8,7 +8,6 @@ the windows the uninterrupted run would have read.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass

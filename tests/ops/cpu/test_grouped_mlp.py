@@ -126,7 +126,8 @@ def test_cpu_backend_batches_from_its_size_threshold_on():
         assert torch.equal(moe_experts(x, idx, gate, fc1, fc2, backend="cpu"),
                            moe_experts_reference(x, idx, gate, fc1, fc2, "silu"))
         assert not batch.called
-    with unbalanced, mock.patch.object(ops_grouped_mlp, "MIN_MACS", macs), mock.patch.object(mkl, "gemm_batch") as batch:
+    with unbalanced, mock.patch.object(ops_grouped_mlp, "MIN_MACS", macs), \
+            mock.patch.object(mkl, "gemm_batch") as batch:
         moe_experts(x, idx, gate, fc1, fc2, backend="cpu")
         assert batch.called
 

@@ -3,7 +3,6 @@
 Without a GPU the kernels run on CPU tensors under Triton's interpreter (see ``support.triton_interpreter``).
 """
 
-import pytest
 import torch
 import torch.nn.functional as F
 

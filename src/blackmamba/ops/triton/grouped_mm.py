@@ -1,9 +1,10 @@
 """Top-1 expert dispatch with grouped matmuls (``torch._grouped_mm``): no per-expert loop, no host sync.
 
 The ``triton`` backend of op ``moe_experts`` uses it for many tokens (few tokens: the Triton gemv kernels): apply
-expert ``expert_idx[t]``'s gated MLP to every row x[t]; x (T, H), expert_idx (T,) → (T, H), before the gate. Tokens are sorted by expert, the per-expert token
-counts become the group offsets on the device (no ``.tolist()``), and each of the two expert matmuls is
-one grouped GEMM over the stacked expert weights. Differentiable in x and every expert weight.
+expert ``expert_idx[t]``'s gated MLP to every row x[t]; x (T, H), expert_idx (T,) → (T, H), before the gate.
+Tokens are sorted by expert, the per-expert token counts become the group offsets on the device (no
+``.tolist()``), and each of the two expert matmuls is one grouped GEMM over the stacked expert weights.
+Differentiable in x and every expert weight.
 
 ``torch._grouped_mm`` takes bf16 on CUDA (compute capability ≥ 8.0) and fp32 or bf16 on CPU; under
 autocast the matmuls run in the autocast dtype, as ``nn.Linear`` would.
