@@ -14,7 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-ACTIVATIONS = ("silu", "gelu")
+ACTIVATION_NAMES = ("silu", "gelu")  # the experts' activations, as torch.nn.functional names them
 ROUTER_TRAIN_MODES = ("sinkhorn_blackmamba", "sinkhorn", "top1")
 
 
@@ -106,8 +106,8 @@ class BlackMambaConfig:
                 raise ConfigError(f"{name} = {v!r}: must be a positive integer")
         if self.dt_rank is not None and (not isinstance(self.dt_rank, int) or self.dt_rank < 1):
             raise ConfigError(f"dt_rank = {self.dt_rank!r}: must be a positive integer or null (auto: ceil(hidden_size/16))")
-        if self.mlp_activation not in ACTIVATIONS:
-            raise ConfigError(f"mlp_activation = {self.mlp_activation!r}: allowed values are {', '.join(ACTIVATIONS)}")
+        if self.mlp_activation not in ACTIVATION_NAMES:
+            raise ConfigError(f"mlp_activation = {self.mlp_activation!r}: allowed values are {', '.join(ACTIVATION_NAMES)}")
         if self.router_train_mode not in ROUTER_TRAIN_MODES:
             raise ConfigError(
                 f"router_train_mode = {self.router_train_mode!r}: allowed values are {', '.join(ROUTER_TRAIN_MODES)}"

@@ -95,7 +95,8 @@ class Decoder(nn.Module):
 
 
 class BlackMambaLM(nn.Module):
-    """The language model. See DESIGN.md §3 for the public contract."""
+    """The language model: ``forward`` (sequences, optional state and mask), ``step`` (one token per row),
+    ``new_state``, ``generate`` / ``stream``, ``save_pretrained``."""
 
     def __init__(self, config: BlackMambaConfig):
         super().__init__()

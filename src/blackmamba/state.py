@@ -21,12 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-# fields that grow with the context, by per-layer state class name → their time dimension
-_TIME_DIMS = {"AttentionState": {"k": 2, "v": 2, "key_mask": 1}}
-
-
 def _time_dims(st) -> dict[str, int]:
-    return _TIME_DIMS.get(type(st).__name__, {})
+    """The fields of a per-layer state that grow with the context, and their time dimension (a layer state class
+    declares them as ``TIME_DIMS``; a Mamba state has none)."""
+    return getattr(type(st), "TIME_DIMS", {})
 
 
 def _pad_left(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The released checkpoints' format: ``config.json`` (num_layers, hidden_size, ..., mamba_moe_layers) and
 ``pytorch_model.bin``, a pickle of ``{"model": state_dict}`` read with ``torch.load(weights_only=True)`` (no
-pickled code runs). Its tensors have the native key layout; only the config differs. DESIGN.md §1 lists the keys.
+pickled code runs). Its tensors have the native key layout; only the config differs.
 """
 
 from __future__ import annotations

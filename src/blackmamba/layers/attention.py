@@ -10,6 +10,7 @@ query's view.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from ..ops.linear import apply, operand
 
 @dataclass
 class AttentionState:
+    TIME_DIMS: ClassVar[dict[str, int]] = {"k": 2, "v": 2, "key_mask": 1}  # what grows with the context
     k: torch.Tensor  # (b, heads, t, head_dim), rotated
     v: torch.Tensor
     key_mask: torch.Tensor  # (b, t) bool: which cached keys are real tokens

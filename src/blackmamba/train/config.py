@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0  # model initialisation and data order
     device: str = "auto"  # auto (cuda when available), cpu, cuda
     precision: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu), fp32, bf16
-    threads: int = 1  # CPU threads for PyTorch ops; 0: one per core (see the README: busy machines)
+    threads: int = 1  # CPU threads for PyTorch ops; 0: one per core (docs/training.md: busy machines)
     activation_checkpointing: bool = False  # recompute each mixer in the backward: less memory, ~1 more forward
     log_every: int = 10  # steps between train records in metrics.jsonl
     eval_every: int = 250  # steps between validation passes (and at the end)

@@ -39,7 +39,7 @@ from pathlib import Path
 from ..config import BlackMambaConfig, ConfigError
 
 SKIP_ENV = "BLACKMAMBA_SKIP_MEMORY_CHECK"
-SCAN_CHUNK = 16  # ops/csrc/scan.h kChunk: the CPU scan saves its (I, N) fp32 state every SCAN_CHUNK steps
+SCAN_CHUNK = 16  # ops/cpu/csrc/scan.h kChunk: the CPU scan saves its (I, N) fp32 state every SCAN_CHUNK steps
 SCAN_LANES = 16  # channels rounded up to a whole vector (at most 16 fp32 lanes: AVX-512)
 # glibc's malloc as ``blackmamba train`` sets it (blackmamba.cli; glibc's own dynamic threshold stops at the
 # same 32 MB): blocks from MMAP_THRESHOLD up are mapped and unmapped whole; smaller ones come from the heap,
@@ -103,7 +103,7 @@ def _mamba(c: BlackMambaConfig, b: int, L: int, threads: int) -> tuple[list[int]
 def _moe(c: BlackMambaConfig, experts: int, b: int, L: int, kernel: bool) -> tuple[list[int], list[int]]:
     T, H, F = b * L, c.hidden_size, c.ffn_hidden_size
     row, rows = T * F32, T * F32 // experts  # an expert's share of the rows (Sinkhorn balances them)
-    # ops/grouped_mlp.py's one-expert-per-thread kernel (`kernel`: fp32 on CPU with 1 thread, where it always
+    # ops/cpu/grouped_mlp.py's one-expert-per-thread kernel (`kernel`: fp32 on CPU with 1 thread, where it always
     # runs): each expert's (rows, 2F) fc1 output; otherwise (batched GEMMs, per-expert modules, CUDA's
     # grouped mm) up to fc1's output, act(a) and act(a) * b
     hidden = [rows * 2 * F] * experts + ([] if kernel else [rows * F] * 2 * experts)

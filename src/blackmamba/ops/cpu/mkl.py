@@ -5,14 +5,12 @@ PyTorch's x86-64 Linux wheels link Intel MKL into ``libtorch_cpu`` and export it
 build without the symbols, or whose copy fails the self-test, leaves ``available()`` False. ``gemm_batch``
 calls the batched GEMM through ctypes on tensors' memory: one call computes a list of independent
 products of different shapes. ``sgemm_address`` hands ``sgemm_`` to C kernels that multiply on their own
-OpenMP threads (``ops/csrc/grouped_mlp.cpp``): PyTorch and the kernels share one OpenMP runtime, so MKL
+OpenMP threads (``ops/cpu/csrc/grouped_mlp.cpp``): PyTorch and the kernels share one OpenMP runtime, so MKL
 sees the parallel region and runs each call on the calling thread.
 
-Why: the expert matmuls of an MoE layer (a few hundred rows each, each with its own weight) run
-faster as one batched call than as one ``torch.mm`` per expert. Measured here (2 cores) on the first
-expert matmul of ``blackmamba bench``'s MoE layer (T=4096, H=1152, 2F=6144, 8 experts of ~512 rows),
-relative to one dense 4096-row matmul: one ``torch.mm`` per expert 1.11-1.16x, one batched call
-1.00-1.08x.
+Why: the expert matmuls of an MoE layer (a few hundred rows each, each with its own weight) run faster as one
+batched call than as one ``torch.mm`` per expert, which pays MKL's fixed cost and thread start-up per expert
+(docs/benchmarks.md has the measurement).
 
 ``available()`` is False where a symbol is missing (other platforms, other BLAS builds) or where a
 self-test on small matrices disagrees with ``torch.mm``; callers then use ``torch.mm``.
@@ -94,7 +92,7 @@ def available() -> bool:
 
 
 def sgemm_address() -> int:
-    """The address of MKL's Fortran ``sgemm_`` (32-bit integers), for C kernels (``ops/csrc/grouped_mlp.cpp``)
+    """The address of MKL's Fortran ``sgemm_`` (32-bit integers), for C kernels (``ops/cpu/csrc/grouped_mlp.cpp``)
     that call it on their own threads; MKL runs it single-threaded inside an OpenMP parallel region."""
     if not available():
         raise RuntimeError("MKL's sgemm_ is not available in this PyTorch build")

@@ -12,9 +12,8 @@ namespace bm {
 
 constexpr int kDotMaxRows = 8;  // rows of x (sequences in the batch)
 // The loop below reads G rows side by side and prefetches the next G rows at the same offset: rows
-// are 1.5-4 KiB, too short for the hardware prefetcher to ramp up on. Reading 24 distinct bfloat16
-// matrices on 2 cores (median of 25 alternating runs): 3072x768 10 -> 16.4 GB/s, 768x2048 -> 20.3,
-// 768x1536 -> 16.1; a fixed 4 KiB-ahead prefetch reached 14.5, 17.7 and 12.0.
+// are 1.5-4 KiB, too short for the hardware prefetcher to ramp up on, and a fixed-distance prefetch
+// runs past a row's end into memory the next group does not read (docs/benchmarks.md).
 
 inline float hsum(vfloat v) {
   float s = 0;

@@ -6,8 +6,8 @@
 // item walks time in the outer loop and its blocks in the inner loop, so every step reads contiguous
 // pieces of the x / delta / z rows. Ranges are as long as the threads allow (up to 64 blocks, whole
 // rows at D = 1024): the states (64 KiB for n = 16) then live in L2, not L1, but each input is read
-// as one sequential stream, which the hardware prefetcher follows; with 16-block ranges (a quarter
-// row per step) the scan ran 12-30% slower at L >= 1024 (median of 20-40 alternating runs, 2 cores).
+// as one sequential stream, which the hardware prefetcher follows (shorter ranges, a quarter row per step,
+// were slower at L >= 1024: docs/benchmarks.md).
 //
 // Backward: the forward saves the state at the start of every chunk of kChunk steps. The backward
 // walks the chunks in reverse; for each chunk it recomputes the states and decay factors
