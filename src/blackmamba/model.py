@@ -26,6 +26,7 @@ from torch import nn
 from .config import BlackMambaConfig
 from .layers import Attention, GatedMLP, MambaMixer, MoE, RMSNorm
 from .ops.linear import linear
+from .ops.norm import add_rmsnorm
 from .state import State
 
 
@@ -75,10 +76,17 @@ class Block(nn.Module):
         h, residual = self.norm(h, residual, self.residual_dtype)
         return self.mixer(h, state=state, mask=mask), residual
 
-    def step(self, h: torch.Tensor, residual: torch.Tensor | None, state) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per row: (h, residual) (b, H) → the next block's; ``state`` updated in place."""
-        h, residual = self.norm(h, residual, self.residual_dtype)
-        return self.mixer.step(h, state), residual
+    def step_args(self) -> tuple:
+        """What ``step`` reads from the block's own modules: the norm's weight and eps, the mixer's ``step_args``."""
+        return self.norm.weight, self.norm.eps, self.mixer.step_args()
+
+    def step(self, h: torch.Tensor, residual: torch.Tensor | None, state,
+             args: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row: (h, residual) (b, H) → the next block's; ``state`` updated in place. ``args``:
+        ``step_args()`` fetched earlier (the block entry is ``RMSNorm.forward``'s op, called directly)."""
+        norm_weight, eps, mixer_args = args or self.step_args()
+        h, residual = add_rmsnorm(h, residual, norm_weight, eps, self.residual_dtype or h.dtype)
+        return self.mixer.step(h, state, mixer_args), residual
 
 
 class Embedding(nn.Module):
@@ -206,7 +214,8 @@ class BlackMambaLM(nn.Module):
 
         ``state``: consume the tokens from it and update it in place (chunked prefill and decode; at inference
         one token with a state and no mask is ``step``). ``attention_mask`` (b, l): 1 for tokens, 0 for (left)
-        padding, which then never reaches any state. ``targets`` (b, l): also return the mean cross-entropy (-100 is ignored).
+        padding, which then never reaches any state. ``targets`` (b, l): also return the mean cross-entropy
+        (-100 is ignored).
         """
         self.check_inputs(input_ids, attention_mask, state)
         b, l = input_ids.shape
@@ -229,16 +238,23 @@ class BlackMambaLM(nn.Module):
                                    ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss)
 
+    def step_args(self) -> list[tuple]:
+        """Every block's ``step_args()``: the weights ``step`` reads, as its ops take them. Fetching them is a
+        measurable part of a batch-1 CPU step, so a ``Stepper`` fetches them once per generation (the weights
+        cannot change while it runs) and passes them to every ``step``."""
+        return [blk.step_args() for blk in self.decoder.layers]
+
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, state: State) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, state: State, args: list[tuple] | None = None) -> torch.Tensor:
         """One token per row: tokens (b,) → next-token logits (b, V); consumes them into ``state`` in place.
+        ``args``: ``step_args()`` fetched earlier (else fetched now).
 
         No input checks and nothing read back on the host (a CUDA graph can capture it; ``forward`` checks);
         inference only (MoE layers route as in eval mode)."""
         h = F.embedding(tokens, self.embedding.word_embeddings.weight)  # (b, H)
         residual = None
-        for blk, st in zip(self.decoder.layers, state.layers):
-            h, residual = blk.step(h, residual, st)
+        for blk, st, a in zip(self.decoder.layers, state.layers, args or self.step_args()):
+            h, residual = blk.step(h, residual, st, a)
         state.seqlen += 1
         return self._head(h, residual)
 

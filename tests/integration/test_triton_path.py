@@ -27,7 +27,7 @@ def release(tmp_path_factory):
 
 @pytest.fixture
 def triton_backend(monkeypatch):
-    monkeypatch.setenv("BLACKMAMBA_BACKEND", "triton")
+    registry.set_backend("triton")
     used = set()
     resolve = registry.resolve
 
@@ -37,7 +37,8 @@ def triton_backend(monkeypatch):
         return name, fn
 
     monkeypatch.setattr(registry, "resolve", recording)
-    return used
+    yield used
+    registry.set_backend(None)
 
 
 def test_forward_chunked_state_step_and_generate_match_the_release(release, triton_backend):

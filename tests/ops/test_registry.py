@@ -17,41 +17,55 @@ def test_every_op_has_a_reference_for_every_device():
             assert "reference" in registry._registry[op] and device in registry._registry[op]["reference"][2]
 
 
+@pytest.fixture
+def request_from(monkeypatch):
+    """Set BLACKMAMBA_BACKEND (None: unset) and have the registry read it, as at start-up; restored after."""
+    def use(value):
+        if value is None:
+            monkeypatch.delenv("BLACKMAMBA_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("BLACKMAMBA_BACKEND", value)
+        registry.set_backend(None)
+    yield use
+    monkeypatch.undo()
+    registry.set_backend(None)
+
+
 @pytest.mark.skipif(not build.available(), reason="no C++ compiler: the cpu backend is unavailable")
-def test_auto_takes_the_cpu_kernels_on_cpu_and_never_the_interpreted_triton(monkeypatch):
-    monkeypatch.delenv("BLACKMAMBA_BACKEND", raising=False)
+def test_auto_takes_the_cpu_kernels_on_cpu_and_never_the_interpreted_triton(request_from):
+    request_from(None)
     for op in OPS:
         want = "cpu" if "cpu" in available_backends(op, "cpu") else "reference"
         assert registry.resolve(op, CPU)[0] == want, op
+        assert registry.resolve(op, torch.zeros(1))[0] == want, op  # a tensor stands for its device
     assert registry.resolve("scan", CPU)[0] == "cpu"
 
 
-def test_the_request_comes_from_set_backend_then_the_environment(monkeypatch):
-    monkeypatch.setenv("BLACKMAMBA_BACKEND", "reference")
+def test_the_request_comes_from_set_backend_then_the_environment(request_from):
+    auto = "cpu" if build.available() else "reference"
+    request_from("reference")
     assert registry.resolve("scan", CPU)[0] == "reference"
-    assert registry.resolve("scan", CPU, backend="auto")[0] == ("cpu" if build.available() else "reference")
-    registry.set_backend("auto")
-    try:
-        monkeypatch.delenv("BLACKMAMBA_BACKEND")
-        registry.set_backend("reference")
-        assert registry.resolve("mamba_step", CPU)[0] == "reference"
-    finally:
-        registry.set_backend(None)
+    assert registry.resolve("scan", CPU, backend="auto")[0] == auto
+    registry.set_backend("auto")  # overrides the environment
+    assert registry.resolve("scan", CPU)[0] == auto
+    registry.set_backend("reference")
+    assert registry.resolve("mamba_step", CPU)[0] == "reference"
+    request_from(None)  # back to the environment, now unset: auto
+    assert registry.resolve("mamba_step", CPU)[0] == auto
 
 
-def test_unknown_backends_are_refused(monkeypatch):
+def test_unknown_backends_are_refused(request_from):
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         registry.set_backend("cuda")
-    monkeypatch.setenv("BLACKMAMBA_BACKEND", "gpu")
     with pytest.raises(ValueError, match="BLACKMAMBA_BACKEND='gpu' is not a backend"):
-        registry.resolve("scan", CPU)
+        request_from("gpu")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_a_requested_backend_runs_where_it_has_a_kernel_and_the_reference_elsewhere(monkeypatch):
+def test_a_requested_backend_runs_where_it_has_a_kernel_and_the_reference_elsewhere(request_from):
     """Under Triton's interpreter (the test suite sets it) the triton backend takes CPU tensors when asked for;
     ops it has no kernel for (the full-sequence conv, linear) run the reference."""
-    monkeypatch.setenv("BLACKMAMBA_BACKEND", "triton")
+    request_from("triton")
     for op in ("scan", "scan_step", "conv_step", "add_rmsnorm", "mamba_step", "moe_experts", "moe_step"):
         assert registry.resolve(op, CPU)[0] == "triton", op
     for op in ("conv", "linear"):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from support.text import corpus_dir, isolated_cache, one_thread  # noqa: F401  (fixtures)
 
+from blackmamba.ops import registry
 from blackmamba.train.checkpoints import Progress
 from blackmamba.train.config import build_config
 from blackmamba.train.plots import expert_usage, expert_usage_figure, plot_expert_usage
@@ -22,11 +23,17 @@ TINY = ["data.vocab_size=300", "data.seq_len=32", "optim.batch_size=4", "optim.w
 PROGRESS = re.compile(r"^step (\d+)/4 \((\d+)%\)  loss \d+\.\d{3}  [\d,]+ tok/s  elapsed [\dhms]+(  eta [\dhms]+)?$")
 
 
-def test_without_a_bar_progress_lines_reach_log_at_the_interval(tmp_path, corpus_dir, monkeypatch):
+@pytest.fixture
+def reference_ops():
+    """Plain PyTorch ops: the fused CPU kernels would first compile into this test's own cache (20-40 s)."""
+    registry.set_backend("reference")
+    yield
+    registry.set_backend(None)
+
+
+def test_without_a_bar_progress_lines_reach_log_at_the_interval(tmp_path, corpus_dir, reference_ops):
     from blackmamba.data.corpus import load_corpus
 
-    # plain PyTorch ops: the fused CPU kernels would first compile into this test's own cache (20-40 s)
-    monkeypatch.setenv("BLACKMAMBA_BACKEND", "reference")
     from blackmamba.data.prepare import prepare_data
 
     data = prepare_data(load_corpus([corpus_dir], 0.1), vocab_size=300)

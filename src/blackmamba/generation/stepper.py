@@ -1,6 +1,10 @@
 """``Stepper``: ``model.step`` for a batch over a recurrent state of its own, captured in a CUDA graph where it can be.
 
-At batch 1 a decode step is a few hundred small kernels; launching them from Python costs more than running them.
+The weights each layer's step reads (``model.step_args()``) are fetched once, when the Stepper is made: they cannot
+change during a generation, and at batch 1 on a CPU looking them up for every token is a measurable part of a step.
+
+On a GPU a decode step at batch 1 is a few hundred small kernels; launching them from Python costs more than
+running them.
 On CUDA (Triton installed, no attention layers: their keys grow, so their step has no fixed shape) the Stepper
 captures ``model.step`` once per batch size into a ``torch.cuda.CUDAGraph`` over a preallocated state and token
 buffer, and each step is then: copy the tokens in, replay, read the logits. Replays run exactly the kernels the
@@ -40,6 +44,7 @@ class Stepper:
     def __init__(self, model, batch_size: int, graph: bool = False, warmup: int = 2):
         self.model = model
         self.state = model.new_state(batch_size)
+        self.args = model.step_args()  # the weights, fetched once: they cannot change during a generation
         self.graph = None
         if graph:
             self.tokens = torch.zeros(batch_size, dtype=torch.long, device=model.device)
@@ -50,11 +55,11 @@ class Stepper:
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     for _ in range(warmup):
-                        model.step(self.tokens, self.state)
+                        model.step(self.tokens, self.state, self.args)
                 torch.cuda.current_stream().wait_stream(side)
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph):
-                    self.logits = model.step(self.tokens, self.state)  # (b, V), static
+                    self.logits = model.step(self.tokens, self.state, self.args)  # (b, V), static
         self.reset()
 
     @property
@@ -70,7 +75,7 @@ class Stepper:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (b,) → next-token logits (b, V), consuming the tokens into ``self.state``."""
         if self.graph is None:
-            return self.model.step(tokens, self.state)
+            return self.model.step(tokens, self.state, self.args)
         self.tokens.copy_(tokens)
         self.graph.replay()
         self.state.seqlen += 1  # the replayed step's own Python ran once, at capture

@@ -92,8 +92,12 @@ class MambaMixer(nn.Module):
             state.ssm.copy_(ssm_final.detach())
         return apply(y, operand(self.out_proj))
 
-    def step(self, h: torch.Tensor, state: MambaState) -> torch.Tensor:
-        """One token per sequence: h (b, H) → (b, H); updates ``state`` in place (op ``mamba_step``)."""
-        return mamba_step(h, operand(self.in_proj), self.conv1d.weight[:, 0], self.conv1d.bias, operand(self.x_proj),
-                          self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, operand(self.out_proj),
-                          state.conv, state.ssm)
+    def step_args(self) -> tuple:
+        """The layer's own arguments to op ``mamba_step`` (weights as linear operands), in its order."""
+        return (operand(self.in_proj), self.conv1d.weight[:, 0], self.conv1d.bias, operand(self.x_proj),
+                self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, operand(self.out_proj))
+
+    def step(self, h: torch.Tensor, state: MambaState, args: tuple | None = None) -> torch.Tensor:
+        """One token per row: h (b, H) → (b, H); updates ``state`` in place (op ``mamba_step``). ``args``:
+        ``step_args()`` fetched earlier (a ``Stepper`` fetches them once per generation)."""
+        return mamba_step(h, *(args or self.step_args()), state.conv, state.ssm)

@@ -21,7 +21,10 @@ class GatedMLP(nn.Module):
         self.linear_fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, state=None, mask=None) -> torch.Tensor:
-        return gated_mlp(x, operand(self.linear_fc1), operand(self.linear_fc2), self.activation)
+        return gated_mlp(x, *self.step_args())
 
-    def step(self, x: torch.Tensor, state=None) -> torch.Tensor:
-        return self.forward(x)
+    def step_args(self) -> tuple:
+        return operand(self.linear_fc1), operand(self.linear_fc2), self.activation
+
+    def step(self, x: torch.Tensor, state=None, args: tuple | None = None) -> torch.Tensor:
+        return gated_mlp(x, *(args or self.step_args()))

@@ -61,6 +61,11 @@ class MoE(nn.Module):
                            "sinkhorn_iters": iters}
         return out.reshape(shape)
 
-    def step(self, h: torch.Tensor, state=None) -> torch.Tensor:
-        """One token per row, h (b, H) → (b, H), with the inference routing (op ``moe_step``)."""
-        return moe_step(h, *operand_with_bias(self.router), *self.experts(), self.activation)
+    def step_args(self) -> tuple:
+        """The layer's own arguments to op ``moe_step``: router weight and bias, experts' fc1 and fc2, activation."""
+        return (*operand_with_bias(self.router), *self.experts(), self.activation)
+
+    def step(self, h: torch.Tensor, state=None, args: tuple | None = None) -> torch.Tensor:
+        """One token per row, h (b, H) → (b, H), with the inference routing (op ``moe_step``); ``args`` as
+        ``step_args()`` returns them, when fetched earlier."""
+        return moe_step(h, *(args or self.step_args()))

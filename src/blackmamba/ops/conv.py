@@ -49,12 +49,12 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   initial_state: torch.Tensor | None = None,
                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """y_t = bias + sum_k weight[:, k] * x_{t-K+1+k}; returns (y (b, l, d), final state (b, d, K-1)) (op ``conv``)."""
-    _, fn = registry.resolve("conv", x.device, backend)
+    _, fn = registry.resolve("conv", x, backend)
     return fn(x, weight, bias, initial_state)
 
 
 def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        state: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """One token: x (b, d) → y (b, d); shifts ``state`` (b, d, K-1) in place (op ``conv_step``)."""
-    _, fn = registry.resolve("conv_step", x.device, backend)
+    _, fn = registry.resolve("conv_step", x, backend)
     return fn(x, weight, bias, state)

@@ -31,7 +31,7 @@ registry.register("linear", "reference", linear_reference)
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            backend: str | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` through the backend registry (op ``linear``)."""
-    _, fn = registry.resolve("linear", x.device, backend)
+    _, fn = registry.resolve("linear", x, backend)
     return fn(x, weight, bias)
 
 

@@ -38,5 +38,5 @@ registry.register("mamba_step", "reference", mamba_step_reference)
 def mamba_step(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj, conv_state, ssm_state,
                backend: str | None = None):
     """One token per sequence through the Mamba mixer; see the module docstring."""
-    _, fn = registry.resolve("mamba_step", h.device, backend)
+    _, fn = registry.resolve("mamba_step", h, backend)
     return fn(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj, conv_state, ssm_state)

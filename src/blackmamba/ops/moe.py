@@ -96,7 +96,7 @@ def moe_experts(x: torch.Tensor, expert_idx: torch.Tensor, gate: torch.Tensor, f
                 backend: str | None = None) -> torch.Tensor:
     """gate[t] * expert_idx[t]'s gated MLP of x[t] for every token (see the module docstring): (T, H) → (T, H)."""
     _check(x, fc1, fc2, activation)
-    _, fn = registry.resolve("moe_experts", x.device, backend)
+    _, fn = registry.resolve("moe_experts", x, backend)
     return fn(x, expert_idx, gate.reshape(-1, 1), list(fc1), list(fc2), activation)
 
 
@@ -104,5 +104,6 @@ def moe_step(h: torch.Tensor, router_w, router_b, fc1, fc2, activation: str = "s
              backend: str | None = None) -> torch.Tensor:
     """Inference routing and the chosen experts for a few tokens (see the module docstring): (b, H) → (b, H)."""
     _check(h, fc1, fc2, activation)
-    _, fn = registry.resolve("moe_step", h.device, backend)
-    return fn(h, router_w, router_b, list(fc1), list(fc2), activation)
+    _, fn = registry.resolve("moe_step", h, backend)
+    return fn(h, router_w, router_b, fc1 if type(fc1) is list else list(fc1),
+              fc2 if type(fc2) is list else list(fc2), activation)

@@ -38,5 +38,5 @@ def add_rmsnorm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     if h.shape[-1] != weight.shape[-1] or weight.dim() != 1 or (residual is not None and residual.shape != h.shape):
         raise ValueError(f"add_rmsnorm: h {tuple(h.shape)}, residual "
                          f"{None if residual is None else tuple(residual.shape)}, weight {tuple(weight.shape)}")
-    _, fn = registry.resolve("add_rmsnorm", h.device, backend)
+    _, fn = registry.resolve("add_rmsnorm", h, backend)
     return fn(h, residual, weight, eps, residual_dtype)

@@ -10,10 +10,12 @@ and implementations registered here:
   (``TRITON_INTERPRET=1``) also for CPU tensors, which is how their wiring is tested without a GPU.
 
 The choice, per (op, device type): the backend asked for — ``blackmamba.ops.set_backend(name)``, else the
-``BLACKMAMBA_BACKEND`` environment variable, else ``auto`` — when it implements the op for that device (else the
-reference); ``auto`` takes the first available of ``PREFERENCE``. A backend may still hand a call it cannot take
-(a dtype or shape its kernel lacks, a gradient it does not compute, a LoRA-wrapped projection) to the reference:
-that is part of its contract, and its tests cover both. ``-v`` on the command line logs each choice once.
+``BLACKMAMBA_BACKEND`` environment variable (read at the first op and by ``set_backend(None)``), else ``auto`` —
+when it implements the op for that device (else the reference); ``auto`` takes the first available of
+``PREFERENCE``. Choices are remembered: a decode step asks for a few ops per layer. A backend may still hand a call
+it cannot take (a dtype or shape its kernel lacks, a gradient it does not compute, a LoRA-wrapped projection) to
+the reference: that is part of its contract, and its tests cover both. ``-v`` on the command line logs each choice
+once.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
 
 # op → backend → (implementation, available(), device types)
 _registry: dict[str, dict[str, tuple[Callable, Callable[[], bool], tuple[str, ...]]]] = {}
-_override: str | None = None
+_request: str | None = None  # the backend asked for; None until the first op reads the environment
 _logged: set[tuple[str, str, str]] = set()
+_resolved: dict[tuple[str, str, str], tuple[str, Callable]] = {}  # (op, device type, backend) → choice
 
 
 def register(op: str, backend: str, fn: Callable, available: Callable[[], bool] = lambda: True,
@@ -41,23 +44,33 @@ def register(op: str, backend: str, fn: Callable, available: Callable[[], bool] 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     _registry.setdefault(op, {})[backend] = (fn, available, devices)
+    _resolved.clear()
 
 
 def set_backend(name: str | None) -> None:
-    """Ask for one backend for every op that has it (``None`` or ``"auto"``: the automatic choice)."""
-    if name is not None and name != "auto" and name not in BACKENDS:
+    """Ask for one backend for every op that has it: a name, ``"auto"`` (the automatic choice), or ``None``
+    (what ``BLACKMAMBA_BACKEND`` says now, else auto)."""
+    global _request
+    if name is None:
+        _request = _from_environment()
+    elif name == "auto" or name in BACKENDS:
+        _request = name
+    else:
         raise ValueError(f"unknown backend {name!r}; choose auto or one of {', '.join(BACKENDS)}")
-    global _override
-    _override = None if name in (None, "auto") else name
 
 
-def requested_backend() -> str:
-    if _override is not None:
-        return _override
+def _from_environment() -> str:
     env = os.environ.get("BLACKMAMBA_BACKEND", "auto").strip().lower() or "auto"
     if env != "auto" and env not in BACKENDS:
         raise ValueError(f"BLACKMAMBA_BACKEND={env!r} is not a backend; choose auto or one of {', '.join(BACKENDS)}")
     return env
+
+
+def requested_backend() -> str:
+    global _request
+    if _request is None:
+        _request = _from_environment()
+    return _request
 
 
 def available_backends(op: str, device_type: str) -> list[str]:
@@ -66,11 +79,22 @@ def available_backends(op: str, device_type: str) -> list[str]:
             if device_type in devices and available()]
 
 
-def resolve(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
-    """(backend name, implementation) of ``op`` for tensors on ``device``; ``backend`` overrides the request."""
-    want = backend or requested_backend()
+def resolve(op: str, device: torch.device | torch.Tensor, backend: str | None = None) -> tuple[str, Callable]:
+    """(backend name, implementation) of ``op`` for tensors on ``device`` (or on the tensor's device);
+    ``backend`` overrides the request."""
+    if isinstance(device, torch.device):
+        dev = device.type
+    else:
+        dev = "cpu" if device.is_cpu else device.device.type  # is_cpu: no device object built
+    want = backend or _request or requested_backend()
+    hit = _resolved.get((op, dev, want))
+    if hit is None:
+        hit = _resolved[op, dev, want] = _choose(op, dev, want)
+    return hit
+
+
+def _choose(op: str, dev: str, want: str) -> tuple[str, Callable]:
     impls = _registry[op]
-    dev = device.type
     if want == "auto":
         chosen = next((name for name in PREFERENCE.get(dev, ()) if name in impls and dev in impls[name][2]
                        and impls[name][1]()), "reference")
@@ -81,8 +105,7 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> tuple[
         chosen = want
     else:  # the backend asked for has no kernel for this op and device: the reference computes it
         chosen = "reference"
-    key = (op, dev, chosen)
-    if key not in _logged:
-        _logged.add(key)
+    if (op, dev, chosen) not in _logged:
+        _logged.add((op, dev, chosen))
         log.info("blackmamba: op %s on %s uses backend %s", op, dev, chosen)
     return chosen, impls[chosen][0]

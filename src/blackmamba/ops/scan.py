@@ -92,11 +92,11 @@ def _check(x, delta, A, B, C, D, z, initial_state):
 def selective_scan(x, delta, A, B, C, D=None, z=None, initial_state=None, backend: str | None = None):
     """Run the selective scan with the chosen (or automatic) backend; see the module docstring."""
     _check(x, delta, A, B, C, D, z, initial_state)
-    _, fn = registry.resolve("scan", x.device, backend)
+    _, fn = registry.resolve("scan", x, backend)
     return fn(x, delta, A, B, C, D, z, initial_state)
 
 
 def selective_scan_step(x, delta, A, B, C, D, z, state, backend: str | None = None):
     """One decode step; see the module docstring."""
-    _, fn = registry.resolve("scan_step", x.device, backend)
+    _, fn = registry.resolve("scan_step", x, backend)
     return fn(x, delta, A, B, C, D, z, state)

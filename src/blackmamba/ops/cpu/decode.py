@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import registry
-from ..linear import all_tensors
 from ..mamba_step import mamba_step_reference
 from ..moe import moe_step_reference
 from ..norm import add_rmsnorm_reference
@@ -25,26 +24,28 @@ from .build import DTYPE_CODE, KERNEL_DTYPES, MAX_ROWS, available, grad_needed, 
 ACTIVATION_CODE = {"silu": 0, "gelu": 1}  # csrc/act.h kSilu, kGelu
 
 
-def _ready(dtype: torch.dtype, tensors) -> bool:
-    """Every tensor (None allowed) has ``dtype`` and is contiguous."""
-    return all(t is None or (t.dtype is dtype and t.is_contiguous()) for t in tensors)
+def _ready(dtype: torch.dtype, *tensors) -> bool:
+    """Every argument is None or a contiguous tensor of ``dtype`` (a module operand, such as LoRA, is not)."""
+    for t in tensors:
+        if t is not None and (not torch.is_tensor(t) or t.dtype is not dtype or not t.is_contiguous()):
+            return False
+    return True
 
 
 def mamba_step_cpu(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj, conv_state, ssm_state):
     """The whole mixer step in one call (csrc/mamba_step.cpp)."""
-    b = h.shape[0]
+    b, H = h.shape
     wdt = conv_w.dtype
-    if (not all_tensors(in_proj, x_proj, out_proj) or not 1 <= b <= MAX_ROWS or h.dtype not in KERNEL_DTYPES
-            or wdt not in KERNEL_DTYPES or dt_b is None or not _ready(wdt, (in_proj, conv_w, conv_b, x_proj, dt_w, dt_b,
-                                                                             out_proj))
-            or conv_state.dtype not in (wdt, torch.float32) or not conv_state.is_contiguous()
-            or not _ready(torch.float32, (A_log, D, ssm_state))
-            or grad_needed(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj)):
+    if (b > MAX_ROWS or not b or h.dtype not in KERNEL_DTYPES or wdt not in KERNEL_DTYPES or dt_b is None
+            or not _ready(wdt, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, out_proj)
+            or not (conv_state.dtype is wdt or conv_state.dtype is torch.float32) or not conv_state.is_contiguous()
+            or not _ready(torch.float32, A_log, D, ssm_state)
+            or (torch.is_grad_enabled()
+                and grad_needed(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj))):
         return mamba_step_reference(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj, conv_state,
                                     ssm_state)
     h = h.contiguous()
     I, K = conv_w.shape
-    H = in_proj.shape[1]
     out = torch.empty(b, H, dtype=h.dtype)
     rc = library().bm_mamba_step(DTYPE_CODE[h.dtype], DTYPE_CODE[wdt], DTYPE_CODE[conv_state.dtype], h.data_ptr(),
                                  in_proj.data_ptr(), conv_w.data_ptr(), ptr(conv_b), x_proj.data_ptr(),
@@ -60,9 +61,9 @@ def moe_step_cpu(h, router_w, router_b, fc1, fc2, activation):
     """Routing and the chosen experts' gated MLPs in one call (csrc/moe_step.cpp)."""
     b, H = h.shape
     wdt = router_w.dtype if torch.is_tensor(router_w) else None
-    if (not all_tensors(router_w, *fc1, *fc2) or not 1 <= b <= MAX_ROWS or h.dtype not in KERNEL_DTYPES
-            or wdt not in KERNEL_DTYPES or not _ready(wdt, (router_w, router_b, *fc1, *fc2))
-            or grad_needed(h, router_w, router_b, *fc1, *fc2)):
+    if (not 1 <= b <= MAX_ROWS or h.dtype not in KERNEL_DTYPES or wdt not in KERNEL_DTYPES
+            or not _ready(wdt, router_w, router_b, *fc1, *fc2)
+            or (torch.is_grad_enabled() and grad_needed(h, router_w, router_b, *fc1, *fc2))):
         return moe_step_reference(h, router_w, router_b, fc1, fc2, activation)
     h = h.contiguous()
     E, F2 = len(fc1), fc1[0].shape[0]
@@ -98,18 +99,19 @@ def add_rmsnorm_cpu(h, residual, weight, eps, residual_dtype):
     """The block entry in one call (csrc/norm.cpp; see ops/norm.py)."""
     if (h.dtype not in KERNEL_DTYPES or weight.dtype not in KERNEL_DTYPES or residual_dtype not in KERNEL_DTYPES
             or (residual is not None and residual.dtype is not residual_dtype) or not weight.is_contiguous()
-            or grad_needed(h, residual, weight)):
+            or (torch.is_grad_enabled() and grad_needed(h, residual, weight))):
         return add_rmsnorm_reference(h, residual, weight, eps, residual_dtype)
     h = h.contiguous()
-    residual = residual.contiguous() if residual is not None else None
+    residual = residual.contiguous() if residual is not None else None  # kept referenced through the call
     out = torch.empty(h.shape, dtype=weight.dtype)
     res_out = torch.empty(h.shape, dtype=residual_dtype)
     H = h.shape[-1]
     rows = h.numel() // H if H else 0
     if rows:
         library().bm_add_rmsnorm(DTYPE_CODE[h.dtype], DTYPE_CODE[residual_dtype], DTYPE_CODE[weight.dtype],
-                                 h.data_ptr(), ptr(residual), weight.data_ptr(), out.data_ptr(), res_out.data_ptr(),
-                                 rows, H, eps, threads_for(rows * H * 8))
+                                 h.data_ptr(), ptr(residual),
+                                 weight.data_ptr(), out.data_ptr(), res_out.data_ptr(), rows, H, eps,
+                                 threads_for(rows * H * 8))
     return out, res_out
 
 
