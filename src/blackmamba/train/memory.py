@@ -45,8 +45,8 @@ SCAN_LANES = 16  # channels rounded up to a whole vector (at most 16 fp32 lanes:
 # same 32 MB): blocks from MMAP_THRESHOLD up are mapped and unmapped whole; smaller ones come from the heap,
 # which keeps what is freed resident (up to 256 MB at its top, and any holes). ALLOCATOR_SLACK is the
 # smallest share of the heap-sized tensors a step allocates (see ``_slack``) that bounded every measured
-# peak (1.02x the highest); with huge-page alignment (THP_MEM_ALLOC_ENABLE=1) one small configuration's
-# peak RSS varied by a quarter between runs (146 and 180 MB over 113 MB of live tensors).
+# peak (the highest, attention with activation checkpointing, equals its estimate; docs/benchmarks.md); with
+# huge-page alignment (THP_MEM_ALLOC_ENABLE=1) a configuration's peak RSS varies by up to a quarter between runs.
 MMAP_THRESHOLD = 32 << 20
 ALLOCATOR_SLACK = 0.65
 GB = 1e9
@@ -214,13 +214,15 @@ def _tensors(run_config, vocab_size, device) -> tuple[dict[str, list[int]], list
     return saved_by_kind, phases, params
 
 
-def _slack(saved: list[int], phases: list[list[int]], params: list[int]) -> int:
+def _slack(saved: list[int], phases: list[list[int]], params: list[int], recompute: bool) -> int:
     """Resident memory the allocator holds beyond the live tensors at the peak: the heap grown for a working
     set wider in heap-sized tensors than the peak's, and ALLOCATOR_SLACK of the heap-sized tensors a step
-    frees and allocates again (saved activations, the widest working set, gradients and AdamW's temporaries)."""
+    frees and allocates again (saved activations, the widest working set, gradients and AdamW's temporaries).
+    ``recompute`` (activation checkpointing): a block's backward allocates its activations again before their
+    gradients, two rounds of heap allocation in one phase, so the widest working set counts twice."""
     widest = max(_heap(work) for work in phases)
     kept = widest - _heap(max(phases, key=sum))
-    return kept + int(ALLOCATOR_SLACK * (_heap(saved) + widest + 2 * _heap(params)))
+    return kept + int(ALLOCATOR_SLACK * (_heap(saved) + widest * (2 if recompute else 1) + 2 * _heap(params)))
 
 
 def estimate_training_bytes(run_config, vocab_size: int | None = None, device=None) -> MemoryEstimate:
@@ -231,7 +233,8 @@ def estimate_training_bytes(run_config, vocab_size: int | None = None, device=No
     saved = [n for sizes in saved_by_kind.values() for n in sizes]
     P = sum(params)
     return MemoryEstimate(parameters=P, gradients=P, optimizer=2 * P, activations=sum(saved),
-                          transient=sum(max(phases, key=sum)), allocator=_slack(saved, phases, params),
+                          transient=sum(max(phases, key=sum)),
+                          allocator=_slack(saved, phases, params, run_config.train.activation_checkpointing),
                           activations_by_kind={k: sum(v) for k, v in saved_by_kind.items()},
                           seq_len=run_config.data.seq_len, batch_size=run_config.optim.batch_size,
                           activation_checkpointing=run_config.train.activation_checkpointing)
