@@ -77,35 +77,74 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
+class TextStream:
+    """Token ids in, text out, incrementally: ``push(token)`` returns the text that became final — valid UTF-8
+    (a character split over tokens waits for its last byte) that can no longer turn into a stop string — and
+    ``finish()`` the rest. At the first stop string ``stopped`` becomes True and the text ends before it.
+    Only a window of recent ids is decoded per token, so a long generation costs O(length), not O(length²)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1  # a tail that may still become a stop string
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far (a character still incomplete is not in it)
+        self.printed = 0  # characters of ``text`` already returned
+        self.stopped = False
+        self._prefix = 0  # ids[_prefix:_read] decode to text's tail: the window a new id is decoded with
+        self._read = 0
+
+    def push(self, token: int) -> str:
+        """Take one generated id (not EOS); the text that became final (maybe "")."""
+        if self.stopped:
+            return ""
+        self.ids.append(int(token))
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):  # an incomplete character waits
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The text still held back (a possible stop string's beginning, an incomplete character)."""
+        if not self.stopped and self._read < len(self.ids):
+            self.text += self.tokenizer.decode(self.ids[self._prefix:])[len(
+                self.tokenizer.decode(self.ids[self._prefix:self._read])):]
+            self._read = len(self.ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stop:  # a stop string can only start in the part not yet returned, or in the held tail
+            hits = [i for i in (self.text.find(s, max(0, self.printed - len(s))) for s in self.stop) if i >= 0]
+            if hits:
+                self.stopped = True
+                self.text = self.text[:min(hits)]
+                final = True
+        ready = len(self.text) if final else max(self.printed, len(self.text) - self.hold)
+        piece = self.text[self.printed:ready]
+        self.printed = max(self.printed, ready)
+        return piece
+
+
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, *, stop: Sequence[str] = (),
                 **sampling) -> Iterator[str]:
-    """Yield the continuation of ``prompt`` piece by piece, as soon as each piece is valid text."""
+    """Yield the continuation of ``prompt`` piece by piece, as soon as each piece is final (``TextStream``)."""
     ids = encode_prompt(tokenizer, prompt)
     eos = tokenizer.eos_id
-    hold = max((len(s) for s in stop), default=1) - 1  # a tail that may still become a stop string
-    new: list[int] = []
-    printed = 0
+    text = TextStream(tokenizer, stop)
     for nxt in model.stream(torch.tensor([ids]), max_new_tokens, eos_token_id=eos, **sampling):
         t = int(nxt[0])
         if eos is not None and t == eos:
             break
-        new.append(t)
-        text = tokenizer.decode(new)
-        cut = _cut_at_stop(text, stop)
-        if cut is not None:
-            if cut > printed:
-                yield text[printed:cut]
+        piece = text.push(t)
+        if piece:
+            yield piece
+        if text.stopped:
             return
-        ready = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)  # incomplete UTF-8 waits
-        ready = min(ready, len(text) - hold)
-        if ready > printed:
-            yield text[printed:ready]
-            printed = ready
-    text = tokenizer.decode(new)
-    cut = _cut_at_stop(text, stop)
-    end = len(text) if cut is None else cut
-    if end > printed:
-        yield text[printed:end]
+    piece = text.finish()
+    if piece:
+        yield piece
 
 
 def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 200, *,

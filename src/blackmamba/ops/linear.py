@@ -2,9 +2,10 @@
 
     y = linear(x, weight, bias=None)      # x (..., i), weight (o, i), bias (o,) → y (..., o) = F.linear
 
-Backends: ``reference`` is ``F.linear``; ``cpu`` reads bfloat16 weights directly for a few rows without
-autograd (torch's CPU bfloat16 matmul is slow at that shape on CPUs without native bfloat16 instructions,
-and decoding is limited by reading the weights) and is ``F.linear`` otherwise.
+Backends: ``reference`` is ``F.linear``; ``cpu`` takes a few rows without autograd with its own gemv (decoding
+is limited by reading the weights: it reads them once, bfloat16 ones directly, where torch's CPU bfloat16 matmul
+is slow at that shape without native bfloat16 instructions; and each row's result is the same whatever the
+other rows) and is ``F.linear`` otherwise.
 
 Ops that take projections (``mamba_step``, ``moe_experts``, ``moe_step``) take *linear operands*: the weight
 of a plain ``nn.Linear`` — which a kernel can read — or, for anything else (a LoRA wrapper, a quantised layer),

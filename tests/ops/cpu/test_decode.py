@@ -92,6 +92,21 @@ def test_bf16_linear_matches_float_math(rows):
     assert linear(xb, w, backend="cpu").dtype == torch.bfloat16
 
 
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, cpu.MAX_ROWS), i=st.integers(1, 70), o=st.integers(1, 90), bf16=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_linear_rows_are_batch_invariant(rows, i, o, bf16, seed):
+    """Each row of a few-row linear is bit-identical to that row alone (fp32 and bf16 weights), and close to
+    F.linear in float math."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(o, i, generator=g).to(torch.bfloat16 if bf16 else torch.float32)
+    x, bias = torch.randn(rows, i, generator=g), torch.randn(o, generator=g)
+    y = linear(x, w, bias, backend="cpu")
+    for r in range(rows):
+        assert torch.equal(y[r:r + 1], linear(x[r:r + 1], w, bias, backend="cpu"))
+    torch.testing.assert_close(y, F.linear(x, w.float(), bias), rtol=1e-5, atol=1e-5)
+
+
 def moe(hidden, ffn, experts, dtype=torch.float32, activation="silu", seed=0, scale=0.3):
     torch.manual_seed(seed)
     m = MoE(hidden, ffn, experts, activation).eval()

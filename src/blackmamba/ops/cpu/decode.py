@@ -2,7 +2,9 @@
 
 Decoding a token reads every active weight once, so its speed is the memory bandwidth; these kernels
 (csrc/mamba_step.cpp, moe_step.cpp, gemv.cpp, norm.cpp) read each weight matrix once, prefetching the next rows,
-for up to ``MAX_ROWS`` sequences, with bfloat16 weights read directly (half the bytes). Each wrapper checks its
+for up to ``MAX_ROWS`` sequences, with bfloat16 weights read directly (half the bytes). Each row's dot products
+are summed in the same order whatever the number of rows, so a row's result does not depend on the others in
+its batch (what a server's batch invariance rests on). Each wrapper checks its
 inputs and hands what its kernel does not take to the op's reference: more rows, other dtypes, a gradient to
 compute, a projection that is not a plain weight (a LoRA wrapper). The checks are a few attribute reads: at
 batch 1 the Python around the kernels is a measurable part of a token.
@@ -79,10 +81,11 @@ def moe_step_cpu(h, router_w, router_b, fc1, fc2, activation):
 
 
 def linear_cpu(x, weight, bias=None):
-    """bfloat16 weights times a few rows, read once (csrc/gemv.cpp); torch's matmul otherwise (see ops/linear.py)."""
+    """float32 or bfloat16 weights times a few rows, read once (csrc/gemv.cpp); torch's matmul otherwise (see
+    ops/linear.py)."""
     i, o = x.shape[-1], weight.shape[0]
     rows = x.numel() // i if i else 0
-    if (weight.dtype is not torch.bfloat16 or x.dtype not in KERNEL_DTYPES or not 1 <= rows <= MAX_ROWS
+    if (weight.dtype not in KERNEL_DTYPES or x.dtype not in KERNEL_DTYPES or not 1 <= rows <= MAX_ROWS
             or not weight.is_contiguous() or grad_needed(x, weight, bias)):
         return F.linear(x, weight, bias)
     xf = x.reshape(rows, i).float().contiguous()

@@ -8,6 +8,15 @@
 
 #include <algorithm>
 
+// Each product is rounded before it is added (no fused multiply-add here): with -ffp-contract=fast the compiler
+// fused some instantiations of the loops below and not others, so a row's sum depended on how many rows were
+// computed with it. Unfused, every row is summed the same way whatever the batch (batch invariance; the loops are
+// limited by reading the weights, not by the arithmetic).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 namespace bm {
 
 constexpr int kDotMaxRows = 8;  // rows of x (sequences in the batch)
@@ -77,3 +86,7 @@ inline void dot_rows(const TW* w, const float* x, int64_t xstride, int64_t len, 
 }
 
 }  // namespace bm
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
