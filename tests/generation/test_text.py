@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support.models import random_model
 from support.text import isolated_cache, one_thread, play_text  # noqa: F401  (fixtures)
 
 from blackmamba import BlackMambaConfig
 from blackmamba.data.tokenizer import train_bpe
-from blackmamba.generation import generate_text, pad_prompts, stream_text
+from blackmamba.generation import TextStream, generate_text, pad_prompts, stream_text
 
 PROMPTS = ["ROMEO.\nWhat", "K", "JULIET.\nO gentle father, speak: the night is", "Thou"]
 
@@ -95,3 +97,30 @@ def test_text_that_is_not_utf8_is_refused(model, tok):
         generate_text(model, tok, [bad], 5)
     with pytest.raises(ValueError, match="not valid UTF-8"):
         list(stream_text(model, tok, bad, 5))
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.lists(st.sampled_from(list("ab é—\n🙂KING.") + ["thou ", "speak"]), min_size=1,
+                     max_size=40).map("".join), data=st.data())
+def test_text_stream_pieces_are_the_text_up_to_the_first_stop(tok, text, data):
+    """Token by token, TextStream releases exactly the decoded text up to the first stop string (multi-byte
+    characters split across tokens included), never a character it must take back."""
+    def piece_of_text():  # stop strings mostly taken from the text itself, so that they occur
+        i = data.draw(st.integers(0, len(text) - 1))
+        return text[i:i + data.draw(st.integers(1, 4))]
+    stops = data.draw(st.lists(st.one_of(st.builds(piece_of_text), st.sampled_from(["zz", "é.", "🙂🙂"])),
+                               max_size=3))
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    want = text[:min(hits)] if hits else text
+    stream = TextStream(tok, stops)
+    pieces = []
+    for t in ids:
+        pieces.append(stream.push(t))
+        assert want.startswith("".join(pieces))  # released text is final
+        if stream.stopped:
+            break
+    pieces.append(stream.finish())
+    assert "".join(pieces) == want
+    assert stream.stopped == bool(hits)

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("blackmamba.cli.train",
               "train a model on a text corpus (default: Shakespeare's complete works); --resume continues a run"),
     "generate": ("blackmamba.cli.generate", "continue prompts with a trained model, streaming the text"),
+    "serve": ("blackmamba.cli.serve", "an OpenAI-compatible HTTP server with continuous batching and a prefix cache"),
     "convert": ("blackmamba.cli.convert", "convert a checkpoint between the native, release and transformers formats"),
     "eval": ("blackmamba.cli.eval", "lm-evaluation-harness tasks, or perplexity / bits per byte of a text file"),
     "bench": ("blackmamba.cli.bench",
@@ -31,7 +32,7 @@ class UserError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blackmamba", description="BlackMamba (Mamba + top-1 MoE) language models: "
-                                     "train, generate, evaluate, convert and benchmark.")
+                                     "train, generate, serve, evaluate, convert and benchmark.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log backend choices and other details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():

@@ -12,6 +12,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="toy sizes, a few seconds (a smoke test: no targets judged)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's, usually all cores)")
+    p.add_argument("--serve", action="store_true",
+                   help="the serving benchmark instead: concurrent vs sequential requests, concurrency 1-64, "
+                        "a cached prefix vs a new one (blackmamba.bench.serve)")
+    p.add_argument("--model", help="with --serve: the model to serve (run folder, model folder or hub id; default: "
+                                   "the small preset with random weights)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,8 +35,14 @@ def run(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     from ..bench.harness import format_table
 
+    if args.model is not None and not args.serve:
+        raise UserError("--model is for --serve (the other benchmarks build their own models)")
     try:
-        if args.device == "cuda":
+        if args.serve:
+            from ..bench.serve import run_serve_bench
+
+            result = run_serve_bench(args.model, device=args.device, quick=args.quick)
+        elif args.device == "cuda":
             from ..bench.gpu import run_gpu_bench
 
             result = run_gpu_bench(quick=args.quick)
