@@ -6,7 +6,7 @@
     POST /v1/chat/completions   messages (the model folder's chat template, else ``chat.py``'s default), the same
                                 options (max_tokens or max_completion_tokens; logprobs + top_logprobs)
     GET  /v1/models             the one model served
-    GET  /health                200 while serving, 503 once shutting down
+    GET  /health                200 while serving
     GET  /metrics               Prometheus text (``metrics.py``)
 
 Every error has OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for a request that is
@@ -153,13 +153,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     template = chat_template or ChatTemplate()
     tok = engine.tokenizer
     created = int(time.time())
-    status = {"shutting_down": False}
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        status["shutting_down"] = True
-        await asyncio.to_thread(engine.close, True)
+        await asyncio.to_thread(engine.close, True)  # uvicorn has let the running requests finish (or cut them)
 
     app = FastAPI(title="blackmamba", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -207,8 +205,6 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
 
     @app.get("/health")
     async def health():
-        if status["shutting_down"]:
-            return error_response(503, "shutting down", "server_error")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -236,8 +232,6 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         return ids
 
     def submit(prompts: list[list[int]], params: SamplingParams):
-        if status["shutting_down"]:
-            raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
         for ids in prompts:  # everything checked before anything runs
             try:
                 engine.check(ids, params)
