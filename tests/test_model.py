@@ -39,6 +39,20 @@ def test_token_by_token_decode_equals_full(model):
     torch.testing.assert_close(steps, full, rtol=0, atol=1e-5)
 
 
+def test_logits_to_keep_is_the_last_positions_logits(model):
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids).logits
+        for k in (1, 4, 9):
+            state = model.new_state(2)
+            kept = model(ids, state=state, logits_to_keep=k).logits
+            assert kept.shape == (2, k, full.shape[-1]) and state.seqlen == 9
+            torch.testing.assert_close(kept, full[:, -k:], rtol=0, atol=1e-5)
+    for bad, kw in ((-1, {}), (1.5, {}), (2, {"targets": ids})):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(ids, logits_to_keep=bad, **kw)
+
+
 def test_bad_token_ids_and_shapes_are_named(model):
     with pytest.raises(ValueError, match="token id 97 is out of range.*0..96"):
         model(torch.tensor([[1, 97]]))

@@ -29,9 +29,9 @@ def texts(req):
 
 
 def test_greedy_equals_generate_alone_whatever_the_batch(model_tok):
-    """20 requests, 16 at a time in groups of 8 rows: every text is what the prompt gives alone through
-    ``stream_text`` (the ``generate`` command's path), and every token's logprob is bit-identical to that of
-    the same request run alone (the logits do not depend on the batch)."""
+    """20 requests, 16 at a time in groups of 8 rows, prompts up to 3 chunks long: every text is what the prompt
+    gives alone through ``stream_text`` (the ``generate`` command's path), and every token's logprob is
+    bit-identical to that of the same request run alone (no prefix cache: each prefill is computed)."""
     model, tok = model_tok
     prompts = PROMPTS * 2 + PROMPTS[:4]
     prm = SamplingParams(max_tokens=30, temperature=0, logprobs=0)
@@ -45,10 +45,11 @@ def test_greedy_equals_generate_alone_whatever_the_batch(model_tok):
                                                            for tl in d.logprobs]))
         return out
 
-    with Engine(model, tok, max_batch=16) as engine:
+    with Engine(model, tok, max_batch=16, block=8, prefix_cache_mb=0) as engine:
         crowd = run(engine, prompts)
         alone = {p: run(engine, [p])[0] for p in PROMPTS}
-    assert len({len(tok.encode(p)) for p in PROMPTS}) > 4
+    lengths = [len(tok.encode(p)) for p in PROMPTS]
+    assert len(set(lengths)) > 4 and max(lengths) > 3 * 8  # several chunks for the longest
     reference = {p: "".join(stream_text(model, tok, p, 30, do_sample=False)) for p in PROMPTS}
     assert len(set(reference.values())) == len(PROMPTS)  # different prompts, different texts: a real comparison
     assert [text for text, _ in crowd] == [reference[p] for p in prompts]
@@ -71,28 +72,37 @@ def test_seeded_request_is_the_same_alone_or_among_others(model_tok):
 
 
 def test_prefix_cache_changes_nothing_but_the_work(model_tok):
-    """A long prompt's snapshots (every `block` tokens, and its end) serve later prompts that extend it; the
-    texts equal those of an engine without a cache."""
+    """A long prompt's snapshots (every `block` tokens, and its end) serve later prompts that extend it; texts
+    equal those of an engine without a cache, logprobs to float rounding (a snapshot at a prompt's end moves a
+    prefill chunk boundary)."""
     model, tok = model_tok
     base = PROMPTS[2] * 12
     turn2 = base + " NURSE.\nAy"
     ids = tok.encode(base)
     assert len(ids) > 3 * 16
-    prm = SamplingParams(max_tokens=20, temperature=0)
+    prm = SamplingParams(max_tokens=20, temperature=0, logprobs=0)
+
+    def run(engine, prompt):
+        req = engine.submit(prompt, prm)
+        deltas = list(req)
+        return req, "".join(d.text for d in deltas), [tl.logprob for d in deltas for tl in d.logprobs]
+
+    other = tok.encode(base[:-30] + " KING.")  # shares only some blocks of the first prompt
+    assert next(i for i, (a, b) in enumerate(zip(ids, other)) if a != b) >= 16
     with Engine(model, tok, block=16, prefix_cache_mb=0) as plain:
-        want = plain.generate([base, turn2, base + " KING."], prm)
+        want = [run(plain, p)[1:] for p in (ids, tok.encode(turn2), other, ids)]
     with Engine(model, tok, block=16) as engine:
-        first = engine.submit(ids, prm)
-        assert texts(first) == want[0] and first.cached_tokens == 0
-        second = engine.submit(tok.encode(turn2), prm)
-        assert texts(second) == want[1]
-        assert second.cached_tokens == len(ids)  # the first prompt's end: a chat resumes from the last turn
-        other = tok.encode(base[:-30] + " KING.")  # shares only some blocks of the first prompt
-        third = engine.submit(other, prm)
-        texts(third)
-        common = next(i for i, (a, b) in enumerate(zip(ids, other)) if a != b)
-        assert third.cached_tokens == common // 16 * 16 > 0
-        assert engine.cache.hits == 2
+        got = []
+        for k, prompt in enumerate((ids, tok.encode(turn2), other, ids)):
+            req, text, lps = run(engine, prompt)
+            got.append((text, lps))
+            cached = [0, len(ids), next(i for i, (a, b) in enumerate(zip(ids, other)) if a != b) // 16 * 16,
+                      len(ids)][k]
+            assert req.cached_tokens == cached  # turn 2 resumes from turn 1's end; the same prompt needs no prefill
+        assert engine.cache.hits == 3
+    for (text, lps), (want_text, want_lps) in zip(got, want):
+        assert text == want_text
+        assert lps == pytest.approx(want_lps, abs=1e-5)
 
 
 def test_long_prompt_is_prefilled_in_chunks_while_a_stream_keeps_flowing(model_tok):
@@ -151,7 +161,7 @@ def test_logprobs_are_the_models_log_softmax(model_tok):
     ids = tok.encode("ROMEO.\nWhat")
     with Engine(model, tok) as engine:
         deltas = list(engine.submit(ids, SamplingParams(max_tokens=3, temperature=0, logprobs=2,
-                                                        prompt_logprobs=True)))
+                                                        prompt_logprobs=True, ignore_eos=True)))
         req = engine.submit(ids, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True, logprobs=0))
         list(req)
     new = [d.tokens[0] for d in deltas]
@@ -212,3 +222,31 @@ def test_async_consumers_and_threads_share_one_engine(model_tok):
             t.join(30)
     assert async_texts == [want[p] for p in PROMPTS[:4]]
     assert got == {p: want[p] for p in PROMPTS[4:]}
+
+
+def test_a_failing_step_ends_every_request_with_the_error_and_the_engine_serves_on(model_tok, monkeypatch):
+    """A defect mid-iteration (here a step that raises) reaches every running request as an error — none is left
+    waiting forever, wherever it was — and later requests are served."""
+    import concurrent.futures
+
+    model, tok = model_tok
+    with Engine(model, tok) as engine:
+        calls = {"n": 0}
+        real_step = engine.model.step
+
+        def failing(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("boom")
+            return real_step(*a, **k)
+
+        monkeypatch.setattr(engine.model, "step", failing)
+        reqs = [engine.submit(tok.encode(p), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+                for p in PROMPTS[:3]]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(list, r) for r in reqs]
+            for f in futures:
+                with pytest.raises(RuntimeError, match="boom"):
+                    f.result(timeout=30)
+        assert engine.running == 0 and not engine.live
+        assert len(engine.generate(["K"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0][0]) > 0

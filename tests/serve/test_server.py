@@ -121,7 +121,7 @@ def test_chat_with_the_default_template_and_streaming(client, model_tok):
                                        top_logprobs=2)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == want
-    assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
+    assert 0 < len(r.choices[0].logprobs.content) <= r.usage.completion_tokens  # (an EOS has none)
     assert all(len(e.top_logprobs) == 2 for e in r.choices[0].logprobs.content)
     stream = client.chat.completions.create(model="m", messages=messages, max_tokens=20, temperature=0, stream=True)
     chunks = list(stream)
@@ -153,6 +153,13 @@ def test_models_health_and_metrics(server, client):
     assert metric(server, "blackmamba_generation_tokens_total") > 0
 
 
+def wait_until_idle(srv) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while metric(srv, "blackmamba_batch_size") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(srv, "blackmamba_batch_size") == 0
+
+
 BAD = [
     ("bad json", b"{not json", "application/json", None),
     ("not an object", b"[1, 2]", "application/json", None),
@@ -170,6 +177,7 @@ BAD = [
     ("unknown field", {"model": "m", "prompt": "x", "best_of": 3}, None, "best_of"),
     ("unsupported penalty", {"model": "m", "prompt": "x", "presence_penalty": 0.5}, None, "presence_penalty"),
     ("token id out of range", {"model": "m", "prompt": [10**6]}, None, "prompt"),
+    ("padding row, not a token", {"model": "m", "prompt": [303]}, None, "prompt"),
     ("too many logprobs", {"model": "m", "prompt": "x", "logprobs": 50}, None, "logprobs"),
     ("prompt over the limit", {"model": "m", "prompt": "the king " * 20000, "max_tokens": 1}, None, "max_tokens"),
 ]
@@ -216,12 +224,17 @@ def test_auth_overload_dropped_stream_and_sigterm(folder):
             client.completions.create(model="m", prompt="K", max_tokens=2)
         assert e.value.status_code == 503
         stream.close()  # the client goes away mid-stream
-        deadline = time.monotonic() + TIMEOUT
-        while metric(srv, "blackmamba_batch_size") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert metric(srv, "blackmamba_batch_size") == 0
+        wait_until_idle(srv)
         assert metric(srv, "blackmamba_generation_tokens_total") < 5000  # it stopped: the slot was freed
         assert client.completions.create(model="m", prompt="K", max_tokens=2, temperature=0).usage.completion_tokens
+
+        # a client that gives up on a whole (not streamed) response cancels it too
+        before = metric(srv, "blackmamba_generation_tokens_total")
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/completions", headers={"authorization": "Bearer sesame"}, timeout=1.5,
+                       json={"model": "m", "prompt": "ROMEO.", "max_tokens": 10_000, "ignore_eos": True})
+        wait_until_idle(srv)
+        assert 0 < metric(srv, "blackmamba_generation_tokens_total") - before < 10_000
 
         with httpx.stream("POST", srv.url + "/completions", headers={"authorization": "Bearer sesame"},
                           json={"model": "m", "prompt": "K", "max_tokens": 300, "temperature": 0, "stream": True},
@@ -241,3 +254,33 @@ def test_auth_overload_dropped_stream_and_sigterm(folder):
             httpx.get(srv.base + "/health", timeout=2)
     finally:
         srv.stop()
+
+
+def test_a_failing_engine_answers_500_with_an_error_body_or_an_error_event(model_tok, monkeypatch):
+    """In process (the app over an engine whose step fails): a whole response is a 500 with OpenAI's error body,
+    a stream ends with an error event that the openai client raises."""
+    import asyncio
+
+    from blackmamba.serve import Engine
+    from blackmamba.serve.server import create_app
+
+    model, tok = model_tok
+    with Engine(model, tok) as engine:
+        def failing(*a, **k):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(engine.model, "step", failing)
+        app = create_app(engine, "m")
+
+        async def ask():
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # (Starlette re-raises, logged)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                whole = await c.post("/v1/completions", json={"model": "m", "prompt": "K", "max_tokens": 5})
+                streamed = await c.post("/v1/completions", json={"model": "m", "prompt": "K", "max_tokens": 5,
+                                                                 "stream": True})
+                return whole, streamed
+
+        whole, streamed = asyncio.run(ask())
+    assert whole.status_code == 500 and "boom" in whole.json()["error"]["message"]
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert "boom" in events[-1]["error"]["message"] and "[DONE]" not in streamed.text

@@ -5,7 +5,7 @@ Every number is a ratio to a baseline measured in the same run:
 - 16 concurrent greedy requests of 48 new tokens vs the same 16 sent one after another (tokens/s; target ≥ 3),
   and whether their texts are identical (batch invariance);
 - closed-loop clients at concurrency 1, 4, 16 and 64 (each client sends its next request when the last one
-  ends): throughput, time to first token and inter-token latency (median; 90th percentile in the notes),
+  ends; the clients are tasks of one event loop, as the server's requests are): throughput, time to first token and inter-token latency (median; 90th percentile in the notes),
   each relative to concurrency 1;
 - a prompt that extends a cached 1,000-token prefix (sent before, as the previous turn of a chat) vs a prompt
   of the same length whose prefix is new: time to first token (target ≤ 0.5).
@@ -17,9 +17,9 @@ per token is that of the trained model, and ``ignore_eos`` keeps every request a
 
 from __future__ import annotations
 
+import asyncio
 import random
 import statistics
-import threading
 import time
 from typing import Callable
 
@@ -53,12 +53,12 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def _timed(engine, prompt: list[int], params) -> tuple[str, float, list[float], int]:
+async def _timed(engine, prompt: list[int], params) -> tuple[str, float, list[float], int]:
     """(text, time to first token, inter-token gaps, tokens) of one request."""
     t0 = time.perf_counter()
-    req = engine.submit(prompt, params)
+    req = engine.submit(prompt, params, loop=asyncio.get_running_loop())
     text, stamps = [], []
-    for d in req:
+    async for d in req:
         stamps.append(time.perf_counter())
         text.append(d.text)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -66,29 +66,29 @@ def _timed(engine, prompt: list[int], params) -> tuple[str, float, list[float], 
 
 
 def _load(engine, prompts: list[list[int]], params, concurrency: int) -> dict:
-    """``concurrency`` clients sending ``prompts`` (each the next one left) back to back."""
-    results: list = [None] * len(prompts)
-    left = iter(range(len(prompts)))
-    lock = threading.Lock()
+    """``concurrency`` clients sending ``prompts`` (each the next one left) back to back: tasks of one event
+    loop, as the HTTP server's requests are."""
+    async def main():
+        left = iter(range(len(prompts)))
+        results: list = [None] * len(prompts)
 
-    def client():
-        while True:
-            with lock:
-                i = next(left, None)
-            if i is None:
-                return
-            results[i] = _timed(engine, prompts[i], params)
+        async def client():
+            for i in left:
+                results[i] = await _timed(engine, prompts[i], params)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return results, time.perf_counter() - t0
+
+    results, wall = asyncio.run(main())
     tokens = sum(r[3] for r in results)
     return {"texts": [r[0] for r in results], "tokens_per_s": tokens / wall, "ttft": [r[1] for r in results],
             "itl": [g for r in results for g in r[2]]}
+
+
+def _one(engine, prompt: list[int], params) -> float:
+    """Time to first token of one request alone."""
+    return asyncio.run(_timed(engine, prompt, params))[1]
 
 
 def run_serve_bench(model_spec: str | None = None, device: str = "cpu", quick: bool = False,
@@ -108,16 +108,17 @@ def run_serve_bench(model_spec: str | None = None, device: str = "cpu", quick: b
     greedy = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     rows: list = []
     notes = [f"model: {name}, {model.num_parameters():,} parameters; {new_tokens} new tokens per request"]
-    with Engine(model, tok, max_batch=16) as engine:
+    # no prefix cache here: the concurrent run must prefill what the sequential one prefilled
+    with Engine(model, tok, max_batch=16, prefix_cache_mb=0) as engine:
         prompts = [tok.encode(_text(rng, 20)) for _ in range(16)]
         _load(engine, prompts[:4], greedy, 4)  # warm-up: kernels compiled, caches filled
         log("... 16 requests, one after another and all at once")
         sequential = _load(engine, prompts, greedy, 1)
         concurrent = _load(engine, prompts, greedy, 16)
         identical = concurrent["texts"] == sequential["texts"]
-        rows_ratio = concurrent["tokens_per_s"] / sequential["tokens_per_s"]
+        ratio = concurrent["tokens_per_s"] / sequential["tokens_per_s"]
         row(rows, "serve: 16 concurrent greedy requests, tokens/s", concurrent["tokens_per_s"], "tok/s",
-            "the same 16 one after another", rows_ratio, ("min", 3.0), quick)
+            "the same 16 one after another", ratio, ("min", 3.0), quick)
         notes.append(f"16 concurrent texts identical to the sequential ones: {identical}")
 
         log("... concurrency 1, 4, 16, 64")
@@ -137,6 +138,7 @@ def run_serve_bench(model_spec: str | None = None, device: str = "cpu", quick: b
             notes.append(f"concurrency {c}: {count} requests, TTFT p90 {_percentile(r['ttft'], 0.9) * 1e3:.1f} ms, "
                          f"inter-token p90 {_percentile(r['itl'], 0.9) * 1e3:.2f} ms")
 
+    with Engine(model, tok, max_batch=16) as engine:
         log("... a prompt extending a cached 1,000-token prefix vs a new one")
         prefix_len = 200 if quick else 1000
         one = SamplingParams(max_tokens=1, temperature=0)
@@ -151,9 +153,9 @@ def run_serve_bench(model_spec: str | None = None, device: str = "cpu", quick: b
         for _ in range(3 if quick else 7):
             turn1, fresh = prefix(), prefix()
             tail = tok.encode(" " + _text(rng, 12))
-            _timed(engine, turn1, one)  # the previous turn: its end is cached
-            _, cached, _, _ = _timed(engine, turn1 + tail, one)
-            _, uncached, _, _ = _timed(engine, fresh + tail, one)
+            _one(engine, turn1, one)  # the previous turn: its end is cached
+            cached = _one(engine, turn1 + tail, one)
+            uncached = _one(engine, fresh + tail, one)
             ratios.append(cached / uncached)
             cached_ms.append(cached * 1e3)
             uncached_ms.append(uncached * 1e3)

@@ -3,7 +3,8 @@
 MODEL is a run directory, a model folder, a release folder or a hub id; the tokenizer is found as ``generate``
 finds it. The server listens on 127.0.0.1 unless ``--host`` says otherwise, batches requests continuously, keeps
 snapshots of prompt prefixes' states (``--prefix-cache-mb``), and on SIGTERM or Ctrl-C stops accepting
-connections, lets running requests finish for up to ``--shutdown-timeout`` seconds, cancels the rest and exits.
+connections, lets running requests finish for up to ``--shutdown-timeout`` seconds, cancels the rest and exits
+with status 0.
 Needs the ``serve`` extra (``pip install 'blackmamba[serve]'``).
 """
 
@@ -108,9 +109,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"blackmamba serve: {name} on http://{shown}:{port}/v1 (max batch {args.max_batch})", flush=True)
         config = uvicorn.Config(app, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=args.shutdown_timeout)
-        # uvicorn shuts down gracefully on SIGTERM, then raises the signal again with the handler it found: make
-        # that one a no-op, so that a SIGTERM ends the process here, with status 0
-        signal.signal(signal.SIGTERM, lambda *_: None)
+        # uvicorn shuts down gracefully on SIGTERM or Ctrl-C, then raises the signal again with the handler it
+        # found: make those no-ops, so that either ends the process here, with status 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         uvicorn.Server(config).run(sockets=[sock])
         engine.close(cancel=True)
     finally:

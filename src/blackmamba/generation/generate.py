@@ -72,7 +72,7 @@ def _stream(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top
                 ids = real[i][real[i] >= 0]
                 seen[i, ids] = True
         step = Stepper.for_model(model, b)  # on CUDA: a preallocated state and a CUDA-graph step
-        logits = model(input_ids, state=step.state,
+        logits = model(input_ids, state=step.state, logits_to_keep=1,
                        attention_mask=attention_mask.to(device) if attention_mask is not None else None).logits[:, -1]
         done = torch.zeros(b, dtype=torch.bool, device=device)
         history = input_ids

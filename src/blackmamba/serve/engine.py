@@ -124,7 +124,8 @@ class TokenLogprob:
 class Delta:
     """What one choice produced at a token boundary: the text that became final, the new token ids, their
     logprobs (when asked for), and on its last delta why it ended ("stop": EOS or a stop string; "length":
-    max_tokens)."""
+    max_tokens). An EOS token is counted in ``Request.completion_tokens`` but is neither in ``tokens`` nor in
+    ``logprobs``: it is not part of the output."""
 
     index: int
     text: str
@@ -136,6 +137,32 @@ class Delta:
 _END = object()
 
 
+class _Outbox:
+    """Items for consumers on event loops, sent once per engine iteration: a ``call_soon_threadsafe`` wakes the
+    loop through a pipe, which costs tens of microseconds — per token and request, a large part of a step."""
+
+    def __init__(self):
+        self.pending: dict[asyncio.AbstractEventLoop, list] = {}
+
+    def append(self, req, item) -> None:
+        self.pending.setdefault(req._loop, []).append((req, item))
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for loop, items in pending.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the consumer's event loop is gone: nobody is listening
+                for req, _ in items:
+                    req.cancelled = True
+
+
+def _deliver(items) -> None:  # on the consumer's event loop
+    for req, item in items:
+        req._queue.put_nowait(item)
+
+
+
 class Request:
     """A submitted prompt: iterate it (``for delta in req`` or ``async for``) for its ``Delta``s until every
     choice has finished; ``cancel()`` frees its rows at the next token boundary. After the end:
@@ -144,7 +171,8 @@ class Request:
 
     _ids = itertools.count()
 
-    def __init__(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None,
+                 outbox: _Outbox):
         self.id = next(self._ids)
         self.prompt = prompt
         self.params = params
@@ -157,16 +185,16 @@ class Request:
         self.cancelled = False
         self.error: BaseException | None = None
         self._loop = loop
+        self._outbox = outbox
         self._queue = asyncio.Queue() if loop is not None else queue.Queue()
 
-    def _put(self, item) -> None:  # from the engine thread
+    def _put(self, item) -> None:
+        """Hand ``item`` to the consumer: at once to a thread's queue; to an event loop's, through ``_Outbox`` (one
+        wake-up of the loop per iteration, not one per token)."""
         if self._loop is None:
             self._queue.put(item)
         else:
-            try:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-            except RuntimeError:  # the consumer's event loop is gone: nobody is listening
-                self.cancelled = True
+            self._outbox.append(self, item)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -245,10 +273,12 @@ class Engine:
         self.eos = tokenizer.eos_id
         self.args = model.step_args()  # the weights each step reads, fetched once: they do not change
 
+        self.live: dict[int, Request] = {}  # taken from the inbox and not ended yet, by id
         self.waiting: deque[Request] = deque()
         self.prefilling: list[_Prefill] = []
         self.groups: list[_Group] = []
         self._inbox: list[Request] = []
+        self.outbox = _Outbox()  # deltas for event loops, sent at the end of each iteration
         self._cv = threading.Condition()
         self._closing = False
         self._drain = True
@@ -283,7 +313,7 @@ class Engine:
         from ..generation.sampling import OptionError
 
         params.check()
-        V = self.model.config.padded_vocab_size
+        V = self.vocab  # the tokenizer's ids: the padded embedding rows beyond them are no tokens
         bad = [t for t in prompt if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or not 0 <= t < V]
         if len(prompt) == 0:
             raise OptionError([("prompt", "is empty: give at least one token")])
@@ -305,7 +335,7 @@ class Engine:
         prompt = list(prompt)
         self.check(prompt, params)
         prompt = [int(t) for t in prompt]
-        req = Request(prompt, params, loop)
+        req = Request(prompt, params, loop, self.outbox)
         with self._cv:
             if self._closing:
                 raise EngineClosed("the engine is shutting down")
@@ -367,10 +397,12 @@ class Engine:
                 with self._cv:
                     while not (self._inbox or self._busy() or self._closing):
                         self._cv.wait()
+                    for req in self._inbox:
+                        self.live[req.id] = req
                     self.waiting.extend(self._inbox)
                     self._inbox.clear()
                     if self._closing and not self._drain:
-                        for req in self._requests():
+                        for req in self.live.values():
                             req.cancel()
                     if self._closing and not self._busy():
                         return
@@ -378,19 +410,19 @@ class Engine:
                     self._iteration()
                 except Exception as e:  # a defect: end every request with the error, keep the engine alive
                     log.exception("blackmamba serve: engine iteration failed")
-                    for req in self._requests():
+                    for req in list(self.live.values()):  # wherever it was: mid-prefill, between lists
                         req.error = e
-                        req._put(_END)
+                        self._end(req)
                     self.waiting.clear()
                     self.prefilling.clear()
                     self.groups.clear()
+                finally:
+                    self.outbox.flush()
 
-    def _requests(self) -> list[Request]:
-        seen = {}
-        for req in [*self.waiting, *(p.req for p in self.prefilling),
-                    *(c.req for g in self.groups for c in g.choices)]:
-            seen[req.id] = req
-        return list(seen.values())
+    def _end(self, req: Request) -> None:
+        """The request's last message (once)."""
+        if self.live.pop(req.id, None) is not None:
+            req._put(_END)
 
     def _iteration(self) -> None:
         self._drop_cancelled()
@@ -406,11 +438,11 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for req in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(req)
-            req._put(_END)
+            self._end(req)
         for p in [p for p in self.prefilling if p.req.cancelled]:
             self.prefilling.remove(p)
-            p.req._put(_END)
-        for g in self.groups:
+            self._end(p.req)
+        for g in list(self.groups):  # _leave may remove a group
             gone = [c for c in g.choices if c.req.cancelled]
             if gone:
                 self._leave(g, gone)
@@ -424,6 +456,8 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.prefix_lookup(n)
         req.cached_tokens = n
+        if self.metrics is not None:
+            self.metrics.admitted(len(req.prompt))
         if req.params.prompt_logprobs:
             req.prompt_logprobs = [None]
         p = _Prefill(req, state if state is not None else self.model.new_state(1), pos=n, last_logits=logits)
@@ -437,7 +471,8 @@ class Engine:
         L = len(req.prompt)
         end = min(L, (p.pos // self.block + 1) * self.block)
         ids = torch.tensor([req.prompt[p.pos:end]], device=self.model.device)
-        logits = self.model(ids, state=p.state).logits[0]  # (c, V)
+        keep = 0 if req.params.prompt_logprobs else 1
+        logits = self.model(ids, state=p.state, logits_to_keep=keep).logits[0]  # (c, V), or (1, V)
         if req.params.prompt_logprobs:
             before = logits[:-1] if p.last_logits is None else torch.cat([p.last_logits[None], logits[:-1]])
             req.prompt_logprobs += self._logprobs(before, req.prompt[max(p.pos, 1):end], req.params.logprobs or 0)
@@ -547,11 +582,11 @@ class Engine:
             lps = self._logprobs(logits[i:i + 1], [t], prm.logprobs) if prm.logprobs is not None else None
             c.generated += 1
             c.req.completion_tokens[c.index] = c.generated
-            if self.metrics is not None and c.generated > 1:
-                self.metrics.token(now - c.stamp)
+            if self.metrics is not None:
+                self.metrics.token(now - c.stamp if c.generated > 1 else None)
             c.stamp = now
-            if t == self.eos and not prm.ignore_eos:
-                c.req._put(Delta(c.index, c.text.finish(), [t], lps, "stop"))
+            if t == self.eos and not prm.ignore_eos:  # counted, but neither text nor logprobs: not in the output
+                c.req._put(Delta(c.index, c.text.finish(), [], [] if lps is not None else None, "stop"))
                 self._choice_done(c)
                 continue
             piece = c.text.push(t)
@@ -577,6 +612,4 @@ class Engine:
         req = c.req
         req.open -= 1
         if req.open == 0:
-            if self.metrics is not None:
-                self.metrics.finished(req)
-            req._put(_END)
+            self._end(req)

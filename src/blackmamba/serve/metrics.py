@@ -1,9 +1,9 @@
 """``Metrics``: the server's Prometheus metrics (``GET /metrics``), fed by the HTTP layer and the engine's hooks.
 
     blackmamba_requests_total{endpoint, status}       HTTP requests answered
-    blackmamba_prompt_tokens_total                    prompt tokens of admitted requests
+    blackmamba_prompt_tokens_total                    prompt tokens of requests admitted to the batch
     blackmamba_prompt_tokens_computed_total           of those, prefilled (not taken from the prefix cache)
-    blackmamba_generation_tokens_total                tokens generated
+    blackmamba_generation_tokens_total                tokens generated (counted as they are)
     blackmamba_queue_depth / blackmamba_batch_size    requests waiting, sequences running (gauges)
     blackmamba_time_to_first_token_seconds            histogram, from submission to the first token
     blackmamba_inter_token_latency_seconds            histogram, between two tokens of a sequence
@@ -22,7 +22,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("blackmamba_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
-        self.prompt_tokens = Counter("blackmamba_prompt_tokens", "prompt tokens of admitted requests", registry=r)
+        self.prompt_tokens = Counter("blackmamba_prompt_tokens", "prompt tokens of requests admitted to the batch",
+                                     registry=r)
         self.computed_tokens = Counter("blackmamba_prompt_tokens_computed",
                                        "prompt tokens prefilled (not from the prefix cache)", registry=r)
         self.generation_tokens = Counter("blackmamba_generation_tokens", "tokens generated", registry=r)
@@ -49,6 +50,9 @@ class Metrics:
         self.queue_depth.set(waiting)
         self.batch_size.set(running)
 
+    def admitted(self, prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+
     def prefix_lookup(self, cached_tokens: int) -> None:
         self.cache_queries.inc()
         if cached_tokens:
@@ -59,9 +63,8 @@ class Metrics:
         self.ttft.observe(seconds)
         self.computed_tokens.inc(computed_tokens)
 
-    def token(self, seconds: float) -> None:
-        self.itl.observe(seconds)
-
-    def finished(self, req) -> None:
-        self.prompt_tokens.inc(req.prompt_tokens)
-        self.generation_tokens.inc(sum(req.completion_tokens))
+    def token(self, seconds: float | None) -> None:
+        """A token generated, ``seconds`` after the previous one of its sequence (None: its first)."""
+        self.generation_tokens.inc()
+        if seconds is not None:
+            self.itl.observe(seconds)

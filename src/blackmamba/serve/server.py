@@ -64,6 +64,7 @@ class _Options(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False  # not OpenAI's (vLLM's): generate max_tokens whatever the model says, for benchmarks
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -93,7 +94,7 @@ class _Options(BaseModel):
                               top_p=None if self.top_p == 1 else self.top_p, top_k=self.top_k, min_p=self.min_p,
                               repetition_penalty=self.repetition_penalty, seed=self.seed,
                               stop=tuple(self.stop or ()) + stop, n=self.n, logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs)
+                              prompt_logprobs=prompt_logprobs, ignore_eos=self.ignore_eos)
 
 
 class CompletionRequest(_Options):
@@ -143,6 +144,42 @@ def _invalid(e: ValueError) -> APIError:
 
 
 # ---------------------------------------------------------------------------------------------- the app
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+class _Gate:
+    """Plain ASGI middleware: the API key on /v1/ and the request counter. (Starlette's BaseHTTPMiddleware would
+    hide a client's disconnect from the endpoints, which then could not cancel what it asked for.)"""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key is not None else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        label = path if path in ENDPOINTS else "other"  # unknown paths share one series
+        if self.expected is not None and path.startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                self.metrics.requests.labels(label, "401").inc()
+                response = error_response(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                          "authentication_error", code="invalid_api_key")
+                return await response(scope, receive, send)
+        status = {}
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.requests.labels(label, str(status.get("code", 500))).inc()
+
+
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, metrics: Metrics | None = None,
                chat_template: ChatTemplate | None = None) -> FastAPI:
     """The HTTP API over ``engine``, serving it as ``model_name``. The engine is closed (its requests cancelled)
@@ -150,6 +187,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     from contextlib import asynccontextmanager
 
     metrics = metrics or engine.metrics or Metrics()
+    if engine.metrics is None:  # the engine feeds the token, latency, batch and cache metrics
+        engine.metrics = metrics
     template = chat_template or ChatTemplate()
     tok = engine.tokenizer
     created = int(time.time())
@@ -165,19 +204,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     def token_text(t: int) -> str:
         return tok.decode([t], skip_special_tokens=False)
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                response = error_response(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                          "authentication_error", code="invalid_api_key")
-                metrics.requests.labels(request.url.path, "401").inc()
-                return response
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path if response.status_code != 404 else "other",
-                                str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc: RequestValidationError):
@@ -197,6 +224,10 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     async def _http(request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500
                               else "server_error")
+
+    @app.exception_handler(Exception)
+    async def _failure(request, exc: Exception):
+        return error_response(500, f"the server failed: {exc}", "server_error")
 
     @app.exception_handler(APIError)
     async def _api(request, exc: APIError):
@@ -322,6 +353,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                 async for chunk in gen:
                     yield chunk
                 yield "data: [DONE]\n\n"
+            except Exception as e:  # noqa: BLE001  (the stream has started: the error goes in it, as OpenAI's do)
+                yield sse({"error": {"message": f"the server failed: {e}", "type": "server_error", "param": None,
+                                     "code": None}})
             finally:  # the client went away (or the stream ended): free whatever still runs
                 for r in reqs:
                     r.cancel()
@@ -369,7 +403,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             raise APIError(400, "prompt is empty: give a text, a list of texts or token ids", param="prompt")
         if body.max_tokens is None:
             raise APIError(400, "max_tokens must be an integer >= 0", param="max_tokens")
-        texts = [t if t is not None else tok.decode(ids) for t, ids in zip(texts, prompts)]
+        if body.echo:
+            texts = [t if t is not None else tok.decode(ids) for t, ids in zip(texts, prompts)]
         params = body.sampling(body.max_tokens, body.logprobs, prompt_logprobs=body.echo and body.logprobs is not None)
         reqs = submit(prompts, params)
         rid, n, top = f"cmpl-{uuid.uuid4().hex}", body.n, body.logprobs or 0

@@ -25,6 +25,9 @@ constexpr int kDotMaxRows = 8;  // rows of x (sequences in the batch)
 // runs past a row's end into memory the next group does not read (docs/benchmarks.md).
 
 inline float hsum(vfloat v) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
   float s = 0;
   for (int lane = 0; lane < lanes<float>; ++lane) s += v[lane];
   return s;
@@ -35,6 +38,9 @@ inline float hsum(vfloat v) {
 template <int NX, typename TW>
 inline void dot_rows_n(const TW* w, const float* x, int64_t xstride, int64_t len, int64_t r0, int64_t r1, float* y,
                        int64_t ystride) {
+#if defined(__clang__)
+#pragma clang fp contract(off)  // (clang's form of the GCC pragma above, which clang ignores)
+#endif
   constexpr int W = lanes<float>;
   constexpr int G = NX <= 2 ? 4 : 2;  // weight rows at a time
   int64_t row = r0;
