@@ -21,10 +21,11 @@ One worker thread runs the model. Each iteration is a token boundary, where requ
 
 Batch invariance: nothing a request computes depends on the other requests. Its prompt is prefilled alone, in
 chunks whose ends are fixed by its own length and ``block``; its decode rows go through kernels that compute
-every row the same way whatever the group (the CPU decode kernels take up to ``MAX_ROWS`` = 8 rows, so
-groups are at most that big); its random stream is its own (``seed``: the stream ``generate`` gives a prompt
-with that seed). So a greedy request gives what ``blackmamba generate --greedy`` gives, and a seeded one the
-same text alone or among others.
+every row the same way whatever the group (the CPU decode kernels take up to ``MAX_ROWS`` = 8 rows, so groups
+are at most that big); its random stream is its own (``seed``: the stream ``generate`` gives a prompt with that
+seed). So its logits are bit-identical to its own alone, a greedy request gives the text ``blackmamba generate
+--greedy`` gives, and a seeded one the same text alone or among others. (Resuming from a cached prompt end can
+move a chunk boundary: the logits may then differ from a cold prefill's in the last bits; docs/serving.md.)
 """
 
 from __future__ import annotations
