@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import signal
 import time
 
 import httpx
@@ -34,8 +35,9 @@ def model_tok():
 def server(folder):
     srv = Server(folder, "--max-batch", "8")
     yield srv
+    srv.proc.send_signal(signal.SIGINT)  # Ctrl-C: as graceful as SIGTERM (tested with a running request below)
     code, out = srv.stop()
-    assert code == 0, out
+    assert code == 0 and "stopped" in out, out
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +187,7 @@ BAD = [
 
 @pytest.mark.parametrize("name,body,ctype,param", BAD, ids=[b[0] for b in BAD])
 def test_bad_requests_get_400_with_an_openai_error_body(server, name, body, ctype, param):
+    admitted = metric(server, "blackmamba_prompt_tokens_total")
     if isinstance(body, bytes):
         r = httpx.post(server.url + "/completions", content=body, headers={"content-type": ctype}, timeout=TIMEOUT)
     else:
@@ -193,6 +196,7 @@ def test_bad_requests_get_400_with_an_openai_error_body(server, name, body, ctyp
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["message"]
     assert err["param"] == param
+    assert metric(server, "blackmamba_prompt_tokens_total") == admitted  # refused before anything ran
 
 
 def test_bad_chat_requests_and_unknown_paths(server):
