@@ -149,10 +149,12 @@ def step():  # a tensor of a few MB allocated, written and freed every step, as 
     torch.empty(1 << 20).fill_(1.0)
 for _ in range(5):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []  # per step: a step that gets the freed block back faults nothing in
 for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, applied)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[len(faults) // 2], applied)  # the median step
 """
 
 
@@ -169,6 +171,8 @@ def test_command_keeps_freed_memory_for_the_next_step():
     (tuned, applied), (default, _) = faults("command"), faults("plain")  # default: for the message
     if not applied:
         pytest.skip("no glibc mallopt here")
-    # 20 steps of a 4 MB tensor: no page faulted in again (glibc's defaults hand the freed block back to the kernel
-    # and fault it in again, 1,024 pages a step, unless its dynamic mmap threshold has already moved)
+    # 20 steps of a 4 MB tensor: the median step faults no page in again (glibc's defaults hand the freed block
+    # back to the kernel and fault it in again, 1,024 pages a step, unless its dynamic mmap threshold has already
+    # moved). The median, not the sum: now and then Python's own small allocations split the freed block, and one
+    # step takes fresh pages whatever the settings.
     assert tuned < 50, (tuned, default)
