@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a cached prefix vs a new one (blackmamba.bench.serve)")
     p.add_argument("--model", help="with --serve: the model to serve (run folder, model folder or hub id; default: "
                                    "the small preset with random weights)")
+    p.add_argument("--url", help="with --serve: load a running server instead (e.g. http://127.0.0.1:8000/v1)")
+    p.add_argument("--api-key", help="with --url: the server's key")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,13 +37,17 @@ def run(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     from ..bench.harness import format_table
 
-    if args.model is not None and not args.serve:
-        raise UserError("--model is for --serve (the other benchmarks build their own models)")
+    for flag in ("model", "url", "api_key"):
+        if getattr(args, flag) is not None and not args.serve:
+            raise UserError(f"--{flag.replace('_', '-')} is for --serve (the other benchmarks build their own models)")
+    if args.url is not None and args.model is not None:
+        raise UserError("--model and --url: give one (--url loads a server that already has its model)")
     try:
         if args.serve:
             from ..bench.serve import run_serve_bench
 
-            result = run_serve_bench(args.model, device=args.device, quick=args.quick)
+            result = run_serve_bench(args.model, device=args.device, quick=args.quick, url=args.url,
+                                     api_key=args.api_key)
         elif args.device == "cuda":
             from ..bench.gpu import run_gpu_bench
 
