@@ -27,7 +27,8 @@ def test_the_folders_template_is_used(tmp_path):
 
 
 def test_failing_and_unsafe_templates_are_value_errors(tmp_path):
-    refusing = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be the user') }}{% endif %}"
+    refusing = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be the user') }}"
+                "{% endif %}")
     with pytest.raises(ValueError, match="first message must be the user"):
         ChatTemplate(refusing).render(MESSAGES)
     with pytest.raises(ValueError, match="chat template failed"):
