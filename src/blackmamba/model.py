@@ -216,11 +216,13 @@ class BlackMambaLM(nn.Module):
         ``state``: consume the tokens from it and update it in place (chunked prefill and decode; at inference
         one token with a state and no mask is ``step``). ``attention_mask`` (b, l): 1 for tokens, 0 for (left)
         padding, which then never reaches any state. ``targets`` (b, l): also return the mean cross-entropy
-        (-100 is ignored). ``logits_to_keep`` (transformers' name): only the last n positions' logits, (b, n, V)
-        (0: all) — a prefill needs only the last one, and the head is a large part of a short prompt's work.
+        (-100 is ignored). ``logits_to_keep`` (transformers' name): only the last n positions' logits,
+        (b, min(n, l), V) (0: all) — a prefill needs only the last one, and the head is a large part of a short
+        prompt's work.
         """
         self.check_inputs(input_ids, attention_mask, state)
-        if not (isinstance(logits_to_keep, int) and logits_to_keep >= 0) or (logits_to_keep and targets is not None):
+        if (not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0
+                or (logits_to_keep and targets is not None)):
             raise ValueError(f"logits_to_keep must be an integer >= 0, and 0 with targets; got {logits_to_keep!r}")
         b, l = input_ids.shape
         if state is not None and l == 1 and attention_mask is None and targets is None and not (

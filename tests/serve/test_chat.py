@@ -33,6 +33,8 @@ def test_failing_and_unsafe_templates_are_value_errors(tmp_path):
         ChatTemplate(refusing).render(MESSAGES)
     with pytest.raises(ValueError, match="chat template failed"):
         ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}").render(MESSAGES)
+    with pytest.raises(ValueError, match="chat template failed"):  # the template's own error, not jinja's
+        ChatTemplate("{{ 'a' + 1 }}").render(MESSAGES)
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not readable JSON"):
         ChatTemplate.for_folder(tmp_path)

@@ -3,8 +3,9 @@
 
 Every number is a ratio to a baseline measured in the same run:
 
-- 16 concurrent greedy requests of 48 new tokens vs the same 16 sent one after another (tokens/s; target ≥ 3),
-  and whether their texts are identical (batch invariance);
+- 16 concurrent greedy requests of 48 new tokens vs 16 like them sent one after another (tokens/s; target ≥
+  3; each run has prompts of its own), and whether the sequential prompts sent again all at once give identical
+  texts (batch invariance);
 - closed-loop clients at concurrency 1, 4, 16 and 64 (each client sends its next request when the last one
   ends; the clients are tasks of one event loop, as the server's requests are): throughput, time to first
   token and inter-token latency (median; 90th percentile in the notes), each relative to concurrency 1;
@@ -14,8 +15,8 @@ Every number is a ratio to a baseline measured in the same run:
 In process, the model is ``model`` (a run folder, model folder or hub id) or, by default, the ``small`` preset
 (the one ``blackmamba train`` trains) with random weights and a byte-level BPE trained on a generated text: the
 work per token is that of the trained model. Requests use ``ignore_eos``, so each is as long as asked. The
-concurrency rows run without a prefix cache in process (every request is prefilled); against a server, their
-prompts are new to it.
+timed rows run without a prefix cache in process, and against a server with prompts new to it: every request is
+prefilled.
 """
 
 from __future__ import annotations
@@ -147,11 +148,13 @@ def _ttft(target, prompt: str) -> float:
 
 
 def _batching_rows(target, rng, new_tokens: int, quick: bool, rows: list, notes: list) -> bool:
-    prompts = [_text(rng, 20) for _ in range(16)]
     _load(target, [_text(rng, 20) for _ in range(4)], new_tokens, 4)  # warm-up: kernels compiled, caches filled
+    # each timed run has prompts of its own: a server's prefix cache would hand the second run the first one's
+    # prompts without a prefill
+    prompts = [_text(rng, 20) for _ in range(16)]
     sequential = _load(target, prompts, new_tokens, 1)
-    concurrent = _load(target, prompts, new_tokens, 16)
-    identical = concurrent["texts"] == sequential["texts"]
+    concurrent = _load(target, [_text(rng, 20) for _ in range(16)], new_tokens, 16)
+    identical = _load(target, prompts, new_tokens, 16)["texts"] == sequential["texts"]  # the same prompts at once
     row(rows, "serve: 16 concurrent greedy requests, tokens/s", concurrent["tokens_per_s"], "tok/s",
         "the same 16 one after another", concurrent["tokens_per_s"] / sequential["tokens_per_s"], ("min", 3.0),
         quick)
@@ -197,7 +200,13 @@ def run_serve_bench(model_spec: str | None = None, device: str = "cpu", quick: b
     prefix_words = 40 if quick else 200  # a prefix of about 1,000 tokens (200 with --quick) for the cache row
     rows: list = []
     if url is not None:
+        import openai
+
         target = _OverHTTP(url, api_key)
+        try:
+            _ttft(target, "hello")
+        except openai.APIError as e:
+            raise ValueError(f"--url {url}: no server answers there ({e})") from None
         notes = [f"server: {url}; {new_tokens} new tokens per request"]
         log("... 16 requests, one after another and all at once; concurrency 1, 4, 16, 64")
         identical = _batching_rows(target, rng, new_tokens, quick, rows, notes)
@@ -226,7 +235,7 @@ def run_serve_bench(model_spec: str | None = None, device: str = "cpu", quick: b
         log("... a prompt extending a cached 1,000-token prefix vs a new one")
         length = 200 if quick else 1000
 
-        def prefix() -> str:  # text of exactly `length` tokens
+        def prefix() -> str:  # text of `length` tokens (give or take one: decoding a cut and encoding it again)
             ids = []
             while len(ids) < length:
                 ids += tok.encode(" " + _text(rng, 50))

@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("model", "url", "api_key"):
         if getattr(args, flag) is not None and not args.serve:
             raise UserError(f"--{flag.replace('_', '-')} is for --serve (the other benchmarks build their own models)")
+    if args.api_key is not None and args.url is None:
+        raise UserError("--api-key is for --url (a running server's key)")
     if args.url is not None and args.model is not None:
         raise UserError("--model and --url: give one (--url loads a server that already has its model)")
     try:

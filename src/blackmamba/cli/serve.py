@@ -111,9 +111,12 @@ def run(args: argparse.Namespace) -> int:
                                 timeout_graceful_shutdown=args.shutdown_timeout)
         # uvicorn shuts down gracefully on SIGTERM or Ctrl-C, then raises the signal again with the handler it
         # found: make those no-ops, so that either ends the process here, with status 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: None)
-        uvicorn.Server(config).run(sockets=[sock])
+        handlers = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            for sig, handler in handlers.items():  # a second Ctrl-C can interrupt what follows
+                signal.signal(sig, handler)
         engine.close(cancel=True)
     finally:
         sock.close()

@@ -55,12 +55,12 @@ class ChatTemplate:
     def render(self, messages: list[dict]) -> str:
         """The prompt for ``messages`` ([{"role", "content"}], content already text), ready for the reply."""
         if self._template is not None:
-            from jinja2 import TemplateError
-
             try:
                 return self._template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos,
                                              eos_token=self.eos)
-            except TemplateError as e:
+            except ValueError:  # raise_exception's message, as it is
+                raise
+            except Exception as e:  # noqa: BLE001  (jinja's errors, and the template's own: 'a' + 1, ...)
                 raise ValueError(f"the model's chat template failed on these messages: {e}") from None
         return "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
 

@@ -275,6 +275,7 @@ class Engine:
         self.args = model.step_args()  # the weights each step reads, fetched once: they do not change
 
         self.live: dict[int, Request] = {}  # taken from the inbox and not ended yet, by id
+        self._running = 0
         self.waiting: deque[Request] = deque()
         self.prefilling: list[_Prefill] = []
         self.groups: list[_Group] = []
@@ -306,8 +307,9 @@ class Engine:
     # ------------------------------------------------------------------ public
     @property
     def running(self) -> int:
-        """Sequences prefilling or decoding."""
-        return sum(p.req.params.n for p in self.prefilling) + sum(len(g.choices) for g in self.groups)
+        """Sequences admitted and not finished: prefilling or decoding (a counter the engine thread keeps, so that
+        other threads read it whole, even while a sequence moves from prefill to its decode group)."""
+        return self._running
 
     def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
         """``OptionError`` (a ValueError) naming the option or the prompt that makes the request impossible."""
@@ -411,12 +413,13 @@ class Engine:
                     self._iteration()
                 except Exception as e:  # a defect: end every request with the error, keep the engine alive
                     log.exception("blackmamba serve: engine iteration failed")
-                    for req in list(self.live.values()):  # wherever it was: mid-prefill, between lists
-                        req.error = e
-                        self._end(req)
                     self.waiting.clear()
                     self.prefilling.clear()
                     self.groups.clear()
+                    self._running = 0
+                    for req in list(self.live.values()):  # wherever it was: mid-prefill, between lists
+                        req.error = e
+                        self._end(req)
                 finally:
                     self.outbox.flush()
 
@@ -442,6 +445,7 @@ class Engine:
             self._end(req)
         for p in [p for p in self.prefilling if p.req.cancelled]:
             self.prefilling.remove(p)
+            self._running -= p.req.open
             self._end(p.req)
         for g in list(self.groups):  # _leave may remove a group
             gone = [c for c in g.choices if c.req.cancelled]
@@ -451,6 +455,7 @@ class Engine:
                     self._choice_done(c)
 
     def _admit(self, req: Request) -> None:
+        self._running += req.params.n
         n, state, logits = 0, None, None
         if self.cache is not None and not req.params.prompt_logprobs:
             n, state, logits = self.cache.lookup(req.prompt)
@@ -458,7 +463,7 @@ class Engine:
                 self.metrics.prefix_lookup(n)
         req.cached_tokens = n
         if self.metrics is not None:
-            self.metrics.admitted(len(req.prompt))
+            self.metrics.admitted(len(req.prompt), len(req.prompt) - n)
         if req.params.prompt_logprobs:
             req.prompt_logprobs = [None]
         p = _Prefill(req, state if state is not None else self.model.new_state(1), pos=n, last_logits=logits)
@@ -479,7 +484,10 @@ class Engine:
             req.prompt_logprobs += self._logprobs(before, req.prompt[max(p.pos, 1):end], req.params.logprobs or 0)
         p.pos, p.last_logits = end, logits[-1]
         if self.cache is not None and (end % self.block == 0 or end == L):
-            self.cache.store(req.prompt[:end], p.state, p.last_logits if end == L else None)
+            # a prompt's end keeps its logits for the same prompt again — unless they came from the whole chunk's
+            # head (prompt logprobs), a matmul whose last row need not have the bits of the one-row head's
+            ends = p.last_logits if end == L and not req.params.prompt_logprobs else None
+            self.cache.store(req.prompt[:end], p.state, ends)
         if end == L:
             self.prefilling.remove(p)
             self._start_decoding(p)
@@ -496,14 +504,14 @@ class Engine:
                 seen = torch.zeros(self.model.config.padded_vocab_size, dtype=torch.bool, device=self.model.device)
                 seen[torch.tensor(req.prompt, device=seen.device)] = True
             choices.append(_Choice(req, i, g, TextStream(self.tokenizer, prm.stop), seen))
-        if self.metrics is not None:
-            self.metrics.first_token(time.perf_counter() - req.submitted, len(req.prompt) - req.cached_tokens)
         if prm.max_tokens == 0:
             for c in choices:
                 req._put(Delta(c.index, "", [], [] if prm.logprobs is not None else None, "length"))
                 self._choice_done(c)
             return
         alive = self._emit(choices, p.last_logits[None].expand(len(choices), -1))
+        if self.metrics is not None:
+            self.metrics.first_token(time.perf_counter() - req.submitted)
         for c in alive:
             self._join(c, p.state if prm.n == 1 else p.state.select([0]))
 
@@ -612,5 +620,6 @@ class Engine:
         """Count a finished choice; the request ends with its last choice."""
         req = c.req
         req.open -= 1
+        self._running -= 1
         if req.open == 0:
             self._end(req)

@@ -2,7 +2,7 @@
 
     blackmamba_requests_total{endpoint, status}       HTTP requests answered
     blackmamba_prompt_tokens_total                    prompt tokens of requests admitted to the batch
-    blackmamba_prompt_tokens_computed_total           of those, prefilled (not taken from the prefix cache)
+    blackmamba_prompt_tokens_computed_total           of those, to be prefilled (not from the prefix cache)
     blackmamba_generation_tokens_total                tokens generated (counted as they are)
     blackmamba_queue_depth / blackmamba_batch_size    requests waiting, sequences running (gauges)
     blackmamba_time_to_first_token_seconds            histogram, from submission to the first token
@@ -50,8 +50,10 @@ class Metrics:
         self.queue_depth.set(waiting)
         self.batch_size.set(running)
 
-    def admitted(self, prompt_tokens: int) -> None:
+    def admitted(self, prompt_tokens: int, computed_tokens: int) -> None:
+        """A request joins the batch; ``computed_tokens`` of its prompt are to be prefilled (not cached)."""
         self.prompt_tokens.inc(prompt_tokens)
+        self.computed_tokens.inc(computed_tokens)
 
     def prefix_lookup(self, cached_tokens: int) -> None:
         self.cache_queries.inc()
@@ -59,9 +61,8 @@ class Metrics:
             self.cache_hits.inc()
             self.cached_tokens.inc(cached_tokens)
 
-    def first_token(self, seconds: float, computed_tokens: int) -> None:
+    def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
-        self.computed_tokens.inc(computed_tokens)
 
     def token(self, seconds: float | None) -> None:
         """A token generated, ``seconds`` after the previous one of its sequence (None: its first)."""

@@ -13,7 +13,8 @@ Every error has OpenAI's body ``{"error": {"message", "type", "param", "code"}}`
 malformed or impossible (bad JSON, a missing or unknown field, an unknown model, an empty prompt, an option out of
 range, a prompt + max_tokens over the limit) — checked before anything runs, by the engine's own validation; 401
 for a missing or wrong API key; 404 for an unknown path; 503 when the queue is full or the server is shutting
-down. A client that disconnects cancels its request: its rows are freed at the next token boundary.
+down; 500 when generation fails (in a stream that has started: a last ``data: {"error": ...}`` event instead
+of ``[DONE]``). A client that disconnects cancels its request: its rows are freed at the next token boundary.
 """
 
 from __future__ import annotations
@@ -187,8 +188,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     from contextlib import asynccontextmanager
 
     metrics = metrics or engine.metrics or Metrics()
-    if engine.metrics is None:  # the engine feeds the token, latency, batch and cache metrics
-        engine.metrics = metrics
+    engine.metrics = metrics  # the engine feeds the token, latency, batch and cache metrics /metrics shows
     template = chat_template or ChatTemplate()
     tok = engine.tokenizer
     created = int(time.time())

@@ -16,6 +16,7 @@ uses the ``reference`` backend.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -51,7 +52,19 @@ _tried = False
 
 # --------------------------------------------------------------------------- build
 def _flags() -> tuple[str, ...]:
-    return (f"-march={os.environ.get('BLACKMAMBA_CPU_ARCH', '').strip() or 'native'}", *CFLAGS)
+    flags = (f"-march={os.environ.get('BLACKMAMBA_CPU_ARCH', '').strip() or 'native'}", *CFLAGS)
+    if _is_clang(_compiler()):  # clang ignores `#pragma clang fp contract(off)` (csrc/dot.h) under plain -ffp-contract=fast
+        flags = tuple("-ffp-contract=fast-honor-pragmas" if f == "-ffp-contract=fast" else f for f in flags)
+    return flags
+
+
+@functools.lru_cache(maxsize=None)
+def _is_clang(compiler: str) -> bool:
+    try:
+        out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "clang" in out.lower()
 
 
 def _cpu_signature() -> str:
