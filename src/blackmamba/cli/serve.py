@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                      "else no key)")
     p.add_argument("--served-model-name", metavar="NAME", help="the model's name in the API (default: MODEL)")
     p.add_argument("--shutdown-timeout", type=float, default=30,
-                   help="seconds running requests get to finish on SIGTERM (default 30)")
+                   help="seconds running requests get to finish on SIGTERM or Ctrl-C (default 30)")
     p.add_argument("--tokenizer", metavar="FILE_OR_HUB_ID", help="tokenizer.json (or hub id) to use")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
 
