@@ -221,8 +221,8 @@ class BlackMambaLM(nn.Module):
         prompt's work.
         """
         self.check_inputs(input_ids, attention_mask, state)
-        if (not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0
-                or (logits_to_keep and targets is not None)):
+        if logits_to_keep and (not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool)
+                               or logits_to_keep < 0 or targets is not None):
             raise ValueError(f"logits_to_keep must be an integer >= 0, and 0 with targets; got {logits_to_keep!r}")
         b, l = input_ids.shape
         if state is not None and l == 1 and attention_mask is None and targets is None and not (

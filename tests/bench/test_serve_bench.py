@@ -20,7 +20,6 @@ def check(result):
     assert result["identical_texts"] is True  # batch invariance: concurrent texts equal the sequential ones
     for r in result["rows"]:
         assert r["value"] > 0 and r["ratio"] > 0 and r["met"] is None  # quick: no target judged
-    assert [r["ratio"] for r in result["rows"][1:4]] == [1.0, 1.0, 1.0]  # concurrency 1 is its own baseline
 
 
 def test_quick_serve_bench_in_process(tmp_path, capsys):

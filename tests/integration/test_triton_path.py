@@ -1,6 +1,7 @@
-"""The GPU path's wiring end to end without a GPU: with ``BLACKMAMBA_BACKEND=triton`` and Triton's interpreter,
-the whole model — forward, chunked state, step, generate — runs through every Triton kernel it has (scan, conv and
-SSM updates, add + RMSNorm, router, expert gemvs) on CPU tensors, held to the released inference code's math."""
+"""The GPU path's wiring end to end without a GPU: with the triton backend asked for (``set_backend("triton")``)
+and Triton's interpreter, the whole model — forward, chunked state, step, generate — runs through every Triton
+kernel it has (scan, conv and SSM updates, add + RMSNorm, router, expert gemvs) on CPU tensors, held to the
+released inference code's math."""
 
 
 import pytest

@@ -163,7 +163,6 @@ def _deliver(items) -> None:  # on the consumer's event loop
         req._queue.put_nowait(item)
 
 
-
 class Request:
     """A submitted prompt: iterate it (``for delta in req`` or ``async for``) for its ``Delta``s until every
     choice has finished; ``cancel()`` frees its rows at the next token boundary. After the end:
@@ -178,7 +177,6 @@ class Request:
         self.prompt = prompt
         self.params = params
         self.submitted = time.perf_counter()
-        self.prompt_tokens = len(prompt)
         self.cached_tokens = 0
         self.completion_tokens = [0] * params.n
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
@@ -188,6 +186,10 @@ class Request:
         self._loop = loop
         self._outbox = outbox
         self._queue = asyncio.Queue() if loop is not None else queue.Queue()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
 
     def _put(self, item) -> None:
         """Hand ``item`` to the consumer: at once to a thread's queue; to an event loop's, through ``_Outbox`` (one
@@ -233,7 +235,6 @@ class _Choice:
     text: TextStream
     seen: torch.Tensor | None  # (V,) bool: tokens present, for the repetition penalty
     last: int = 0  # the token the next step consumes
-    generated: int = 0
     stamp: float = 0.0  # when the last token was emitted
 
 
@@ -537,9 +538,9 @@ class Engine:
             tokens = torch.tensor([c.last for c in g.choices], device=self.model.device)
             logits.append(self.model.step(tokens, g.state, self.args))  # (rows, V)
         choices = [c for g in self.groups for c in g.choices]
-        alive = self._emit(choices, torch.cat(logits))
+        alive = set(map(id, self._emit(choices, torch.cat(logits))))
         for g in list(self.groups):
-            gone = [c for c in g.choices if c not in alive]
+            gone = [c for c in g.choices if id(c) not in alive]
             if gone:
                 self._leave(g, gone)
 
@@ -584,15 +585,20 @@ class Engine:
     def _emit(self, choices: list[_Choice], logits: torch.Tensor) -> list[_Choice]:
         """Sample, send each choice its delta; the choices still going."""
         tokens = self._sample(choices, logits)
+        asked = [i for i, c in enumerate(choices) if c.req.params.logprobs is not None]
+        lp = dict(zip(asked, self._logprobs(logits[asked], [tokens[i] for i in asked],
+                                            max(choices[i].req.params.logprobs for i in asked)))) if asked else {}
         now = time.perf_counter()
         alive = []
         for i, (c, t) in enumerate(zip(choices, tokens)):
             prm = c.req.params
-            lps = self._logprobs(logits[i:i + 1], [t], prm.logprobs) if prm.logprobs is not None else None
-            c.generated += 1
-            c.req.completion_tokens[c.index] = c.generated
+            lps = None
+            if i in lp:
+                lps = [TokenLogprob(t, lp[i].logprob, lp[i].top[:prm.logprobs])]
+            c.req.completion_tokens[c.index] += 1
+            generated = c.req.completion_tokens[c.index]
             if self.metrics is not None:
-                self.metrics.token(now - c.stamp if c.generated > 1 else None)
+                self.metrics.token(now - c.stamp if generated > 1 else None)
             c.stamp = now
             if t == self.eos and not prm.ignore_eos:  # counted, but neither text nor logprobs: not in the output
                 c.req._put(Delta(c.index, c.text.finish(), [], [] if lps is not None else None, "stop"))
@@ -603,7 +609,7 @@ class Engine:
                 c.seen[t] = True
             if c.text.stopped:
                 reason = "stop"
-            elif c.generated >= prm.max_tokens:
+            elif generated >= prm.max_tokens:
                 reason = "length"
                 piece += c.text.finish()
             else:
