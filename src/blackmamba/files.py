@@ -120,24 +120,38 @@ def atomic_file(path) -> Iterator[Path]:
         raise
 
 
+def temp_dir(path) -> Path:
+    """A new empty temporary folder next to ``path`` (the first half of ``atomic_dir``, for writers that fill it
+    from several processes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_name(path), suffix=TEMP_SUFFIX))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
+def commit_dir(tmp: Path, path) -> None:
+    """Rename the complete folder ``tmp`` to ``path``, replacing a folder already there (the second half of
+    ``atomic_dir``): the old one is moved aside first, so ``path`` never lacks a complete folder."""
+    path = Path(path)
+    if path.exists():
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_name(path), suffix=TEMP_SUFFIX))
+        os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 @contextlib.contextmanager
 def atomic_dir(path) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``path``; when the block ends without an exception, rename it to
     ``path``, replacing a folder already there. On an exception nothing is left behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_name(path), suffix=TEMP_SUFFIX))
+    tmp = temp_dir(path)
     try:
-        os.chmod(tmp, 0o777 & ~umask())
         yield tmp
-        if path.exists():  # replace: move the old one aside first, so path is never missing a complete folder
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_name(path), suffix=TEMP_SUFFIX))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        commit_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

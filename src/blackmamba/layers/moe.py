@@ -5,8 +5,12 @@ Router: Linear(H, E) with bias; gate = sigmoid(router logits).
 - train: expert = argmax of a Sinkhorn-balanced assignment of the detached fp32 logits
   (``router_train_mode``: ``sinkhorn_blackmamba`` (default), ``sinkhorn`` (Megatron's vanilla), ``top1``).
 The output is expert(x) * sigmoid(chosen logit): the router learns through that gate only. No capacity, no
-token dropping. ``forward`` routes and runs the experts through op ``moe_experts``; ``step`` (a few tokens, inference
-routing) is op ``moe_step``. The experts are ``GatedMLP``s, so their weights keep the release's names.
+token dropping. ``forward`` routes and runs the experts (``Experts``: op ``moe_experts``); ``step`` (a few tokens,
+inference routing) is op ``moe_step``. The experts are ``GatedMLP``s, so their weights keep the release's names.
+
+Two attributes are the seams parallel training uses from outside (``blackmamba.parallel``), the layer itself knowing
+nothing of it: ``balance`` (the Sinkhorn function routing calls; replaced by one that balances over every
+data-parallel rank's tokens) and ``local_experts`` (whose call expert parallelism wraps with its token exchange).
 """
 
 from __future__ import annotations
@@ -22,6 +26,22 @@ from .mlp import GatedMLP
 _SINKHORN_VARIANT = {"sinkhorn_blackmamba": "blackmamba", "sinkhorn": "vanilla"}
 
 
+class Experts(nn.ModuleList):
+    """The MoE layer's experts (``GatedMLP``s; the release's ``local_experts``). Calling it runs every token through
+    its expert: x (T, H), expert_idx (T,) indices into this list, gate (T, 1) → (T, H) (op ``moe_experts``)."""
+
+    def __init__(self, mlps, activation: str):
+        super().__init__(mlps)
+        self.activation = activation
+
+    def operands(self) -> tuple[list, list]:
+        """The experts' fc1 and fc2 as linear operands (``ops.linear.operand``)."""
+        return [operand(e.linear_fc1) for e in self], [operand(e.linear_fc2) for e in self]
+
+    def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return moe_experts(x, expert_idx, gate, *self.operands(), self.activation)
+
+
 class MoE(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, activation: str = "silu",
                  router_train_mode: str = "sinkhorn_blackmamba"):
@@ -30,21 +50,21 @@ class MoE(nn.Module):
         self.activation = activation
         self.router_train_mode = router_train_mode
         self.router = nn.Linear(hidden_size, num_experts, bias=True)
-        self.local_experts = nn.ModuleList(
-            GatedMLP(hidden_size, ffn_hidden_size, activation) for _ in range(num_experts))
+        self.local_experts = Experts((GatedMLP(hidden_size, ffn_hidden_size, activation)
+                                      for _ in range(num_experts)), activation)
+        self.balance = sinkhorn  # (logits (T, E), variant) → (assignment (T, E), iterations)
         # routing statistics of the last forward: tokens per expert (E,) and Sinkhorn iterations
         self.last_stats: dict | None = None
 
     def experts(self) -> tuple[list, list]:
         """The experts' fc1 and fc2 as linear operands (``ops.linear.operand``)."""
-        return ([operand(e.linear_fc1) for e in self.local_experts],
-                [operand(e.linear_fc2) for e in self.local_experts])
+        return self.local_experts.operands()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """x (T, H) → (expert index (T,), gate (T, 1), sinkhorn iterations)."""
         logits = apply(x, *operand_with_bias(self.router))  # (T, E)
         if self.training and self.router_train_mode != "top1":
-            assignment, iters = sinkhorn(logits, _SINKHORN_VARIANT[self.router_train_mode])
+            assignment, iters = self.balance(logits, _SINKHORN_VARIANT[self.router_train_mode])
             idx = assignment.argmax(dim=1)
             return idx, torch.sigmoid(logits).gather(1, idx.unsqueeze(1)), iters
         idx, gate = route_top1(logits)
@@ -55,7 +75,7 @@ class MoE(nn.Module):
         shape = h.shape
         x = h.reshape(-1, shape[-1])
         idx, gate, iters = self.route(x)
-        out = moe_experts(x, idx, gate, *self.experts(), self.activation)
+        out = self.local_experts(x, idx, gate)
         counted = idx if mask is None else idx[mask.reshape(-1).bool()]
         self.last_stats = {"tokens_per_expert": torch.bincount(counted.detach(), minlength=self.num_experts),
                            "sinkhorn_iters": iters}

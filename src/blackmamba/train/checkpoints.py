@@ -1,21 +1,34 @@
-"""Run checkpoints: everything needed to continue a run exactly where it stopped.
+"""Run checkpoints: everything needed to continue a run exactly where it stopped, with any number of processes.
 
 ``RUN_DIR/checkpoints/step-0000500/`` holds
 
-    config.json, model.safetensors, tokenizer.json   the model (loadable by load_pretrained / generate)
+    config.json, model.safetensors, tokenizer.json   the model, whole (loadable by load_pretrained / generate)
     train_config.json                                the resolved run configuration
-    trainer_state.safetensors                        optimizer moments, RNG states
-    trainer_state.json                               step, data position (and which data), tokens,
-                                                     optimizer hyper-parameters
+    state/*.safetensors                              the training state as torch.distributed.checkpoint (DCP)
+                                                     shards, one file per rank: model weights and AdamW's
+                                                     moments and step counts, under global names
+    rng/rank-NNNNN.safetensors                       each rank's RNG states
+    trainer_state.json                               step, data position (and which data), tokens, optimizer
+                                                     hyper-parameters, the writers' world size (written last)
 
-The folder is written under a temporary name and renamed when complete (``blackmamba.files.atomic_dir``), so a
-crash (even SIGKILL) never leaves a torn checkpoint; ``trainer_state.json`` is written last. No pickles anywhere.
+The shards record which slice of which tensor they hold (DCP's safetensors layout, ``HuggingFaceStorageWriter``),
+so a checkpoint written by N processes loads into M processes, any M, FSDP and expert parallelism included:
+``load_checkpoint`` asks each rank's tensors for exactly their slices. The names are those of the unwrapped,
+unparallelised model (``decoder.layers.3.mixer.local_experts.5.linear_fc1.weight``), so the layout of the run
+that wrote a checkpoint never shows in it. No pickles anywhere (DCP's own metadata file, a pickle, is not used:
+the shards' safetensors headers carry the layout).
+
+The folder is written under a temporary name and renamed when complete, after every rank wrote its shard (a
+barrier), by rank 0, which writes ``trainer_state.json`` last: a crash (even SIGKILL of any rank) never leaves a
+torn checkpoint. With several machines the run folder must be on a file system they share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import warnings
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,16 +36,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import save_pretrained
-from ..files import atomic_dir, atomic_file, remove, stale_temporaries, write_json
+from ..checkpoint import CheckpointError, save_pretrained
+from ..files import atomic_file, commit_dir, remove, stale_temporaries, temp_dir, write_json
 from ..data.tokenizer import TOKENIZER_NAME, TextTokenizer
 from .config import RunConfig
 
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "train_config.json"
 STATE_JSON = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
+STATE_DIR = "state"
+RNG_DIR = "rng"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_WRAPPER = "_checkpoint_wrapped_module."
 
 
 @dataclass
@@ -64,30 +79,43 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-# ----------------------------------------------------------------------------- optimizer state
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optimizer.{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+# ----------------------------------------------------------------------------- the training state as named tensors
+def _name(model, name: str) -> str:
+    from ..parallel.expert import global_name
+
+    return global_name(model, name).replace(_WRAPPER, "")
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("optimizer."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    for key, v in meta["scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
+def _init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW's per-parameter state as its first step creates it (zeros), where it does not exist yet, so that a
+    checkpoint can be loaded into it in place."""
+    for group in optimizer.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            st = optimizer.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def training_tensors(model, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The model's and the optimizer's tensors under global names — the tensors themselves (DTensors when
+    sharded), so that loading a checkpoint into this dict loads it into the run:
+
+        model/<name>                    every state_dict entry
+        optim/<name>/exp_avg, .../exp_avg_sq, .../step   AdamW's state of parameter <name>
+    """
+    _init_adamw_state(optimizer)
+    out = {f"model/{_name(model, k)}": v for k, v in model.state_dict().items()}
+    for name, p in model.named_parameters():
+        for k, v in optimizer.state[p].items():
+            out[f"optim/{_name(model, name)}/{k}"] = v
+    return out
+
+
+def _optimizer_meta(optimizer: torch.optim.Optimizer) -> list[dict]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -112,34 +140,109 @@ def save_model_files(directory: Path, model, tokenizer: TextTokenizer) -> None:
     tokenizer.save(Path(directory) / TOKENIZER_NAME)
 
 
+@contextlib.contextmanager
+def _dcp(world):
+    """DCP's calls, without its warning that a one-process run is one process, and with the first rank's error
+    raised as itself (a full disk stays an OSError) instead of DCP's CheckpointException, a BaseException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with warnings.catch_warnings():
+        if world is None or not world.distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            yield
+        except CheckpointException as e:
+            failures = sorted(e.failures.items())
+            if not failures:
+                raise
+            raise failures[0][1][0] from None
+
+
+def _whole_model(model, state_dir: Path):
+    """A plain (unsharded, CPU) copy of a parallelised ``model``, read back from the checkpoint's shards just
+    written: no rank has to gather the whole model in its memory, and with expert parallelism no rank has it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    from ..model import BlackMambaLM
+
+    with torch.device("meta"):
+        whole = BlackMambaLM(model.config)
+    whole.to_empty(device="cpu")
+    sd = {f"model/{k}": v for k, v in whole.state_dict().items()}
+    with _dcp(None):
+        dcp.load(sd, storage_reader=HuggingFaceStorageReader(str(state_dir)), no_dist=True)
+    return whole
+
+
 def save_checkpoint(run_dir: Path, *, model, optimizer, tokenizer: TextTokenizer, run_config: RunConfig,
-                    progress: Progress, data_key: dict) -> Path:
-    """Write checkpoint ``step-N`` atomically (temp folder + rename, replacing one of the same step); returns its
-    path. ``data_key`` identifies the training data (corpus and tokenizer sha256) the data position refers to."""
+                    progress: Progress, data_key: dict, world=None):
+    """Write checkpoint ``step-N`` atomically (every rank calls this; see the module docstring); returns (its
+    path, the whole model as a plain module on rank 0 — ``model`` itself in a one-process run —, else None).
+    ``data_key`` identifies the training data (corpus and tokenizer sha256) the data position refers to."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    from ..parallel.world import World
+
+    world = world or World()
     final = checkpoint_dir(run_dir, progress.step)
-    with atomic_dir(final) as tmp:
-        save_model_files(tmp, model, tokenizer)
-        run_config.save(tmp / RUN_CONFIG)
-        tensors, opt_meta = _optimizer_tensors(optimizer)
-        tensors.update(_rng_tensors())
-        with atomic_file(tmp / STATE_TENSORS) as f:
-            save_file(tensors, str(f))
-        write_json(tmp / STATE_JSON, {"progress": asdict(progress), "data": data_key, "optimizer": opt_meta})
-    return final
+    tmp = Path(world.broadcast_text(str(temp_dir(final)) if world.main else None))
+    whole = None
+    try:
+        with _dcp(world):
+            dcp.save(training_tensors(model, optimizer),
+                     storage_writer=HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=True),
+                     no_dist=not world.distributed)
+        (tmp / RNG_DIR).mkdir(exist_ok=True)
+        with atomic_file(tmp / RNG_DIR / f"rank-{world.rank:05d}.safetensors") as f:
+            save_file(_rng_tensors(), str(f))
+        world.barrier()  # every shard is on disk
+        if world.main:
+            whole = _whole_model(model, tmp / STATE_DIR) if world.distributed else model
+            save_model_files(tmp, whole, tokenizer)
+            run_config.save(tmp / RUN_CONFIG)
+            write_json(tmp / STATE_JSON, {"progress": asdict(progress), "data": data_key,
+                                          "optimizer": {"param_groups": _optimizer_meta(optimizer)},
+                                          "world_size": world.size, "ep": world.ep})
+            commit_dir(tmp, final)
+    except BaseException:
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    world.barrier()  # the checkpoint is complete for everyone
+    return final, whole
 
 
-def load_checkpoint(path: Path, model, optimizer) -> tuple[Progress, dict]:
-    """Load weights, optimizer state and RNG states from checkpoint ``path``; returns (progress, data key)."""
-    from ..checkpoint import check_state_dict, read_state_dict
+def load_checkpoint(path: Path, model, optimizer, world=None) -> tuple[Progress, dict]:
+    """Load weights, optimizer state and RNG states from checkpoint ``path`` into this rank's (possibly sharded)
+    model and optimizer, whatever the number of processes that wrote it; returns (progress, data key). Every
+    rank calls this."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
 
+    from ..parallel.world import World
+
+    world = world or World()
     path = Path(path)
-    sd = read_state_dict(path)
-    check_state_dict(model, sd, str(path))
-    model.load_state_dict(sd, strict=True)
     meta = json.loads((path / STATE_JSON).read_text())
-    tensors = load_file(str(path / STATE_TENSORS))
-    optimizer.load_state_dict(_optimizer_state(tensors, meta["optimizer"]))
-    _restore_rng(tensors)
+    state = path / STATE_DIR
+    if not state.is_dir():
+        raise CheckpointError(f"{path}: no {STATE_DIR}/ folder (a checkpoint from before sharded checkpoints?): "
+                              f"start a new run, or train from its model with --set ... on a new run folder")
+    tensors = training_tensors(model, optimizer)
+    try:
+        with _dcp(world):
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(state)), no_dist=not world.distributed)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:  # the first line names the tensor or the file
+        msg = str(e).strip().splitlines()
+        raise CheckpointError(f"{path}: the training state does not fit this run ({msg[0] if msg else e})") from None
+    for group, saved in zip(optimizer.param_groups, meta["optimizer"]["param_groups"]):
+        group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
+    rng = path / RNG_DIR / f"rank-{world.rank:05d}.safetensors"
+    if not rng.is_file():  # written by fewer processes: rank 0's states
+        rng = path / RNG_DIR / f"rank-{0:05d}.safetensors"
+    _restore_rng(load_file(str(rng)))
     return Progress(**meta["progress"]), meta["data"]
 
 

@@ -1,6 +1,6 @@
-"""The run configuration: a dataclass tree (model preset + overrides, data, optim, train), read from
-defaults, then ``--config file.toml``, then ``--preset``, then ``--set section.field=value`` overrides. The resolved tree is
-saved as ``train_config.json`` in the run directory and next to every checkpoint.
+"""The run configuration: a dataclass tree (model preset + overrides, data, optim, train, parallel), read from
+defaults, then ``--config file.toml``, then ``--preset``, then ``--set section.field=value`` overrides. The resolved
+tree is saved as ``train_config.json`` in the run directory and next to every checkpoint.
 
 TOML layout (every key optional)::
 
@@ -9,6 +9,7 @@ TOML layout (every key optional)::
     [data]                      # paths, val_fraction, vocab_size, tokenizer, seq_len
     [optim]                     # lr, min_lr, beta1, beta2, eps, weight_decay, warmup_steps, grad_clip, ...
     [train]                     # steps, seed, device, precision, log/eval/checkpoint intervals, ...
+    [parallel]                  # ep, sinkhorn_scope, timeout_s (processes come from torchrun: docs/distributed.md)
 """
 
 from __future__ import annotations
@@ -75,12 +76,23 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    ep: int = 1  # expert parallelism: ranks sharing each MoE layer's experts (divides the processes and experts)
+    sinkhorn_scope: str = "global"  # global: balance every rank's tokens together (= one process); local: Megatron's
+    timeout_s: float = 600.0  # a collective waiting longer than this fails the run (a rank died or hangs)
+
+
+SECTIONS = ("model", "data", "optim", "train", "parallel")
+
+
+@dataclass
 class RunConfig:
     preset: str = "small"
     model: dict = field(default_factory=dict)  # overrides of the preset's BlackMambaConfig fields
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     # ------------------------------------------------------------------ model
     def model_config(self, vocab_size: int | None = None) -> BlackMambaConfig:
@@ -109,11 +121,26 @@ class RunConfig:
         apply_dict(cfg, d, str(path))
         return cfg
 
+    def validate_world(self, world_size: int) -> None:
+        """The checks that depend on the number of processes (``validate`` is for those that do not)."""
+        b, ep = self.optim.batch_size, self.parallel.ep
+        if b % world_size:
+            raise ConfigError(f"optim.batch_size = {b} is the global batch, shared by {world_size} processes: make it "
+                              f"a multiple of {world_size}")
+        if world_size % ep:
+            raise ConfigError(f"parallel.ep = {ep} does not divide the {world_size} processes: choose a divisor of "
+                              f"{world_size}")
+        experts = sorted({e for kind, e in self.model_config().layer_kinds() if kind == "moe"})
+        bad = [e for e in experts if e % ep]
+        if bad:
+            raise ConfigError(f"parallel.ep = {ep} does not divide the MoE layers' {bad[0]} experts: choose a divisor "
+                              f"of {bad[0]}")
+
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"preset = {self.preset!r}: choose one of {', '.join(PRESETS)}")
         self.model_config()  # raises ConfigError for bad model overrides
-        d, o, t = self.data, self.optim, self.train
+        d, o, t, par = self.data, self.optim, self.train, self.parallel
         checks = [
             (0 < d.val_fraction < 1, "data.val_fraction", "must be between 0 and 1"),
             (d.vocab_size >= 257, "data.vocab_size", "must be at least 257 (256 bytes + EOS)"),
@@ -136,8 +163,11 @@ class RunConfig:
             (t.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1"),
             (t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1"),
             (t.sample_tokens >= 0, "train.sample_tokens", "must be >= 0"),
+            (par.ep >= 1, "parallel.ep", "must be at least 1"),
+            (par.sinkhorn_scope in ("global", "local"), "parallel.sinkhorn_scope", "must be global or local"),
+            (par.timeout_s > 0, "parallel.timeout_s", "must be positive"),
         ]
-        for section in (d, o, t):
+        for section in (d, o, t, par):
             for f in dataclasses.fields(section):
                 value = getattr(section, f.name)
                 if isinstance(value, float) and not math.isfinite(value):
@@ -195,7 +225,7 @@ def set_value(cfg: RunConfig, key: str, value, source: str = "--set") -> None:
         return
     if len(parts) != 2:
         raise ConfigError(f"{source}: {key!r} is not a setting: use section.field, e.g. optim.lr "
-                          f"(sections: model, data, optim, train)")
+                          f"(sections: {', '.join(SECTIONS)})")
     section, name = parts
     if section == "model":
         known = {f.name: f for f in dataclasses.fields(BlackMambaConfig)}
@@ -203,9 +233,9 @@ def set_value(cfg: RunConfig, key: str, value, source: str = "--set") -> None:
             raise ConfigError(f"{source}: model.{name} is not a model field (known: {', '.join(sorted(known))})")
         cfg.model[name] = value  # checked by BlackMambaConfig when the model config is resolved
         return
-    sub = getattr(cfg, section, None) if section in ("data", "optim", "train") else None
+    sub = getattr(cfg, section, None) if section in SECTIONS[1:] else None
     if sub is None:
-        raise ConfigError(f"{source}: unknown section {section!r} in {key!r} (sections: model, data, optim, train)")
+        raise ConfigError(f"{source}: unknown section {section!r} in {key!r} (sections: {', '.join(SECTIONS)})")
     hints = typing.get_type_hints(type(sub))
     if name not in hints:
         raise ConfigError(f"{source}: {section}.{name} is not a setting (known: "
@@ -218,7 +248,7 @@ def apply_dict(cfg: RunConfig, d: dict, source: str) -> None:
     if not isinstance(d, dict):
         raise ConfigError(f"{source}: expected a table of settings")
     for k, v in d.items():
-        if k in ("model", "data", "optim", "train"):
+        if k in SECTIONS:
             if not isinstance(v, dict):
                 raise ConfigError(f"{source}: [{k}] must be a table of settings")
             for name, value in v.items():
@@ -226,7 +256,7 @@ def apply_dict(cfg: RunConfig, d: dict, source: str) -> None:
         elif k == "preset":
             set_value(cfg, k, v, source)
         else:
-            raise ConfigError(f"{source}: unknown key {k!r} (known: preset, model, data, optim, train)")
+            raise ConfigError(f"{source}: unknown key {k!r} (known: preset, {', '.join(SECTIONS)})")
 
 
 def parse_assignment(text: str) -> tuple[str, object]:

@@ -46,6 +46,19 @@ class RouterStats:
                         "sinkhorn_iters": round(self.iters[i] / self.calls[i], 3)})
         return out
 
+    def all_reduce(self, world) -> None:
+        """Sum every rank's counts (each rank routed its own tokens); the Sinkhorn iterations become the ranks'
+        mean. A collective: every rank calls it at the same step."""
+        if not world.distributed or not self.counts:
+            return
+        layers = sorted(self.counts)
+        counts = world.sum(torch.stack([self.counts[i] for i in layers]).to(world.comm_device)).cpu()
+        iters = world.sum(torch.tensor([float(self.iters[i]) for i in layers], dtype=torch.float64,
+                                       device=world.comm_device)).cpu()
+        for k, i in enumerate(layers):
+            self.counts[i] = counts[k]
+            self.iters[i] = float(iters[k]) / world.size
+
     def reset(self) -> None:
         self.counts.clear()
         self.iters.clear()

@@ -39,10 +39,11 @@ def run_expert_load(records: list[dict]) -> list[dict]:
     return out
 
 
-def finish_run(run_dir: Path, trainer, result, corpus: Corpus) -> str:
-    """Write plots/, samples.txt and summary.json into the run directory; return the text summary."""
+def finish_run(run_dir: Path, trainer, result, corpus: Corpus, model=None) -> str:
+    """Write plots/, samples.txt and summary.json into the run directory; return the text summary. ``model``: the
+    whole model that writes the samples (default ``trainer.model``; a sharded run's, read back, on rank 0)."""
     run_dir = Path(run_dir)
-    cfg, model, tok = trainer.cfg, trainer.model, trainer.data.tokenizer
+    cfg, model, tok = trainer.cfg, model or trainer.model, trainer.data.tokenizer
     records = read_metrics(run_dir / "metrics.jsonl")
     reference = bzip2_bpb("".join(d.text for d in corpus.val))
     plots = run_dir / "plots"

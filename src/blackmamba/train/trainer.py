@@ -4,6 +4,11 @@ periodic validation (loss and bits per byte), router statistics, metrics, checkp
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` windows of ``seq_len`` tokens; the
 data position is the number of windows consumed (see ``WindowSampler``), so a resumed run reads exactly
 the windows the uninterrupted run would have read.
+
+With N processes (torchrun; ``blackmamba.parallel``), ``batch_size`` stays the global micro-batch: rank r reads
+windows [r b/N, (r+1) b/N) of each one, the gradients are averaged over the ranks and the MoE layers' Sinkhorn
+balances all the ranks' tokens together, so N processes follow the one-process loss curve. Rank 0 alone prints,
+shows the progress bar and writes metrics; every rank takes part in validation and checkpoints.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from ..config import ConfigError
 from ..data.dataset import WindowSampler
 from ..data.prepare import PreparedData
 from ..model import BlackMambaLM
+from ..parallel.apply import clip_grad_norm, parallelize
+from ..parallel.world import World
 from .checkpoints import (Progress, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
                           save_model_files)
 from .config import RunConfig
@@ -78,27 +85,31 @@ class Trainer:
     """
 
     def __init__(self, run_dir: Path, cfg: RunConfig, data: PreparedData, *, progress_bar: bool = True,
-                 log=_flushed_print, progress_every_s: float = 30.0):
+                 log=_flushed_print, progress_every_s: float = 30.0, world: World | None = None):
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.data = data
-        self.progress_bar = progress_bar
-        self.log = log
+        self.world = world or World(device=pick_device(cfg.train.device))
+        cfg.validate_world(self.world.size)
+        self.progress_bar = progress_bar and self.world.main
+        self.log = log if self.world.main else (lambda msg: None)
         self.progress_every_s = progress_every_s
-        self.device = pick_device(cfg.train.device)
+        self.device = self.world.device
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        torch.manual_seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)  # every rank initialises the whole model alike, then keeps its shards
         self.model = BlackMambaLM(cfg.model_config(data.tokenizer.vocab_size)).to(self.device)
         if cfg.train.activation_checkpointing:
             from .precision import enable_activation_checkpointing
 
             enable_activation_checkpointing(self.model)
+        parallelize(self.model, self.world, cfg.parallel.sinkhorn_scope)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.sampler = WindowSampler(data.train.num_tokens, cfg.data.seq_len, cfg.train.seed)
         self.progress = Progress()
         self.last_checkpoint: Path | None = None
+        self.whole_model = None if self.world.distributed else self.model  # on rank 0: the model, unsharded
 
     # ------------------------------------------------------------------ resume
     def resume(self) -> bool:
@@ -106,13 +117,14 @@ class Trainer:
         path = latest_checkpoint(self.run_dir)
         if path is None:
             return False
-        progress, data_key = load_checkpoint(path, self.model, self.optimizer)
+        progress, data_key = load_checkpoint(path, self.model, self.optimizer, self.world)
         if data_key != self.data_key():
             raise ConfigError(f"{path} was trained on other data (corpus or tokenizer changed since the run started): "
                               f"resume with the same data, or start a new run")
         self.progress = progress
         self.last_checkpoint = path
-        truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.step)
+        if self.world.main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.step)
         return True
 
     # ------------------------------------------------------------------ pieces
@@ -123,11 +135,13 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         c = self.cfg.train
-        self.last_checkpoint = save_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer,
-                                               tokenizer=self.data.tokenizer, run_config=self.cfg,
-                                               progress=self.progress, data_key=self.data_key())
-        save_model_files(self.run_dir, self.model, self.data.tokenizer)  # RUN_DIR itself: the latest model
-        prune_checkpoints(self.run_dir, c.keep_checkpoints)
+        self.last_checkpoint, whole = save_checkpoint(
+            self.run_dir, model=self.model, optimizer=self.optimizer, tokenizer=self.data.tokenizer,
+            run_config=self.cfg, progress=self.progress, data_key=self.data_key(), world=self.world)
+        if self.world.main:
+            self.whole_model = whole
+            save_model_files(self.run_dir, whole, self.data.tokenizer)  # RUN_DIR itself: the latest model
+            prune_checkpoints(self.run_dir, c.keep_checkpoints)
 
     def _diverged(self, what: str, value: float) -> TrainingDiverged:
         where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
@@ -137,14 +151,16 @@ class Trainer:
 
     def validate(self, autocast) -> dict:
         o = self.cfg.optim
-        return evaluate(self.model, self.data.val, self.cfg.data.seq_len, o.batch_size, autocast)
+        return evaluate(self.model, self.data.val, self.cfg.data.seq_len, o.batch_size, autocast, self.world)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> RunResult:
         c, o, d = self.cfg.train, self.cfg.optim, self.cfg.data
         model, opt = self.model, self.optimizer
         autocast = precision_autocast(self.device, c.precision)
-        metrics = MetricsLog(self.run_dir, tensorboard=c.tensorboard)
+        world = self.world
+        metrics = MetricsLog(self.run_dir, tensorboard=c.tensorboard) if world.main else None
+        local = o.batch_size // world.size  # this rank's windows of each micro-batch
         router = RouterStats()
         params = [p for p in model.parameters() if p.requires_grad]
         tokens_per_step = o.grad_accum * o.batch_size * d.seq_len
@@ -168,17 +184,18 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss_sum = 0.0
                 for _ in range(o.grad_accum):
-                    x, y = self.sampler.batch(self.data.train.tokens, self.progress.samples, o.batch_size)
+                    x, y = self.sampler.batch(self.data.train.tokens, self.progress.samples + world.rank * local,
+                                              local)
                     self.progress.samples += o.batch_size
                     with autocast:
                         loss = model(x.to(self.device), targets=y.to(self.device)).loss
-                    value = float(loss.detach())
+                    value = world.mean(float(loss.detach()))  # every rank the same: they stop together
                     if not math.isfinite(value):
                         raise self._diverged("the training loss", value)
                     (loss / o.grad_accum).backward()
                     loss_sum += value
                     router.add(model.routing_stats())
-                norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else math.inf))
+                norm = clip_grad_norm(params, o.grad_clip if o.grad_clip > 0 else math.inf, world)
                 if not math.isfinite(norm):
                     raise self._diverged("the gradient norm", norm)
                 opt.step()
@@ -211,17 +228,21 @@ class Trainer:
                         self.log(msg)
                         line_wall, line_loss, line_steps, line_time = now, 0.0, 0, 0.0
                 if step % c.log_every == 0 or step == c.steps:
-                    metrics.write({"type": "train", "step": step, "loss": round(window_loss / window_steps, 5),
-                                   "lr": lr, "grad_norm": round(norm, 5), "tokens": self.progress.tokens,
-                                   "tokens_per_s": round(tokens_per_step * window_steps / window_time, 1),
-                                   "elapsed_s": round(self.progress.elapsed_s, 2), "router": router.summary()})
+                    router.all_reduce(world)
+                    if metrics is not None:
+                        metrics.write({"type": "train", "step": step, "loss": round(window_loss / window_steps, 5),
+                                       "lr": lr, "grad_norm": round(norm, 5), "tokens": self.progress.tokens,
+                                       "tokens_per_s": round(tokens_per_step * window_steps / window_time, 1),
+                                       "elapsed_s": round(self.progress.elapsed_s, 2), "router": router.summary(),
+                                       **({"world_size": world.size} if world.distributed else {})})
                     window_loss, window_steps, window_time = 0.0, 0, 0.0
                     router.reset()
                 if step % c.eval_every == 0 or step == c.steps:
                     t1 = time.perf_counter()
                     last_val = self.validate(autocast)
-                    metrics.write({"type": "val", "step": step, **last_val,
-                                   "eval_s": round(time.perf_counter() - t1, 2)})
+                    if metrics is not None:
+                        metrics.write({"type": "val", "step": step, **last_val,
+                                       "eval_s": round(time.perf_counter() - t1, 2)})
                     msg = (f"step {step}/{c.steps}: train loss {last_loss:.3f}, val loss {last_val['val_loss']:.3f}, "
                            f"val {last_val['val_bpb']:.3f} bits/byte")
                     (bar.write if bar is not None else self.log)(msg)
@@ -230,6 +251,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         tps = self.progress.tokens / self.progress.elapsed_s if self.progress.elapsed_s > 0 else 0.0
         return RunResult(self.progress, last_val, last_loss, tps)

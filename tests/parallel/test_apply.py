@@ -1,0 +1,69 @@
+"""FSDP2 and expert parallelism on 2 gloo processes against one process: the gradients of a step where the ranks
+use different experts (rank 1 has a single token, so most experts get none of its tokens) equal those of one
+process over both ranks' inputs. This is the case that breaks when experts are sharded one FSDP unit each, or
+when an expert unused on one rank is left out of its reduce-scatter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from support.distributed import spawn
+
+from blackmamba import BlackMambaConfig
+from blackmamba.model import BlackMambaLM
+
+CFG = dict(layers=["r", "4", "r", "4"], hidden_size=32, ffn_hidden_size=64, vocab_size=64)
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (2, 24), generator=g)
+    return ids, ids[:1, 5:6]  # rank 0: 48 tokens over every expert; rank 1: one token, one expert per layer
+
+
+def _model() -> BlackMambaLM:
+    torch.manual_seed(0)
+    return BlackMambaLM(BlackMambaConfig(**CFG))
+
+
+def _worker(rank: int, ep: int, out: str) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    from blackmamba.layers.mlp import GatedMLP
+    from blackmamba.parallel.apply import parallelize
+    from blackmamba.parallel.expert import global_name
+    from blackmamba.parallel.world import World
+
+    world = World.from_env(torch.device("cpu"), ep=ep, timeout_s=60)
+    model = _model()
+    parallelize(model, world, "local")
+    model.eval()  # inference routing (top-1): each rank's experts depend on its own tokens only
+    ids = _inputs()[rank]
+    model(ids, targets=ids).loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grads[global_name(model, name)] = g.contiguous()
+    per_expert = [n for n, m in model.named_modules() if isinstance(m, FSDPModule) and isinstance(m, GatedMLP)]
+    assert not per_expert, per_expert
+    save_file(grads, f"{out}/rank{rank}.safetensors")
+    world.close()
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_two_ranks_with_different_experts_give_one_process_gradients(tmp_path, ep):
+    spawn(_worker, ep, str(tmp_path))
+    ref = _model()
+    ref.eval()
+    a, b = _inputs()
+    ((ref(a, targets=a).loss + ref(b, targets=b).loss) / 2).backward()  # FSDP averages the ranks' gradients
+    got = load_file(str(tmp_path / "rank0.safetensors"))
+    got.update({k: v for k, v in load_file(str(tmp_path / "rank1.safetensors")).items() if k not in got})
+    want = {n: p.grad for n, p in ref.named_parameters()}
+    assert set(got) == set(want)
+    unused_on_rank1 = 0
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
+        unused_on_rank1 += "local_experts" in name
+    assert unused_on_rank1 == 2 * 4 * 2  # 2 MoE layers × 4 experts × (fc1, fc2): every expert checked
