@@ -129,7 +129,8 @@ class RunConfig:
                               f"a multiple of {world_size}")
         if world_size % ep:
             raise ConfigError(f"parallel.ep = {ep} does not divide the {world_size} processes: choose a divisor of "
-                              f"{world_size}")
+                              f"{world_size} with --set parallel.ep=... (with --resume too: it is this launch's "
+                              f"layout)")
         experts = sorted({e for kind, e in self.model_config().layer_kinds() if kind == "moe"})
         bad = [e for e in experts if e % ep]
         if bad:

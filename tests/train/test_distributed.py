@@ -1,0 +1,158 @@
+"""``blackmamba train`` under torchrun, as a user launches it (2 gloo processes, a tiny model): the loss curve of
+one process, reproduced by two (with and without expert parallelism), resumed across world sizes, a consolidated
+model equal to the shards, and a rank killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from support.distributed import blackmamba, child_with_rank, free_port, torchrun
+from support.env import checkout_env
+
+from blackmamba.checkpoint import load_pretrained
+from blackmamba.train.checkpoints import list_checkpoints
+
+ARGS = ["--preset", "tiny", "--no-progress", "--set", "data.vocab_size=300", "--set", "data.seq_len=32",
+        "--set", "optim.batch_size=4", "--set", "optim.warmup_steps=2", "--set", "train.sample_tokens=4",
+        "--set", "train.log_every=1", "--set", "train.eval_every=3", "--set", "train.checkpoint_every=3"]
+
+
+def losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["type"] == "train":
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def val(run: Path) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["type"] == "val"}
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process, two processes, two processes with the experts split between them: 6 steps each."""
+    from support.text import play_text
+
+    root = tmp_path_factory.mktemp("dist")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"play{i}.txt").write_text(play_text(i, 250), encoding="utf-8")
+    env = checkout_env(BLACKMAMBA_CACHE=str(root / "cache"))
+    common = ["train", "--data", str(corpus), *ARGS, "--steps", "6"]
+    ok(blackmamba(*common, "--out", str(root / "one"), env=env))
+    ok(torchrun(2, *common, "--out", str(root / "two"), env=env))
+    ok(torchrun(2, *common, "--out", str(root / "two-ep"), "--set", "parallel.ep=2", env=env))
+    return root, env
+
+
+def test_two_processes_follow_the_one_process_loss_curve(runs):
+    root, _ = runs
+    one = losses(root / "one")
+    assert sorted(one) == list(range(1, 7))
+    for name in ("two", "two-ep"):
+        other = losses(root / name)
+        assert sorted(other) == sorted(one)
+        for step, loss in one.items():
+            assert abs(other[step] - loss) <= 1e-4 * abs(loss), (name, step, other[step], loss)
+        for step, v in val(root / "one").items():
+            assert abs(val(root / name)[step] - v) <= 1e-4 * v
+    assert one[6] < one[1] - 0.05  # it learns: the comparison is not between two flat lines
+
+
+def test_the_consolidated_model_equals_the_shards_and_loads_like_any_other(runs):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    root, _ = runs
+    for name in ("two", "two-ep"):
+        ckpt = list_checkpoints(root / name)[-1][1]
+        shards = sorted(p.name for p in (ckpt / "state").iterdir())
+        assert len(shards) == 2, shards  # one file per rank
+        whole = load_pretrained(ckpt)
+        sd = {f"model/{k}": torch.empty_like(v) for k, v in whole.state_dict().items()}
+        dcp.load(sd, storage_reader=HuggingFaceStorageReader(str(ckpt / "state")), no_dist=True)
+        for k, v in whole.state_dict().items():
+            assert torch.equal(sd[f"model/{k}"], v), k
+        run_model = load_pretrained(root / name)  # the run folder's latest model is the last checkpoint's
+        for k, v in run_model.state_dict().items():
+            assert torch.equal(whole.state_dict()[k], v), k
+    one = load_pretrained(root / "one").state_dict()
+    two = load_pretrained(root / "two-ep").state_dict()
+    for k, v in one.items():
+        torch.testing.assert_close(two[k], v, rtol=1e-3, atol=1e-5)
+
+
+def _resume_from_step_3(src: Path, dst: Path) -> None:
+    """A copy of ``src`` as if the run had been stopped after its step-3 checkpoint."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / "step-0000006")
+
+
+@pytest.mark.parametrize("src,launch", [("two-ep", "one process"), ("one", "two processes, experts split")])
+def test_resuming_with_another_number_of_processes_continues_the_same_curve(runs, src, launch):
+    root, env = runs
+    dst = root / f"resumed-{src}"
+    _resume_from_step_3(root / src, dst)
+    if launch == "one process":
+        proc = blackmamba("train", "--out", str(dst), "--resume", "--no-progress", "--set", "parallel.ep=1", env=env)
+    else:
+        proc = torchrun(2, "train", "--out", str(dst), "--resume", "--no-progress", "--set", "parallel.ep=2",
+                        env=env)
+    ok(proc)
+    assert "resuming from" in proc.stdout and "(step 3)" in proc.stdout
+    want, got = losses(root / "one"), losses(dst)
+    assert sorted(got) == list(range(1, 7))
+    for step in (4, 5, 6):
+        assert abs(got[step] - want[step]) <= 1e-4 * want[step], (step, got[step], want[step])
+
+
+def test_a_rank_killed_with_sigkill_ends_the_job_and_leaves_a_loadable_checkpoint(runs):
+    root, env = runs
+    run = root / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "blackmamba", "train", "--data", str(root / "corpus"), *ARGS,
+           "--steps", "100000", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=100000",
+           "--set", "parallel.timeout_s=20", "--out", str(run)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list_checkpoints(run)) < 1:  # trained far enough to have checkpointed
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or did not checkpoint"
+            time.sleep(0.2)
+        victim = child_with_rank(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=60)  # the others stop instead of waiting for it
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0 and took < 60
+    assert "rank      : 1" in err and "SIGKILL" in err, err[-2000:]
+    step, ckpt = list_checkpoints(run)[-1]
+    load_pretrained(ckpt)  # complete checkpoints are untouched; a write cut short left only a temporary
+    resumed = blackmamba("train", "--out", str(run), "--resume", "--steps", str(step + 2), "--no-progress",
+                         env=env)
+    ok(resumed)
+    assert f"(step {step})" in resumed.stdout
+    assert sorted(losses(run)) == list(range(1, step + 3))
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]  # the resumed run removed them
