@@ -27,7 +27,7 @@ def _model() -> BlackMambaLM:
     return BlackMambaLM(BlackMambaConfig(**CFG))
 
 
-def _worker(rank: int, ep: int, out: str) -> None:
+def _worker(rank: int, ep: int, checkpointing: bool, out: str) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     from blackmamba.layers.mlp import GatedMLP
@@ -37,6 +37,10 @@ def _worker(rank: int, ep: int, out: str) -> None:
 
     world = World.from_env(torch.device("cpu"), ep=ep, timeout_s=60)
     model = _model()
+    if checkpointing:  # wrapped before FSDP shards the blocks, as the trainer does
+        from blackmamba.train.precision import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     parallelize(model, world, "local")
     model.eval()  # inference routing (top-1): each rank's experts depend on its own tokens only
     ids = _inputs()[rank]
@@ -44,16 +48,16 @@ def _worker(rank: int, ep: int, out: str) -> None:
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        grads[global_name(model, name)] = g.contiguous()
+        grads[global_name(model, name).replace("_checkpoint_wrapped_module.", "")] = g.contiguous()
     per_expert = [n for n, m in model.named_modules() if isinstance(m, FSDPModule) and isinstance(m, GatedMLP)]
     assert not per_expert, per_expert
     save_file(grads, f"{out}/rank{rank}.safetensors")
     world.close()
 
 
-@pytest.mark.parametrize("ep", [1, 2])
-def test_two_ranks_with_different_experts_give_one_process_gradients(tmp_path, ep):
-    spawn(_worker, ep, str(tmp_path))
+@pytest.mark.parametrize("ep,checkpointing", [(1, False), (2, False), (2, True)])
+def test_two_ranks_with_different_experts_give_one_process_gradients(tmp_path, ep, checkpointing):
+    spawn(_worker, ep, checkpointing, str(tmp_path))
     ref = _model()
     ref.eval()
     a, b = _inputs()

@@ -15,6 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve", action="store_true",
                    help="the serving benchmark instead: concurrent vs sequential requests, concurrency 1-64, "
                         "a cached prefix vs a new one (blackmamba.bench.serve)")
+    p.add_argument("--distributed", action="store_true",
+                   help="the distributed-training benchmark instead: one process vs --nproc processes (torchrun, "
+                        "gloo) on the same global batch, and the bytes each rank moves vs info --world-size's "
+                        "estimate (blackmamba.bench.distributed)")
+    p.add_argument("--nproc", type=int, default=2, metavar="N", help="with --distributed: processes (default 2)")
     p.add_argument("--model", help="with --serve: the model to serve (run folder, model folder or hub id; default: "
                                    "the small preset with random weights)")
     p.add_argument("--url", help="with --serve: load a running server instead (e.g. http://127.0.0.1:8000/v1)")
@@ -44,8 +49,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--api-key is for --url (a running server's key)")
     if args.url is not None and args.model is not None:
         raise UserError("--model and --url: give one (--url loads a server that already has its model)")
+    if args.serve and args.distributed:
+        raise UserError("--serve and --distributed are two benchmarks: choose one")
+    if args.distributed and args.device != "cpu":
+        raise UserError("--distributed measures CPU processes on gloo (--device cpu)")
+    if args.nproc < 2:
+        raise UserError(f"--nproc must be >= 2, got {args.nproc}")
     try:
-        if args.serve:
+        if args.distributed:
+            from ..bench.distributed import run_distributed_bench
+
+            result = run_distributed_bench(args.nproc, quick=args.quick)
+        elif args.serve:
             from ..bench.serve import run_serve_bench
 
             result = run_serve_bench(args.model, device=args.device, quick=args.quick, url=args.url,
