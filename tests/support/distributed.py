@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch.multiprocessing as mp
@@ -32,8 +33,6 @@ def spawn(fn, *args, nprocs: int = 2, timeout: float = 120) -> None:
     module-level function); raises if any of them fails."""
     ctx = mp.start_processes(_entry, args=(fn, nprocs, free_port(), args), nprocs=nprocs, join=False,
                              start_method="spawn")
-    import time
-
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
         if time.monotonic() > deadline:
@@ -42,7 +41,8 @@ def spawn(fn, *args, nprocs: int = 2, timeout: float = 120) -> None:
             raise TimeoutError(f"the {nprocs} processes did not finish in {timeout} s")
 
 
-def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 300,
+             **kw) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node N -m blackmamba ARGS`` on 127.0.0.1 with a free port."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(free_port()), "-m", "blackmamba", *args]

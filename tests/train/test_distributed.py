@@ -156,3 +156,54 @@ def test_a_rank_killed_with_sigkill_ends_the_job_and_leaves_a_loadable_checkpoin
     assert f"(step {step})" in resumed.stdout
     assert sorted(losses(run)) == list(range(1, step + 3))
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]  # the resumed run removed them
+
+
+@pytest.mark.parametrize("sets,msg", [
+    (["parallel.ep=2"], "launch with torchrun --nproc-per-node 2"),
+    (["parallel.sinkhorn_scope=everywhere"], "parallel.sinkhorn_scope: must be global or local"),
+    (["parallel.timeout_s=0"], "parallel.timeout_s: must be positive"),
+    (["parallel.replicas=2"], "parallel.replicas is not a setting"),
+])
+def test_parallel_settings_are_checked_in_one_line(tmp_path, sets, msg):
+    from blackmamba.cli import main
+
+    args = ["train", "--out", str(tmp_path / "run"), *ARGS]
+    for s in sets:
+        args += ["--set", s]
+    import io
+    from contextlib import redirect_stderr
+
+    err = io.StringIO()
+    with redirect_stderr(err):
+        assert main(args) == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and msg in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("sets,msg", [
+    (["optim.batch_size=3"], "optim.batch_size = 3 is the global batch, shared by 2 processes: make it a multiple "
+                             "of 2"),
+    (["optim.batch_size=4096", "data.seq_len=100000"], "the 2 processes on this machine need about"),
+])
+def test_a_run_the_processes_cannot_share_is_refused_in_one_line(runs, tmp_path, sets, msg):
+    root, env = runs
+    args = [a for s in sets for a in ("--set", s)]
+    proc = torchrun(2, "train", "--out", str(tmp_path / "run"), "--data", str(root / "corpus"), *ARGS, *args,
+                    env=env, timeout=120)
+    assert proc.returncode != 0
+    mine = [line for line in proc.stderr.splitlines() if line.startswith("blackmamba train")]
+    assert mine and msg in mine[0], proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_takes_a_new_layout_but_not_new_settings(runs, tmp_path):
+    root, env = runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "one", run)
+    proc = blackmamba("train", "--out", str(run), "--resume", "--set", "optim.lr=1", env=env)
+    assert proc.returncode == 2 and "only --steps and --set parallel.* can" in proc.stderr
+    proc = blackmamba("train", "--out", str(run), "--resume", "--set", "parallel.timeout_s=30", "--no-progress",
+                      env=env)
+    ok(proc)
+    assert json.loads((run / "train_config.json").read_text())["parallel"]["timeout_s"] == 30.0

@@ -127,6 +127,9 @@ class RunConfig:
         if b % world_size:
             raise ConfigError(f"optim.batch_size = {b} is the global batch, shared by {world_size} processes: make it "
                               f"a multiple of {world_size}")
+        if world_size == 1 and ep > 1:
+            raise ConfigError(f"parallel.ep = {ep} splits the experts over {ep} processes: launch with torchrun "
+                              f"--nproc-per-node {ep} (or a multiple of {ep}), or --set parallel.ep=1")
         if world_size % ep:
             raise ConfigError(f"parallel.ep = {ep} does not divide the {world_size} processes: choose a divisor of "
                               f"{world_size} with --set parallel.ep=... (with --resume too: it is this launch's "

@@ -375,3 +375,29 @@ def check_training_memory(run_config, vocab_size: int | None, device="cpu", avai
     fix = ("set " + " or ".join(fixes)) if fixes else "choose a smaller model (preset, model.hidden_size, model.layers)"
     raise ConfigError(f"this configuration needs about {est.total / GB:.1f} GB to train ({why}), but "
                       f"{free / GB:.1f} GB are available: {fix}; {SKIP_ENV}=1 skips this check")
+
+
+def check_rank_memory(run_config, vocab_size: int, world) -> None:
+    """``check_training_memory`` for one of N processes: the per-rank need ``blackmamba info --world-size``
+    prints (``parallel.plan``), times the processes sharing this machine's memory on CPU (LOCAL_WORLD_SIZE), against
+    what is free; raises ``ConfigError`` in one line when it does not fit. Skipped like the one-process check."""
+    from ..parallel.plan import plan_training
+    from .precision import uses_bf16
+
+    if os.environ.get(SKIP_ENV, "").strip() not in ("", "0"):
+        return
+    d, o, t = run_config.data, run_config.optim, run_config.train
+    device = world.device.type
+    plan = plan_training(run_config.model_config(vocab_size), world_size=world.size, batch=o.batch_size,
+                         seq=d.seq_len, ep=run_config.parallel.ep, grad_accum=o.grad_accum,
+                         dtype="bf16" if uses_bf16(world.device, t.precision) else "fp32",
+                         activation_checkpointing=t.activation_checkpointing, device=device)
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device == "cpu" else 1
+    free = available_bytes(world.device)
+    if free is None or plan.total * sharing <= free:
+        return
+    who = f"the {sharing} processes on this machine need" if sharing > 1 else "each process needs"
+    raise ConfigError(f"{who} about {plan.total * sharing / GB:.1f} GB to train on {world.size} processes "
+                      f"(blackmamba info --world-size {world.size} ... shows the parts), but {free / GB:.1f} GB are "
+                      f"available: use more processes or machines, a smaller optim.batch_size or data.seq_len, or "
+                      f"train.activation_checkpointing=true; {SKIP_ENV}=1 skips this check")

@@ -20,10 +20,15 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (Checkpo
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """Whether ``precision`` (one of PRECISIONS) means bf16 autocast on ``device``."""
+    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+
+
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
     """The autocast context for ``precision`` (one of PRECISIONS) on ``device``."""
     device = torch.device(device)
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if uses_bf16(device, precision):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -110,8 +110,9 @@ def run(args) -> int:
 
 
 def _run_peer(args) -> int:
-    """Ranks 1..N-1: the same configuration as rank 0, no folder checks or writes of their own. A mistake in the
-    options is rank 0's to report (it finds the same one): this rank leaves quietly with status 2."""
+    """Ranks 1..N-1: the same configuration as rank 0, no folder checks or writes of their own. A mistake found
+    here is printed with the rank (rank 0 usually finds the same one: a file missing on this machine only would
+    not be)."""
     from ..cli import user_errors
     from ..parallel.world import World
     from .trainer import pick_device
@@ -120,7 +121,8 @@ def _run_peer(args) -> int:
     try:
         cfg = _config(args, run_dir, check_folder=False)
         cfg.validate_world(World.env_size())
-    except user_errors():
+    except user_errors() as e:
+        print(f"blackmamba train: rank {os.environ.get('RANK')}: error: {e}", file=sys.stderr, flush=True)
         return 2
     world = World.from_env(pick_device(cfg.train.device), cfg.parallel.ep, cfg.parallel.timeout_s)
     try:
@@ -133,7 +135,7 @@ def _train(args, cfg, run_dir: Path, world) -> int:
     from ..data.corpus import load_corpus
     from ..data.prepare import prepare_data
     from ..data.tokenizer import TOKENIZER_NAME
-    from .memory import check_training_memory
+    from .memory import check_rank_memory, check_training_memory
     from .trainer import Trainer
 
     log = (lambda msg: print(msg, flush=True)) if world.main else (lambda msg: None)
@@ -146,7 +148,9 @@ def _train(args, cfg, run_dir: Path, world) -> int:
     data = prepare_data(corpus, vocab_size=cfg.data.vocab_size, tokenizer=tokenizer)
     if world.local_rank == 0:
         world.barrier()
-    if not world.distributed:  # the data loaded, no model yet (per rank: `blackmamba info --world-size`)
+    if world.distributed:  # the data loaded, no model yet
+        check_rank_memory(cfg, data.tokenizer.vocab_size, world)
+    else:
         check_training_memory(cfg, data.tokenizer.vocab_size, world.device)
     trainer = Trainer(run_dir, cfg, data, progress_bar=not args.no_progress and sys.stderr.isatty(), log=log,
                       world=world)
