@@ -16,10 +16,11 @@ from blackmamba.model import BlackMambaLM
 CFG = dict(layers=["r", "4", "r", "4"], hidden_size=32, ffn_hidden_size=64, vocab_size=64)
 
 
-def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs() -> list[torch.Tensor]:
+    """Rank 0: 48 tokens over every expert; rank 1: one token, one expert per layer; ranks 2, 3 (of 4): 10, 3."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (2, 24), generator=g)
-    return ids, ids[:1, 5:6]  # rank 0: 48 tokens over every expert; rank 1: one token, one expert per layer
+    return [ids, ids[:1, 5:6], ids[1:, 3:13], ids[:1, 20:23]]
 
 
 def _model() -> BlackMambaLM:
@@ -55,15 +56,17 @@ def _worker(rank: int, ep: int, checkpointing: bool, out: str) -> None:
     world.close()
 
 
-@pytest.mark.parametrize("ep,checkpointing", [(1, False), (2, False), (2, True)])
-def test_two_ranks_with_different_experts_give_one_process_gradients(tmp_path, ep, checkpointing):
-    spawn(_worker, ep, checkpointing, str(tmp_path))
+@pytest.mark.parametrize("ranks,ep,checkpointing", [(2, 1, False), (2, 2, False), (2, 2, True), (4, 2, False)])
+def test_ranks_with_different_experts_give_one_process_gradients(tmp_path, ranks, ep, checkpointing):
+    """(4, 2): the experts of each expert-parallel position are themselves FSDP-sharded over 2 ranks."""
+    spawn(_worker, ep, checkpointing, str(tmp_path), nprocs=ranks)
     ref = _model()
     ref.eval()
-    a, b = _inputs()
-    ((ref(a, targets=a).loss + ref(b, targets=b).loss) / 2).backward()  # FSDP averages the ranks' gradients
-    got = load_file(str(tmp_path / "rank0.safetensors"))
-    got.update({k: v for k, v in load_file(str(tmp_path / "rank1.safetensors")).items() if k not in got})
+    losses = [ref(x, targets=x).loss for x in _inputs()[:ranks]]
+    (sum(losses) / ranks).backward()  # FSDP averages the ranks' gradients
+    got = {}
+    for r in range(ranks):
+        got.update({k: v for k, v in load_file(str(tmp_path / f"rank{r}.safetensors")).items() if k not in got})
     want = {n: p.grad for n, p in ref.named_parameters()}
     assert set(got) == set(want)
     unused_on_rank1 = 0

@@ -16,7 +16,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("blackmamba.cli.info", "print a model's parameters (total/active), layer pattern and FLOPs per token"),
     "train": ("blackmamba.cli.train",
-              "train a model on a text corpus (default: Shakespeare's complete works); --resume continues a run"),
+              "train a model on a text corpus (default: Shakespeare's complete works); --resume continues a run; "
+              "under torchrun, on every process"),
     "generate": ("blackmamba.cli.generate", "continue prompts with a trained model, streaming the text"),
     "serve": ("blackmamba.cli.serve", "an OpenAI-compatible HTTP server with continuous batching and a prefix cache"),
     "convert": ("blackmamba.cli.convert", "convert a checkpoint between the native, release and transformers formats"),

