@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", metavar="PATH",
                    help="text files or folders (*.txt, *.md) to train on instead of the embedded Shakespeare corpus")
     p.add_argument("--preset", help="model preset (tiny, small, ...); default: small")
-    p.add_argument("--config", metavar="FILE.toml", help="settings file: preset, [model], [data], [optim], [train], [parallel]")
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="settings file: preset, [model], [data], [optim], [train], [parallel]")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set optim.lr=1e-3 --set model.hidden_size=256 (repeatable)")
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps); with --resume: extend the run")
