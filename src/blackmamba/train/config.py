@@ -37,7 +37,9 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class DataConfig:
-    paths: list[str] = field(default_factory=list)  # text files / folders; empty: the embedded Shakespeare corpus
+    paths: list[str] = field(default_factory=list)  # files, folders, globs, hf:NAME (data/sources.py); empty:
+    # the embedded Shakespeare corpus
+    text_field: str = "text"  # the JSONL field / Parquet or dataset column holding a record's text
     val_fraction: float = 0.05  # the tail of every document held out for validation
     vocab_size: int = 4096  # size of the byte-level BPE trained on the training split
     tokenizer: str | None = None  # a tokenizer.json (or hub id) to use instead of training a BPE

