@@ -115,22 +115,24 @@ def test_user_data_errors_are_clear(tmp_path):
 def test_token_files_are_deterministic_reused_and_count_bytes(corpus_dir, isolated_cache):
     corpus = load_corpus([corpus_dir], val_fraction=0.1)
     a = prepare_data(corpus, vocab_size=400)
-    first = a.train.path.read_bytes()
-    mtime = a.train.path.stat().st_mtime_ns
-    b = prepare_data(corpus, vocab_size=400)  # cached tokenizer and token files are reused
-    assert b.train.path == a.train.path and b.train.path.stat().st_mtime_ns == mtime
+    shards = sorted(isolated_cache.rglob("input-*-train-*.bin"))
+    assert len(shards) == 1
+    first, mtime = shards[0].read_bytes(), shards[0].stat().st_mtime_ns
+    b = prepare_data(corpus, vocab_size=400)  # cached tokenizer and token shards are reused
+    assert shards[0].stat().st_mtime_ns == mtime and b.manifest == a.manifest
     assert b.tokenizer.sha256() == a.tokenizer.sha256()
-    a.train.path.unlink()
-    a.train.path.with_suffix(".json").unlink()
+    for f in shards[0].parent.iterdir():
+        f.unlink()
     c = prepare_data(corpus, vocab_size=400)  # rewritten identically
-    assert c.train.path.read_bytes() == first
-    assert a.train.tokens.dtype == np.uint16
+    assert shards[0].read_bytes() == first and c.manifest == a.manifest
+    assert a.train.dtype == np.uint16 and a.train.num_tokens == len(first) // 2
     assert a.val.num_bytes == sum(len(d.text.encode()) for d in corpus.val)
     # the val stream decodes back to exactly the held-out text: the byte count covers exactly the tokens
-    assert a.tokenizer.decode(a.val.tokens.tolist()) == "".join(d.text for d in corpus.val)
+    assert a.tokenizer.decode(np.asarray(a.val).tolist()) == "".join(d.text for d in corpus.val)
     # a different corpus gets different files
     other = prepare_data(Corpus("x", corpus.train[:1], corpus.val[:1]), tokenizer=a.tokenizer)
-    assert other.train.path != a.train.path
+    assert other.train.meta["corpus_sha256"] != a.train.meta["corpus_sha256"]
+    assert len(list(isolated_cache.rglob("manifest.json"))) == 2
 
 
 def test_window_order_is_seeded_and_resumable():

@@ -121,5 +121,5 @@ def test_train_reads_jsonl_and_parquet_and_reports_them(tmp_path, capsys):
                  "--set", "data.seq_len=32", "--set", "optim.batch_size=2", "--set", "train.sample_tokens=2"]) == 0
     out = capsys.readouterr().out
     assert f"{tmp_path / 'a.jsonl'}: 20 documents" in out and "1 bad record skipped (1 non-string 'text')" in out
-    assert f"{tmp_path / 'b.parquet'}: 20 documents" in out and "in all: 40 documents" in out
+    assert f"{tmp_path / 'b.parquet'}: 20 documents" in out and "in all: 2 inputs, 40 documents" in out
     assert (run / "model.safetensors").is_file()

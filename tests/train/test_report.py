@@ -75,9 +75,10 @@ def test_summary_expert_load_is_the_heatmaps_run_average(tmp_path):
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     cfg = build_config("tiny", None, ["train.sample_tokens=0"])
-    trainer = SimpleNamespace(cfg=cfg, model=BlackMambaLM(cfg.model_config(300)), data=SimpleNamespace(tokenizer=None))
+    data = SimpleNamespace(tokenizer=None, val_text=lambda: "ROMEO.\nGood night.\n")
+    trainer = SimpleNamespace(cfg=cfg, model=BlackMambaLM(cfg.model_config(300)), data=data)
     result = RunResult(Progress(step=30, samples=120, tokens=3840, elapsed_s=3.0), None, 2.0, 1280.0)
-    text = finish_run(run, trainer, result, SimpleNamespace(val=[SimpleNamespace(text="ROMEO.\nGood night.\n")]))
+    text = finish_run(run, trainer, result)
 
     layers, mat = expert_usage(RECORDS)  # what plots/experts.png shows
     heatmap_load = mat.max(axis=1) / mat.mean(axis=1)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -165,7 +166,7 @@ def test_bits_per_byte_is_summed_nats_over_held_out_bytes(tmp_path, corpus_dir):
     torch.manual_seed(0)
     model = BlackMambaLM(preset("tiny", vocab_size=300)).eval()
     got = evaluate(model, data.val, seq_len=16, batch_size=3)
-    ids = torch.from_numpy(data.val.tokens.astype("int64"))[None]  # the whole stream, one window at a time
+    ids = torch.from_numpy(np.asarray(data.val, dtype="int64"))[None]  # the whole stream, one window at a time
     nll = 0.0
     with torch.no_grad():
         for s in range(0, ids.shape[1] - 1, 16):

@@ -34,6 +34,7 @@ class Document:
     name: str
     text: str
     record: bool = False  # one of many records of a source (held out whole), not a text file (held out by its tail)
+    split: str | None = None  # "train" or "val" when already split (a Corpus' documents), else None
 
 
 @dataclass(frozen=True)
@@ -164,21 +165,32 @@ def split_document(doc: Document, val_fraction: float) -> tuple[str, str]:
     return text[: nl + 1], text[nl + 1:]
 
 
-def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
-    """(training documents, validation documents): text documents split by ``split_document``, records held out
-    whole (every k-th, counting records in order, k = round(1 / val_fraction))."""
-    train, val = [], []
-    k, records = max(2, round(1 / val_fraction)), 0
-    for d in docs:
+class Splitter:
+    """The validation split, one document at a time (streaming): a text document gives its head to training and
+    its tail to validation (``split_document``); records go whole, every k-th record (counted in order) to
+    validation, k = round(1 / val_fraction). ``records`` is the count so far (restored when a run resumes)."""
+
+    def __init__(self, val_fraction: float, records: int = 0):
+        self.k, self.val_fraction, self.records = max(2, round(1 / val_fraction)), val_fraction, records
+
+    def __call__(self, d: Document) -> tuple[str, str]:
+        """(training text, validation text) of ``d``, either possibly empty."""
         if d.record:
-            records += 1
-            (val if records % k == 0 else train).append(d)
-            continue
-        a, b = split_document(d, val_fraction)
+            self.records += 1
+            return ("", d.text) if self.records % self.k == 0 else (d.text, "")
+        return split_document(d, self.val_fraction)
+
+
+def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """(training documents, validation documents), as ``Splitter`` splits them."""
+    train, val = [], []
+    split = Splitter(val_fraction)
+    for d in docs:
+        a, b = split(d)
         if a:
-            train.append(Document(d.name, a))
+            train.append(Document(d.name, a, d.record))
         if b:
-            val.append(Document(d.name, b))
+            val.append(Document(d.name, b, d.record))
     return train, val
 
 

@@ -1,18 +1,14 @@
-"""Token datasets: a corpus split tokenized once into a memmapped file, and random contiguous windows
-drawn from it in a deterministic, resumable order.
+"""Token datasets: a split's token stream (``ShardedTokens``: shard files seen as one array; ``prepare.py``
+writes them), the encoding that makes them, and random contiguous windows drawn from them in a deterministic,
+resumable order (``WindowSampler``).
 
-File format: ``NAME.bin`` holds the token ids (uint16 when the vocabulary fits, else uint32), every
-document as ``[EOS] + ids(text)``; ``NAME.json`` holds the meta data (dtype, token, byte and document
-counts, the tokenizer's and the corpus' sha256). The meta file is written last, so a ``.bin`` without a
-matching ``.json`` is never used.
+Every document is stored as ``[EOS] + ids(text)``, ids as uint16 when the vocabulary fits, else uint32.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -20,7 +16,6 @@ import torch
 from .corpus import DataError, Document
 from .tokenizer import TextTokenizer
 
-FORMAT_VERSION = 1
 PIECE_CHARS = 1 << 14  # text is cut into pieces of about this many characters, encoded in parallel threads
 BATCH_CHARS = 1 << 23  # pieces are encoded and written this many characters at a time (bounded memory)
 
@@ -44,7 +39,7 @@ def split_for_encoding(text: str, size: int = PIECE_CHARS) -> list[str]:
     return pieces
 
 
-def encode_documents(docs: list[Document], tokenizer: TextTokenizer, batch_chars: int = BATCH_CHARS
+def encode_documents(docs: Iterable[Document], tokenizer: TextTokenizer, batch_chars: int = BATCH_CHARS
                      ) -> Iterator[np.ndarray]:
     """The token stream of ``docs``, every document as ``[EOS] + ids(text)`` (EOS id 0 when the tokenizer
     has none), yielded in order, one int64 array per batch of about ``batch_chars`` characters: pieces
@@ -77,65 +72,76 @@ def encode_documents(docs: list[Document], tokenizer: TextTokenizer, batch_chars
 
 
 # ----------------------------------------------------------------------------- token files
-@dataclass
-class TokenFile:
-    path: Path  # the .bin file
-    meta: dict
-    tokens: np.ndarray  # (num_tokens,) memmap, uint16 or uint32
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.meta["num_tokens"])
-
-    @property
-    def num_bytes(self) -> int:
-        """UTF-8 bytes of the text these tokens encode (EOS separators encode none)."""
-        return int(self.meta["num_bytes"])
-
-    @classmethod
-    def open(cls, path: Path) -> "TokenFile":
-        path = Path(path)
-        meta = json.loads(path.with_suffix(".json").read_text())
-        dtype = np.dtype(meta["dtype"])
-        n = int(meta["num_tokens"])
-        if path.stat().st_size != n * dtype.itemsize:
-            raise DataError(f"{path}: size {path.stat().st_size} does not match {n} {dtype} tokens")
-        return cls(path, meta, np.memmap(path, dtype=dtype, mode="r", shape=(n,)))
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def write_token_file(path: Path, docs: list[Document], tokenizer: TextTokenizer, key: dict) -> TokenFile:
-    """Encode ``docs`` into ``path`` (.bin) + meta (.json), both written atomically."""
-    from ..files import atomic_file, write_json
+class ShardedTokens:
+    """A split's token stream, stored as shard files (``.bin``: raw uint16 / uint32 ids) read as memmaps, seen
+    as one array: ``tokens[a:b]`` reads across shard boundaries, ``len(tokens)`` counts them all.
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(tokenizer.vocab_size)
-    n = 0
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        for ids in encode_documents(docs, tokenizer):
-            f.write(ids.astype(dtype).tobytes())
-            n += len(ids)
-    meta = {"format": FORMAT_VERSION, "dtype": dtype.name, "num_tokens": n, "num_docs": len(docs),
-            "num_bytes": sum(len(d.text.encode()) for d in docs), **key}
-    write_json(path.with_suffix(".json"), meta)
-    return TokenFile.open(path)
+    ``num_bytes``: UTF-8 bytes of the text the tokens encode (EOS separators encode none); ``meta``: what they
+    were made from (``corpus_sha256``, ``tokenizer_sha256``, ...). ``tokens`` is the object itself, so code
+    written for one memmap (``WindowSampler.batch``, validation) reads it unchanged."""
 
+    def __init__(self, shards: list[tuple[Path, int]], dtype: np.dtype, num_bytes: int, meta: dict):
+        self.dtype = np.dtype(dtype)
+        self.meta, self._bytes = meta, int(num_bytes)
+        self._maps, self._starts, n = [], [], 0
+        for path, count in shards:
+            if count == 0:
+                continue
+            path = Path(path)
+            if path.stat().st_size != count * self.dtype.itemsize:
+                raise DataError(f"{path}: size {path.stat().st_size} does not match {count} {self.dtype} tokens")
+            self._maps.append(np.memmap(path, dtype=self.dtype, mode="r", shape=(count,)))
+            self._starts.append(n)
+            n += count
+        self._n = n
 
-def open_or_write(path: Path, docs: list[Document], tokenizer: TextTokenizer, key: dict) -> TokenFile:
-    """Reuse ``path`` when its meta matches ``key`` (same corpus, same tokenizer); else (re)write it."""
-    meta_path = Path(path).with_suffix(".json")
-    if Path(path).is_file() and meta_path.is_file():
-        try:
-            tf = TokenFile.open(path)
-            if all(tf.meta.get(k) == v for k, v in key.items()) and tf.meta.get("format") == FORMAT_VERSION:
-                return tf
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable or stale: write it again
-    return write_token_file(path, docs, tokenizer, key)
+    @property
+    def tokens(self) -> "ShardedTokens":
+        return self
+
+    @property
+    def num_tokens(self) -> int:
+        return self._n
+
+    @property
+    def num_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            a, b, step = index.indices(self._n)
+            if step != 1:
+                raise ValueError("token streams slice contiguously")
+            return self._read(a, b)
+        i = int(index) + (self._n if int(index) < 0 else 0)
+        if not 0 <= i < self._n:
+            raise IndexError(f"token {index} of {self._n}")
+        return self._read(i, i + 1)[0]
+
+    def _read(self, a: int, b: int) -> np.ndarray:
+        """Tokens [a, b) as one array (a view when they lie in one shard)."""
+        if b <= a:
+            return np.empty(0, dtype=self.dtype)
+        s = int(np.searchsorted(self._starts, a, side="right")) - 1
+        parts = []
+        while a < b:
+            m, start = self._maps[s], self._starts[s]
+            take = min(b, start + len(m)) - a
+            parts.append(m[a - start:a - start + take])
+            a += take
+            s += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._read(0, self._n)
+        return out.astype(dtype) if dtype is not None else np.array(out)
 
 
 # ----------------------------------------------------------------------------- windows

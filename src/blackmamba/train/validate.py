@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.dataset import TokenFile
+from ..data.dataset import ShardedTokens
 
 
 @torch.no_grad()
-def evaluate(model, tokens: TokenFile, seq_len: int, batch_size: int,
+def evaluate(model, tokens: ShardedTokens, seq_len: int, batch_size: int,
              autocast: contextlib.AbstractContextManager | None = None, world=None) -> dict:
     """{"val_loss": nats per token, "val_bpb", "val_tokens": tokens scored, "val_bytes"}; every rank of ``world``
     (a ``blackmamba.parallel.World``; None: one process) calls it and gets the same numbers."""
