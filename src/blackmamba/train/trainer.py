@@ -2,8 +2,8 @@
 periodic validation (loss and bits per byte), router statistics, metrics, checkpoints and exact resume.
 
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` windows of ``seq_len`` tokens; the
-data position is the number of windows consumed (see ``WindowSampler``), so a resumed run reads exactly
-the windows the uninterrupted run would have read.
+data position is the number of windows consumed (see ``MixtureSampler``: one stream, or a weighted mixture), so a
+resumed run reads exactly the windows the uninterrupted run would have read.
 
 With N processes (torchrun; ``blackmamba.parallel``), ``batch_size`` stays the global micro-batch: rank r reads
 windows [r b/N, (r+1) b/N) of each one, the gradients are averaged over the ranks and the MoE layers' Sinkhorn
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..data.dataset import WindowSampler
+from ..data.dataset import MixtureSampler
 from ..data.prepare import PreparedData
 from ..model import BlackMambaLM
 from ..parallel.apply import clip_grad_norm, parallelize
@@ -106,7 +106,9 @@ class Trainer:
         parallelize(self.model, self.world, cfg.parallel.sinkhorn_scope)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.sampler = WindowSampler(data.train.num_tokens, cfg.data.seq_len, cfg.train.seed)
+        parts = data.components
+        self.sampler = MixtureSampler([c.train for c in parts], [c.weight for c in parts], cfg.data.seq_len,
+                                      cfg.train.seed, [c.name for c in parts])
         self.progress = Progress()
         self.last_checkpoint: Path | None = None
         self.whole_model = None if self.world.distributed else self.model  # on rank 0: the model, unsharded
@@ -153,6 +155,15 @@ class Trainer:
         o = self.cfg.optim
         return evaluate(self.model, self.data.val, self.cfg.data.seq_len, o.batch_size, autocast, self.world)
 
+    def _mixture_record(self) -> dict:
+        """With a mixture: each component's share of the windows read so far, and its epochs."""
+        if len(self.sampler.counts) == 1:
+            return {}
+        k = self.progress.samples
+        got = self.sampler.windows_per_component(k)
+        return {"mixture": {name: {"share": round(n / max(k, 1), 5), "epochs": round(e, 4)}
+                            for name, n, e in zip(self.sampler.names, got, self.sampler.epochs(k))}}
+
     # ------------------------------------------------------------------ loop
     def run(self) -> RunResult:
         c, o, d = self.cfg.train, self.cfg.optim, self.cfg.data
@@ -184,8 +195,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss_sum = 0.0
                 for _ in range(o.grad_accum):
-                    x, y = self.sampler.batch(self.data.train.tokens, self.progress.samples + world.rank * local,
-                                              local)
+                    x, y = self.sampler.batch(self.progress.samples + world.rank * local, local)
                     self.progress.samples += o.batch_size
                     with autocast:
                         loss = model(x.to(self.device), targets=y.to(self.device)).loss
@@ -234,6 +244,7 @@ class Trainer:
                                        "lr": lr, "grad_norm": round(norm, 5), "tokens": self.progress.tokens,
                                        "tokens_per_s": round(tokens_per_step * window_steps / window_time, 1),
                                        "elapsed_s": round(self.progress.elapsed_s, 2), "router": router.summary(),
+                                       **self._mixture_record(),
                                        **({"world_size": world.size} if world.distributed else {})})
                     window_loss, window_steps, window_time = 0.0, 0, 0.0
                     router.reset()
