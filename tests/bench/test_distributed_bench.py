@@ -28,7 +28,7 @@ def test_quick_distributed_bench_measures_the_estimated_bytes(tmp_path, capsys):
             assert r["value"] > 0
 
 
-@pytest.mark.parametrize("flags,msg", [(["--serve"], "choose one"), (["--nproc", "1"], "--nproc must be >= 2"),
+@pytest.mark.parametrize("flags,msg", [(["--serve"], "choose one"), (["--data"], "choose one"), (["--nproc", "1"], "--nproc must be >= 2"),
                                        (["--device", "cuda"], "gloo")])
 def test_distributed_bench_flags(flags, msg, capsys):
     assert main(["bench", "--distributed", *flags]) == 2

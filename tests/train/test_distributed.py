@@ -26,12 +26,12 @@ ARGS = ["--preset", "tiny", "--no-progress", "--set", "data.vocab_size=300", "--
         "--set", "train.log_every=1", "--set", "train.eval_every=3", "--set", "train.checkpoint_every=3"]
 
 
-def losses(run: Path) -> dict[int, float]:
+def losses(run: Path, key: str = "loss") -> dict[int, float]:
     out = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if r["type"] == "train":
-            out[r["step"]] = r["loss"]
+            out[r["step"]] = r[key]
     return out
 
 
@@ -71,6 +71,10 @@ def test_two_processes_follow_the_one_process_loss_curve(runs):
         assert sorted(other) == sorted(one)
         for step, loss in one.items():
             assert abs(other[step] - loss) <= 1e-4 * abs(loss), (name, step, other[step], loss)
+        # the gradient norm too: Adam would hide a constant scale error in some gradients from the losses
+        norms, other_norms = losses(root / "one", "grad_norm"), losses(root / name, "grad_norm")
+        for step, g in norms.items():
+            assert abs(other_norms[step] - g) <= 1e-4 * g, (name, step, other_norms[step], g)
         for step, v in val(root / "one").items():
             assert abs(val(root / name)[step] - v) <= 1e-4 * v
     assert one[6] < one[1] - 0.05  # it learns: the comparison is not between two flat lines
@@ -202,8 +206,43 @@ def test_resume_takes_a_new_layout_but_not_new_settings(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(root / "one", run)
     proc = blackmamba("train", "--out", str(run), "--resume", "--set", "optim.lr=1", env=env)
-    assert proc.returncode == 2 and "only --steps and --set parallel.* can" in proc.stderr
+    assert proc.returncode == 2 and "only --steps, --set parallel.ep and --set parallel.timeout_s can" in proc.stderr
+    proc = blackmamba("train", "--out", str(run), "--resume", "--set", "parallel.sinkhorn_scope=local", env=env)
+    assert proc.returncode == 2 and "cannot change it" in proc.stderr  # the routing is the run's, not the launch's
     proc = blackmamba("train", "--out", str(run), "--resume", "--set", "parallel.timeout_s=30", "--no-progress",
                       env=env)
     ok(proc)
     assert json.loads((run / "train_config.json").read_text())["parallel"]["timeout_s"] == 30.0
+
+
+def test_a_checkpoint_of_the_earlier_one_process_format_still_resumes(runs, tmp_path):
+    """Runs written before sharded checkpoints (model.safetensors + trainer_state.safetensors) continue."""
+    from safetensors.torch import save_file
+
+    from blackmamba.train.checkpoints import STATE_JSON, load_checkpoint
+    from blackmamba.train.config import RunConfig
+    from blackmamba.train.optim import build_optimizer
+
+    root, env = runs
+    run = tmp_path / "old"
+    _resume_from_step_3(root / "one", run)
+    ckpt = run / "checkpoints" / "step-0000003"
+    model = load_pretrained(ckpt)
+    cfg = RunConfig.load(ckpt / "train_config.json")
+    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    load_checkpoint(ckpt, model, opt)
+    sd = opt.state_dict()  # the earlier layout: optimizer.<index>.<name> tensors, the rest in the JSON
+    tensors = {f"optimizer.{pid}.{k}": v.contiguous() for pid, st in sd["state"].items() for k, v in st.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(ckpt / "trainer_state.safetensors"))
+    meta = json.loads((ckpt / STATE_JSON).read_text())
+    meta["optimizer"] = {"param_groups": sd["param_groups"], "scalars": {}}
+    (ckpt / STATE_JSON).write_text(json.dumps(meta))
+    shutil.rmtree(ckpt / "state")
+    shutil.rmtree(ckpt / "rng")
+    proc = blackmamba("train", "--out", str(run), "--resume", "--no-progress", env=env)
+    ok(proc)
+    want, got = losses(root / "one"), losses(run)
+    for step in (4, 5, 6):
+        assert abs(got[step] - want[step]) <= 1e-4 * want[step], (step, got[step], want[step])
+    assert (run / "checkpoints" / "step-0000006" / "state").is_dir()  # the next checkpoint is the new format

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("blackmamba.cli.train",
               "train a model on a text corpus (default: Shakespeare's complete works); --resume continues a run; "
               "under torchrun, on every process"),
+    "data": ("blackmamba.cli.data", "prepare a corpus (tokenize it into the cache, as train would) or inspect one"),
     "generate": ("blackmamba.cli.generate", "continue prompts with a trained model, streaming the text"),
     "serve": ("blackmamba.cli.serve", "an OpenAI-compatible HTTP server with continuous batching and a prefix cache"),
     "convert": ("blackmamba.cli.convert", "convert a checkpoint between the native, release and transformers formats"),

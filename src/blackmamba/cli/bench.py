@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "gloo) on the same global batch, and the bytes each rank moves vs info --world-size's "
                         "estimate (blackmamba.bench.distributed)")
     p.add_argument("--nproc", type=int, default=2, metavar="N", help="with --distributed: processes (default 2)")
+    p.add_argument("--data", action="store_true",
+                   help="the data benchmark instead: preparing a 300 MB JSONL corpus vs the tokenizers library's "
+                        "batch encoder alone, and its peak memory (blackmamba.bench.data)")
     p.add_argument("--model", help="with --serve: the model to serve (run folder, model folder or hub id; default: "
                                    "the small preset with random weights)")
     p.add_argument("--url", help="with --serve: load a running server instead (e.g. http://127.0.0.1:8000/v1)")
@@ -49,14 +52,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--api-key is for --url (a running server's key)")
     if args.url is not None and args.model is not None:
         raise UserError("--model and --url: give one (--url loads a server that already has its model)")
-    if args.serve and args.distributed:
-        raise UserError("--serve and --distributed are two benchmarks: choose one")
+    if sum((args.serve, args.distributed, args.data)) > 1:
+        raise UserError("--serve, --distributed and --data are different benchmarks: choose one")
     if args.distributed and args.device != "cpu":
         raise UserError("--distributed measures CPU processes on gloo (--device cpu)")
     if args.nproc < 2:
         raise UserError(f"--nproc must be >= 2, got {args.nproc}")
     try:
-        if args.distributed:
+        if args.data:
+            from ..bench.data import run_data_bench
+
+            result = run_data_bench(quick=args.quick)
+        elif args.distributed:
             from ..bench.distributed import run_distributed_bench
 
             result = run_distributed_bench(args.nproc, quick=args.quick)

@@ -136,7 +136,7 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _tokenize_input(i: int, inp: Input, directory: Path, tok: TextTokenizer, val_fraction: float,
+def _tokenize_input(i: int, inp: Input, key: str, directory: Path, tok: TextTokenizer, val_fraction: float,
                     dtype: np.dtype, bar) -> dict:
     """Tokenize input ``i`` into ``directory`` chunk by chunk (resuming after the last complete chunk); returns its
     summary: documents, bad records, and per split tokens, bytes, documents and shards."""
@@ -184,7 +184,7 @@ def _tokenize_input(i: int, inp: Input, directory: Path, tok: TextTokenizer, val
             texts, size = {s: [] for s in SPLITS}, 0
     if size or report.bad or not chunks or n > chunks[-1]["documents"]:
         flush(n, texts)
-    summary = {"name": inp.name, "documents": chunks[-1]["documents"], "bad": chunks[-1]["bad"],
+    summary = {"name": inp.name, "sha256": key, "documents": chunks[-1]["documents"], "bad": chunks[-1]["bad"],
                "text": chunks[-1]["text"],
                "bytes": sum(c[s]["bytes"] for c in chunks for s in SPLITS)}
     for s in SPLITS:
@@ -237,13 +237,13 @@ def prepare_data(data=None, *, val_fraction: float = 0.05, vocab_size: int = 204
     directory = (cache or cache_dir()) / "tokens" / _key(corpus_key, tok.sha256())
     manifest = _read_json(directory / MANIFEST)
     if manifest is None or manifest.get("format") != FORMAT_VERSION:
-        manifest = _tokenize(ins, directory, tok, val_fraction, corpus_key, text_field, progress, log)
+        manifest = _tokenize(ins, keys, directory, tok, val_fraction, corpus_key, text_field, progress, log)
     manifest = {**manifest, "components": parts or [{"name": "all", "weight": 1.0,
                                                      "inputs": list(range(len(manifest["inputs"])))}]}
     return _open(directory, manifest, tok)
 
 
-def _tokenize(ins, directory, tok, val_fraction, corpus_key, text_field, progress, log) -> dict:
+def _tokenize(ins, keys, directory, tok, val_fraction, corpus_key, text_field, progress, log) -> dict:
     from tqdm.auto import tqdm
 
     from ..files import write_json
@@ -255,7 +255,8 @@ def _tokenize(ins, directory, tok, val_fraction, corpus_key, text_field, progres
     t0 = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing", disable=not progress,
               dynamic_ncols=True, leave=False) as bar:
-        summaries = [_tokenize_input(i, inp, directory, tok, val_fraction, dtype, bar) for i, inp in enumerate(ins)]
+        summaries = [_tokenize_input(i, inp, key, directory, tok, val_fraction, dtype, bar)
+                     for i, (inp, key) in enumerate(zip(ins, keys))]
     seconds = time.perf_counter() - t0
     manifest = {"format": FORMAT_VERSION, "dtype": dtype.name, "corpus_sha256": corpus_key,
                 "tokenizer_sha256": tok.sha256(), "vocab_size": tok.vocab_size, "val_fraction": val_fraction,
@@ -276,7 +277,7 @@ def _tokenize(ins, directory, tok, val_fraction, corpus_key, text_field, progres
 
 
 def _open(directory: Path, manifest: dict, tok: TextTokenizer) -> PreparedData:
-    meta = {k: manifest[k] for k in ("corpus_sha256", "tokenizer_sha256")}
+    meta = {**{k: manifest[k] for k in ("corpus_sha256", "tokenizer_sha256")}, "folder": str(directory)}
     dtype = np.dtype(manifest["dtype"])
 
     def stream(split: str, which: list[int]) -> ShardedTokens:

@@ -64,6 +64,20 @@ def parallelize(model, world: World, sinkhorn_scope: str = "global") -> None:
     model.set_reduce_scatter_unused_params(True)
 
 
+def drop_unused_expert_grads(model, tokens_per_expert: dict[int, torch.Tensor]) -> None:
+    """Set to None the gradients of the experts no rank sent a token this step, as one process leaves them: FSDP
+    reduce-scatters zeros for them, and AdamW would take a zero gradient as one (moving them by their momentum
+    and weight decay) where it skips a missing one. ``tokens_per_expert``: per block index, the (E,) token counts
+    of the step summed over micro-batches and ranks (the same on every rank)."""
+    for i, counts in tokens_per_expert.items():
+        (moe,) = moe_layers(model.decoder.layers[i])
+        offset = getattr(moe.local_experts, "expert_offset", 0)
+        for j, expert in enumerate(moe.local_experts):
+            if int(counts[offset + j]) == 0:
+                for p in expert.parameters():
+                    p.grad = None
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 

@@ -35,6 +35,7 @@ class World:
     device: torch.device = torch.device("cpu")
     ep: int = 1
     mesh: object = None  # DeviceMesh ("dp",) over every rank; None in a one-process world
+    patient_group: object = None  # gloo group with a day's timeout, for waits longer than any collective's
     ep_mesh: object = None  # DeviceMesh of this rank's expert-parallel group (size ep); None when ep == 1
     edp_mesh: object = None  # DeviceMesh of the ranks holding the same experts (size size / ep); None when ep == 1
 
@@ -77,7 +78,9 @@ class World:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type, (size,), mesh_dim_names=("dp",))
-        world = cls(rank=rank, size=size, local_rank=local_rank, device=device, ep=ep, mesh=mesh)
+        patient = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+        world = cls(rank=rank, size=size, local_rank=local_rank, device=device, ep=ep, mesh=mesh,
+                    patient_group=patient)
         if ep > 1:
             mesh2 = init_device_mesh(device.type, (size // ep, ep), mesh_dim_names=("edp", "ep"))
             world.ep_mesh, world.edp_mesh = mesh2["ep"], mesh2["edp"]
@@ -97,9 +100,11 @@ class World:
         t = torch.tensor([value], dtype=torch.float64, device=self.comm_device)
         return float(self.sum(t)) / self.size
 
-    def barrier(self) -> None:
+    def barrier(self, patient: bool = False) -> None:
+        """Wait for every rank; ``patient``: for as long as a day (one machine's first process preparing the data
+        while the others wait), not ``parallel.timeout_s``."""
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=self.patient_group if patient else None)
 
     def broadcast_text(self, text: str | None) -> str:
         """Rank 0's ``text`` on every rank (as bytes in a tensor: nothing is pickled)."""

@@ -179,6 +179,7 @@ def save_checkpoint(run_dir: Path, *, model, optimizer, tokenizer: TextTokenizer
                     progress: Progress, data_key: dict, world=None):
     """Write checkpoint ``step-N`` atomically (every rank calls this; see the module docstring); returns (its
     path, the whole model as a plain module on rank 0 — ``model`` itself in a one-process run —, else None).
+    Rank 0 is still writing when the others return: the caller waits for it (``world.barrier(patient=True)``).
     ``data_key`` identifies the training data (corpus and tokenizer sha256) the data position refers to."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
@@ -197,7 +198,7 @@ def save_checkpoint(run_dir: Path, *, model, optimizer, tokenizer: TextTokenizer
         (tmp / RNG_DIR).mkdir(exist_ok=True)
         with atomic_file(tmp / RNG_DIR / f"rank-{world.rank:05d}.safetensors") as f:
             save_file(_rng_tensors(), str(f))
-        world.barrier()  # every shard is on disk
+        world.barrier(patient=True)  # every shard is on disk
         if world.main:
             whole = _whole_model(model, tmp / STATE_DIR) if world.distributed else model
             save_model_files(tmp, whole, tokenizer)
@@ -210,7 +211,6 @@ def save_checkpoint(run_dir: Path, *, model, optimizer, tokenizer: TextTokenizer
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    world.barrier()  # the checkpoint is complete for everyone
     return final, whole
 
 
@@ -227,16 +227,23 @@ def load_checkpoint(path: Path, model, optimizer, world=None) -> tuple[Progress,
     path = Path(path)
     meta = json.loads((path / STATE_JSON).read_text())
     state = path / STATE_DIR
+    if not state.is_dir() and (path / V1_TENSORS).is_file():
+        if world.distributed:
+            raise CheckpointError(f"{path} was written by an earlier blackmamba (one file per checkpoint): resume it "
+                                  f"on one process first; its next checkpoint is in the format any number reads")
+        _load_v1(path, model, optimizer, meta)
+        return Progress(**meta["progress"]), meta["data"]
     if not state.is_dir():
-        raise CheckpointError(f"{path}: no {STATE_DIR}/ folder (a checkpoint from before sharded checkpoints?): "
-                              f"start a new run, or train from its model with --set ... on a new run folder")
+        raise CheckpointError(f"{path}: no {STATE_DIR}/ folder: not a complete training checkpoint")
     tensors = training_tensors(model, optimizer)
     try:
         with _dcp(world):
             dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(state)), no_dist=not world.distributed)
-    except (RuntimeError, ValueError, KeyError, OSError) as e:  # the first line names the tensor or the file
-        msg = str(e).strip().splitlines()
-        raise CheckpointError(f"{path}: the training state does not fit this run ({msg[0] if msg else e})") from None
+    except (RuntimeError, ValueError, KeyError) as e:  # the first line names the tensor; a failed collective stays
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, RuntimeError) and not any(k in msg for k in ("Missing key", "size", "shape", "mismatch")):
+            raise
+        raise CheckpointError(f"{path}: the training state does not fit this run ({msg})") from None
     for group, saved in zip(optimizer.param_groups, meta["optimizer"]["param_groups"]):
         group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()})
     rng = path / RNG_DIR / f"rank-{world.rank:05d}.safetensors"
@@ -244,6 +251,31 @@ def load_checkpoint(path: Path, model, optimizer, world=None) -> tuple[Progress,
         rng = path / RNG_DIR / f"rank-{0:05d}.safetensors"
     _restore_rng(load_file(str(rng)))
     return Progress(**meta["progress"]), meta["data"]
+
+
+V1_TENSORS = "trainer_state.safetensors"  # the one-process format before sharded checkpoints
+
+
+def _load_v1(path: Path, model, optimizer, meta: dict) -> None:
+    """Resume a checkpoint of the earlier one-process format: model.safetensors, and the optimizer's tensors as
+    ``optimizer.<param index>.<name>`` in trainer_state.safetensors with its other state in the JSON."""
+    from ..checkpoint import check_state_dict, read_state_dict
+
+    sd = read_state_dict(path)
+    check_state_dict(model, sd, str(path))
+    model.load_state_dict(sd, strict=True)
+    tensors = load_file(str(path / V1_TENSORS))
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optimizer."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for key, v in meta["optimizer"].get("scalars", {}).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["optimizer"]["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    _restore_rng(tensors)
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

@@ -399,5 +399,6 @@ def check_rank_memory(run_config, vocab_size: int, world) -> None:
     who = f"the {sharing} processes on this machine need" if sharing > 1 else "each process needs"
     raise ConfigError(f"{who} about {plan.total * sharing / GB:.1f} GB to train on {world.size} processes "
                       f"(blackmamba info --world-size {world.size} ... shows the parts), but {free / GB:.1f} GB are "
-                      f"available: use more processes or machines, a smaller optim.batch_size or data.seq_len, or "
+                      f"available: use more machines or fewer processes on this one, a smaller optim.batch_size or "
+                      f"data.seq_len, or "
                       f"train.activation_checkpointing=true; {SKIP_ENV}=1 skips this check")

@@ -18,6 +18,11 @@ from ..config import ConfigError
 from ..files import OutputError, check_free_space, describe_os_error, write_errors
 
 
+# settings a resumed run may change: the layout of this launch, not what the run computes (parallel.sinkhorn_scope
+# changes the routing, so it stays)
+LAUNCH_SETTINGS = ("parallel.ep=", "parallel.timeout_s=")
+
+
 def _config(args, run_dir: Path, check_folder: bool = True):
     """The run's configuration from the options (``check_folder``: also refuse a new run in a folder holding one —
     rank 0's check; the others read the same options while rank 0 may already be writing)."""
@@ -27,13 +32,13 @@ def _config(args, run_dir: Path, check_folder: bool = True):
     if args.resume:
         if not (run_dir / RUN_CONFIG).is_file():
             raise ConfigError(f"{run_dir}: nothing to resume (no {RUN_CONFIG}); start the run without --resume")
-        layout = [a for a in args.set if a.strip().startswith("parallel.")]  # how, not what, the run computes
+        layout = [a for a in args.set if a.strip().startswith(LAUNCH_SETTINGS)]  # how, not what, it computes
         changed = [f for f, v in (("--data", args.data), ("--preset", args.preset), ("--config", args.config),
                                   ("--set", [a for a in args.set if a not in layout]),
                                   ("--tokenizer", args.tokenizer)) if v]
         if changed:
             raise ConfigError(f"--resume continues the saved configuration exactly; {', '.join(changed)} cannot "
-                            f"change it (only --steps and --set parallel.* can)")
+                            f"change it (only --steps, --set parallel.ep and --set parallel.timeout_s can)")
         cfg = RunConfig.load(run_dir / RUN_CONFIG)
         for text in layout:
             set_value(cfg, *parse_assignment(text))
@@ -127,6 +132,9 @@ def _run_peer(args) -> int:
     world = World.from_env(pick_device(cfg.train.device), cfg.parallel.ep, cfg.parallel.timeout_s)
     try:
         return _train(args, cfg, run_dir, world)
+    except user_errors() as e:
+        print(f"blackmamba train: rank {world.rank}: error: {e}", file=sys.stderr, flush=True)
+        return 2
     finally:
         world.close()
 
@@ -143,13 +151,13 @@ def _train(args, cfg, run_dir: Path, world) -> int:
     log(f"corpus: {what}")
     saved = run_dir / TOKENIZER_NAME  # a resumed run keeps its own tokenizer (absent before the first checkpoint)
     tokenizer = saved if args.resume and saved.is_file() else cfg.data.tokenizer
-    if world.local_rank != 0:
-        world.barrier()  # this machine's first process trains the tokenizer and writes the token shards once
+    if world.local_rank != 0:  # this machine's first process trains the tokenizer and writes the token shards once
+        world.barrier(patient=True)
     data = prepare_data(cfg.data.paths or None, val_fraction=cfg.data.val_fraction, vocab_size=cfg.data.vocab_size,
                         tokenizer=tokenizer, text_field=cfg.data.text_field, mixture=cfg.data.mixture or None,
                         progress=world.main and not args.no_progress and sys.stderr.isatty(), log=log)
     if world.local_rank == 0:
-        world.barrier()
+        world.barrier(patient=True)
     if cfg.data.paths or cfg.data.mixture:
         log("  " + data.describe().replace("\n", "\n  "))
     if world.distributed:  # the data loaded, no model yet
@@ -164,6 +172,19 @@ def _train(args, cfg, run_dir: Path, world) -> int:
                          "training's checkpoints")
     with _writes_to(run_dir):
         return _run_trainer(args, cfg, run_dir, trainer, data, log)
+
+
+def _lost_peer(e: RuntimeError) -> bool:
+    """Whether ``e`` is a collective that failed (gloo raises plain RuntimeErrors naming itself; torch wraps
+    others in DistError), not out-of-memory or a bug, which keep their traceback."""
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return False
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    text = str(e)
+    return any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out"))
 
 
 @contextlib.contextmanager
@@ -211,10 +232,10 @@ def _run_trainer(args, cfg, run_dir: Path, trainer, data, log) -> int:
             print(f"blackmamba train: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
-        if not world.distributed:
+        if not (world.distributed and _lost_peer(e)):
             raise
-        # a collective failed: a peer died or stopped answering for parallel.timeout_s (gloo and nccl raise
-        # RuntimeErrors); the checkpoints on disk are whole (written atomically after a barrier)
+        # a collective failed: a peer died or stopped answering for parallel.timeout_s; the checkpoints on disk
+        # are whole (written atomically after a barrier)
         where = (f"the last complete checkpoint is {trainer.last_checkpoint}" if trainer.last_checkpoint
                  else "no checkpoint was written yet")
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -13,6 +13,7 @@ shows the progress bar and writes metrics; every rank takes part in validation a
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from ..config import ConfigError
 from ..data.dataset import MixtureSampler
 from ..data.prepare import PreparedData
 from ..model import BlackMambaLM
-from ..parallel.apply import clip_grad_norm, parallelize
+from ..parallel.apply import clip_grad_norm, drop_unused_expert_grads, parallelize
 from ..parallel.world import World
 from .checkpoints import (Progress, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
                           save_model_files)
@@ -98,7 +99,8 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)  # every rank initialises the whole model alike, then keeps its shards
-        self.model = BlackMambaLM(cfg.model_config(data.tokenizer.vocab_size)).to(self.device)
+        model = BlackMambaLM(cfg.model_config(data.tokenizer.vocab_size))  # on the CPU: FSDP moves only the shards
+        self.model = model if self.world.distributed else model.to(self.device)
         if cfg.train.activation_checkpointing:
             from .precision import enable_activation_checkpointing
 
@@ -111,12 +113,27 @@ class Trainer:
                                       cfg.train.seed, [c.name for c in parts])
         self.progress = Progress()
         self.last_checkpoint: Path | None = None
-        self.whole_model = None if self.world.distributed else self.model  # on rank 0: the model, unsharded
+        # the unsharded model that writes the samples: the model itself on one process; a sharded run's rank 0 reads
+        # the run folder's at the end (keeping a whole copy during the run would cost its memory all along)
+        self.whole_model = None if self.world.distributed else self.model
+        if self.world.distributed:
+            self._agree("data (corpus and tokenizer)", json.dumps(self.data_key(), sort_keys=True))
 
     # ------------------------------------------------------------------ resume
+    def _agree(self, what: str, mine: str) -> str:
+        """Rank 0's ``mine``, checked equal on every rank (a collective): the ranks must train on the same data and
+        resume from the same checkpoint, whatever each machine's cache or file system shows it."""
+        theirs = self.world.broadcast_text(mine)
+        if theirs != mine:
+            raise ConfigError(f"rank {self.world.rank}: its {what} differs from rank 0's ({mine[:80]} vs "
+                              f"{theirs[:80]}): give every machine the same data and run folder")
+        return theirs
+
     def resume(self) -> bool:
         """Continue from the latest complete checkpoint, if any; returns whether one was found."""
         path = latest_checkpoint(self.run_dir)
+        if self.world.distributed:
+            self._agree("latest checkpoint", str(path) if path else "")
         if path is None:
             return False
         progress, data_key = load_checkpoint(path, self.model, self.optimizer, self.world)
@@ -141,9 +158,10 @@ class Trainer:
             self.run_dir, model=self.model, optimizer=self.optimizer, tokenizer=self.data.tokenizer,
             run_config=self.cfg, progress=self.progress, data_key=self.data_key(), world=self.world)
         if self.world.main:
-            self.whole_model = whole
             save_model_files(self.run_dir, whole, self.data.tokenizer)  # RUN_DIR itself: the latest model
             prune_checkpoints(self.run_dir, c.keep_checkpoints)
+        del whole
+        self.world.barrier(patient=True)  # rank 0's writes take as long as they take: no collective timeout
 
     def _diverged(self, what: str, value: float) -> TrainingDiverged:
         where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
@@ -194,6 +212,7 @@ class Trainer:
                     g["lr"] = lr
                 t0 = time.perf_counter()
                 loss_sum = 0.0
+                step_counts: dict[int, torch.Tensor] = {}  # per MoE block: tokens per expert this step
                 for _ in range(o.grad_accum):
                     x, y = self.sampler.batch(self.progress.samples + world.rank * local, local)
                     self.progress.samples += o.batch_size
@@ -204,7 +223,15 @@ class Trainer:
                         raise self._diverged("the training loss", value)
                     (loss / o.grad_accum).backward()
                     loss_sum += value
-                    router.add(model.routing_stats())
+                    stats = model.routing_stats()
+                    router.add(stats)
+                    for st in stats:
+                        n, i = st["tokens_per_expert"].detach(), st["layer"]
+                        step_counts[i] = step_counts[i] + n if i in step_counts else n
+                if world.distributed and step_counts:
+                    layers = sorted(step_counts)
+                    total = world.sum(torch.stack([step_counts[i] for i in layers]).to(world.comm_device)).cpu()
+                    drop_unused_expert_grads(model, dict(zip(layers, total)))
                 norm = clip_grad_norm(params, o.grad_clip if o.grad_clip > 0 else math.inf, world)
                 if not math.isfinite(norm):
                     raise self._diverged("the gradient norm", norm)
