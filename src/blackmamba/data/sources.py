@@ -142,7 +142,7 @@ def _open_binary(path: Path, fmt: str):
         try:
             import zstandard
         except ImportError:
-            raise DataError(f"{path}: reading .zst needs the zstandard package: pip install zstandard") from None
+            raise DataError(f"{path}: reading .zst needs zstandard: pip install 'blackmamba[data]'") from None
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
 
@@ -171,8 +171,11 @@ def _jsonl(path: Path, fmt: str, text_field: str, report: SourceReport) -> Itera
 
 
 def _parquet(path: Path, text_field: str, report: SourceReport) -> Iterator[Document]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'blackmamba[data]'") from None
 
     try:
         pf = pq.ParquetFile(path)
@@ -207,7 +210,7 @@ def _hf_load(spec: str):
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{spec}: reading Hugging Face datasets needs the datasets package: pip install datasets") \
+        raise DataError(f"{spec}: reading Hugging Face datasets needs datasets: pip install 'blackmamba[data]'") \
             from None
     try:
         return datasets.load_dataset(name, config, split=split)
