@@ -115,13 +115,13 @@ def test_user_data_errors_are_clear(tmp_path):
 def test_token_files_are_deterministic_reused_and_count_bytes(corpus_dir, isolated_cache):
     corpus = load_corpus([corpus_dir], val_fraction=0.1)
     a = prepare_data(corpus, vocab_size=400)
-    shards = sorted(isolated_cache.rglob("input-*-train-*.bin"))
+    shards = sorted(isolated_cache.rglob("train-*.bin"))
     assert len(shards) == 1
     first, mtime = shards[0].read_bytes(), shards[0].stat().st_mtime_ns
     b = prepare_data(corpus, vocab_size=400)  # cached tokenizer and token shards are reused
     assert shards[0].stat().st_mtime_ns == mtime and b.manifest == a.manifest
     assert b.tokenizer.sha256() == a.tokenizer.sha256()
-    for f in shards[0].parent.iterdir():
+    for f in list(shards[0].parent.iterdir()) + list(isolated_cache.rglob("manifest.json")):
         f.unlink()
     c = prepare_data(corpus, vocab_size=400)  # rewritten identically
     assert shards[0].read_bytes() == first and c.manifest == a.manifest
@@ -133,6 +133,12 @@ def test_token_files_are_deterministic_reused_and_count_bytes(corpus_dir, isolat
     other = prepare_data(Corpus("x", corpus.train[:1], corpus.val[:1]), tokenizer=a.tokenizer)
     assert other.train.meta["corpus_sha256"] != a.train.meta["corpus_sha256"]
     assert len(list(isolated_cache.rglob("manifest.json"))) == 2
+    # the same documents split otherwise are another corpus
+    t, v = corpus.train[:2], corpus.val[:1]
+    one = prepare_data(Corpus("y", t, v), tokenizer=a.tokenizer)
+    two = prepare_data(Corpus("y", t[:1], t[1:] + v), tokenizer=a.tokenizer)
+    assert one.train.meta["corpus_sha256"] != two.train.meta["corpus_sha256"]
+    assert two.val.num_bytes == one.val.num_bytes + len(t[1].text.encode())
 
 
 def test_window_order_is_seeded_and_resumable():

