@@ -14,7 +14,8 @@ import sys
 
 # name → (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("blackmamba.cli.info", "print a model's parameters (total/active), layer pattern and FLOPs per token"),
+    "info": ("blackmamba.cli.info", "print a model's parameters (total/active), layer pattern and FLOPs per token; "
+             "with --world-size, the memory and traffic per rank of training it on N ranks"),
     "train": ("blackmamba.cli.train",
               "train a model on a text corpus (default: Shakespeare's complete works); --resume continues a run; "
               "under torchrun, on every process"),
