@@ -77,7 +77,7 @@ def test_a_3_to_1_mixture_of_very_different_sizes_trains_in_proportion(tmp_path,
     small.mkdir()
     for i in range(4):
         (big / f"b{i}.txt").write_text(play_text(i, 300))  # ~20x the small one
-    (small / "s.jsonl").write_text("".join(json.dumps({"text": play_text(9, 6 + i % 3)}) + "\n" for i in range(12)))
+    (small / "s.jsonl").write_text("".join(json.dumps({"text": play_text(9, 2 + i % 3)}) + "\n" for i in range(40)))
     (tmp_path / "mix.toml").write_text(f"""
 preset = "tiny"
 [data]
@@ -102,5 +102,10 @@ weight = 1
             if '"train"' in line][-1]
     shares = {k: v["share"] for k, v in last["mixture"].items()}
     assert shares == pytest.approx({"plays": 0.75, "notes": 0.25}, abs=0.02)  # 2000 windows of 32 tokens
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line][-1]
+    parts = val["val_by_component"]
+    assert set(parts) == {"plays", "notes"} and all(0 < p["val_bpb"] < 20 for p in parts.values())
+    assert sum(p["val_bytes"] for p in parts.values()) == val["val_bytes"]  # each component's held-out text
+    assert "(plays " in out and ", notes " in out  # the validation line names each component's bits per byte
     # windows are tokens: the shares are the token proportions; the small component is read many times over
     assert last["mixture"]["notes"]["epochs"] > 3 * last["mixture"]["plays"]["epochs"]

@@ -170,8 +170,19 @@ class Trainer:
                                 f"Try a lower optim.lr or a smaller optim.grad_clip.")
 
     def validate(self, autocast) -> dict:
-        o = self.cfg.optim
-        return evaluate(self.model, self.data.val, self.cfg.data.seq_len, o.batch_size, autocast, self.world)
+        """Loss and bits per byte on the whole validation split; with a mixture, also each component's own
+        (``val_by_component``: a component's held-out text, scored alone)."""
+        o, L = self.cfg.optim, self.cfg.data.seq_len
+        out = evaluate(self.model, self.data.val, L, o.batch_size, autocast, self.world)
+        parts = self.data.components
+        if len(parts) > 1:
+            out["val_by_component"] = {}
+            for c in parts:
+                if c.val.num_tokens > 1:
+                    r = evaluate(self.model, c.val, L, o.batch_size, autocast, self.world)
+                    out["val_by_component"][c.name] = {k: round(r[k], 5) if isinstance(r[k], float) else r[k]
+                                                       for k in ("val_loss", "val_bpb", "val_bytes")}
+        return out
 
     def _mixture_record(self) -> dict:
         """With a mixture: each component's share of the windows read so far, and its epochs."""
@@ -283,6 +294,9 @@ class Trainer:
                                        "eval_s": round(time.perf_counter() - t1, 2)})
                     msg = (f"step {step}/{c.steps}: train loss {last_loss:.3f}, val loss {last_val['val_loss']:.3f}, "
                            f"val {last_val['val_bpb']:.3f} bits/byte")
+                    if "val_by_component" in last_val:
+                        msg += " (" + ", ".join(f"{name} {v['val_bpb']:.3f}"
+                                                for name, v in last_val["val_by_component"].items()) + ")"
                     (bar.write if bar is not None else self.log)(msg)
                 if step % c.checkpoint_every == 0 or step == c.steps:
                     self._checkpoint()
