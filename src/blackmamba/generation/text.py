@@ -71,12 +71,6 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return ids
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> int | None:
-    """Index of the first stop string in ``text``, or None."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return min(hits) if hits else None
-
-
 class TextStream:
     """Token ids in, text out, incrementally: ``push(token)`` returns the text that became final — valid UTF-8
     (a character split over tokens waits for its last byte) that can no longer turn into a stop string — and
@@ -150,23 +144,31 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, *, sto
 def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 200, *,
                   stop: Sequence[str] = (), **sampling) -> list[str]:
     """The continuation of every prompt, generated together in one left-padded batch; each row comes out
-    exactly as it would alone."""
+    exactly as it would alone (its text and its stop strings read by a ``TextStream``, as ``stream_text``
+    reads them: O(length) per row)."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     eos = tokenizer.eos_id
     ids, mask = pad_prompts(encoded, pad_id=eos if eos is not None else 0)
     L = ids.shape[1]
+    streams = [TextStream(tokenizer, stop) for _ in prompts]
+    pieces: list[list[str]] = [[] for _ in prompts]
+    ended = [False] * len(prompts)  # the row produced EOS: what follows is padding
+    seen = 0  # generated tokens already read
 
-    def stopped(history: torch.Tensor) -> torch.Tensor:  # (b, L + n) → (b,) bool
-        return torch.tensor([_cut_at_stop(tokenizer.decode(row[L:].tolist()), stop) is not None
-                             for row in history])
+    def read(history: torch.Tensor) -> torch.Tensor:  # (b, L + n) → (b,) bool: the rows a stop string ended
+        nonlocal seen
+        for r, new in enumerate(history[:, L + seen:].tolist()):
+            for t in new:
+                if ended[r] or streams[r].stopped:
+                    break
+                if eos is not None and t == eos:
+                    ended[r] = True
+                    break
+                pieces[r].append(streams[r].push(t))
+        seen = history.shape[1] - L
+        return torch.tensor([st.stopped for st in streams])
 
     out = model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=eos,
-                         stop=stopped if stop else None, **sampling)
-    texts = []
-    for row in out[:, L:].tolist():
-        if eos is not None and eos in row:
-            row = row[:row.index(eos)]
-        text = tokenizer.decode(row)
-        cut = _cut_at_stop(text, stop)
-        texts.append(text if cut is None else text[:cut])
-    return texts
+                         stop=read if stop else None, **sampling)
+    read(out)
+    return ["".join(pieces[r]) + streams[r].finish() for r in range(len(prompts))]
