@@ -100,7 +100,7 @@ def test_the_consolidated_model_equals_the_shards_and_loads_like_any_other(runs)
     one = load_pretrained(root / "one").state_dict()
     two = load_pretrained(root / "two-ep").state_dict()
     for k, v in one.items():
-        torch.testing.assert_close(two[k], v, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5)  # two runs measured 1.3e-7 and 2.3e-6 apart
 
 
 def _resume_from_step_3(src: Path, dst: Path) -> None:
@@ -125,6 +125,42 @@ def test_resuming_with_another_number_of_processes_continues_the_same_curve(runs
     assert sorted(got) == list(range(1, 7))
     for step in (4, 5, 6):
         assert abs(got[step] - want[step]) <= 1e-4 * want[step], (step, got[step], want[step])
+
+
+def test_a_peer_that_stops_answering_is_one_line_after_the_timeout(runs, tmp_path):
+    """SIGSTOP leaves rank 1 alive but silent (torchrun sees nothing wrong): rank 0's next collective fails after
+    parallel.timeout_s and it says so in one line, naming the last checkpoint."""
+    root, env = runs
+    run, err_path = tmp_path / "stopped", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "blackmamba", "train", "--data", str(root / "corpus"), *ARGS,
+           "--steps", "100000", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=100000",
+           "--set", "parallel.timeout_s=4", "--out", str(run)]
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+    victim = None
+    try:
+        deadline = time.monotonic() + 120
+        while len(list_checkpoints(run)) < 1:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or did not checkpoint"
+            time.sleep(0.2)
+        victim = child_with_rank(proc.pid, 1)
+        os.kill(victim, signal.SIGSTOP)
+        t0, line = time.monotonic(), None
+        while line is None and time.monotonic() - t0 < 60:
+            time.sleep(0.2)
+            line = next((x for x in err_path.read_text().splitlines() if "lost the other processes" in x), None)
+        took = time.monotonic() - t0
+    finally:
+        if victim is not None:
+            os.kill(victim, signal.SIGKILL)  # torchrun would wait 30 s for a stopped process to take SIGTERM
+        if line is None and proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+    assert line is not None, err_path.read_text()[-2000:]
+    assert line.startswith("blackmamba train: rank 0: lost the other processes after step ") and took < 30
+    assert "the last complete checkpoint is" in line and "--resume continues from it" in line
+    assert proc.returncode != 0
 
 
 def test_a_rank_killed_with_sigkill_ends_the_job_and_leaves_a_loadable_checkpoint(runs):

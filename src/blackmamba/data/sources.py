@@ -35,15 +35,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .corpus import DataError, Document, decode_utf8
+from .corpus import DataError, Document, bad_records, decode_utf8, sha256_file
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 HF_PREFIX = "hf:"
 
 
-def _records(n: int) -> str:
-    return f"{n:,} bad record{'' if n == 1 else 's'}"
+def input_line(name: str, documents: int, nbytes: int, bad: dict, extra: str = "") -> str:
+    """One input in a report: its documents and text, ``extra``, and the records skipped by reason."""
+    line = f"{name}: {documents:,} documents, {nbytes / 1e6:,.1f} MB{extra}"
+    if bad:
+        why = ", ".join(f"{n:,} {reason}" for reason, n in sorted(bad.items(), key=lambda kv: -kv[1]))
+        line += f"; {bad_records(sum(bad.values()))} skipped ({why})"
+    return line
 
 
 @dataclass
@@ -57,11 +62,7 @@ class SourceReport:
     read: int = 0  # bytes of the input consumed so far (a JSONL file's lines, a text file's bytes; else the text's)
 
     def describe(self) -> str:
-        line = f"{self.name}: {self.documents:,} documents, {self.bytes / 1e6:,.1f} MB"
-        if self.bad:
-            why = ", ".join(f"{n:,} {reason}" for reason, n in self.bad.most_common())
-            line += f"; {_records(sum(self.bad.values()))} skipped ({why})"
-        return line
+        return input_line(self.name, self.documents, self.bytes, self.bad)
 
 
 @dataclass
@@ -72,17 +73,9 @@ class ReadReport:
     def bad_records(self) -> int:
         return sum(sum(s.bad.values()) for s in self.sources)
 
-    def describe(self, most: int = 10) -> str:
-        """One line per source (the first ``most``, then one line for the rest) and a total."""
-        lines = [s.describe() for s in self.sources[:most]]
-        rest = self.sources[most:]
-        if rest:
-            lines.append(f"... and {len(rest):,} more sources: {sum(s.documents for s in rest):,} documents, "
-                         f"{_records(sum(sum(s.bad.values()) for s in rest))} skipped")
-        if len(self.sources) > 1:
-            lines.append(f"in all: {sum(s.documents for s in self.sources):,} documents, "
-                         f"{sum(s.bytes for s in self.sources) / 1e6:,.1f} MB, {_records(self.bad_records)} skipped")
-        return "\n".join(lines)
+    def describe(self) -> str:
+        """One line per source."""
+        return "\n".join(s.describe() for s in self.sources)
 
 
 def _format(path: Path) -> str | None:
@@ -357,13 +350,11 @@ class SourceInput(Input):
             return h.hexdigest()
         stamp = Memo.stamp(self.name, self.text_field)
         found = self.memo.get(stamp)
-        if found is not None:
-            return found
-        with open(self.name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        self.memo.put(stamp, h.hexdigest())
-        return h.hexdigest()
+        if found is None:
+            h.update(sha256_file(Path(self.name)).encode())
+            found = h.hexdigest()
+            self.memo.put(stamp, found)
+        return found
 
     def documents(self, report: SourceReport) -> Iterator[Document]:
         return iter_source(self.name, self.text_field, report)

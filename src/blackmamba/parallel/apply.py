@@ -34,9 +34,6 @@ import torch
 from .expert import gather_balance, moe_layers, shard_experts
 from .world import World
 
-SINKHORN_SCOPES = ("global", "local")
-
-
 def parallelize(model, world: World, sinkhorn_scope: str = "global") -> None:
     """Apply expert parallelism, the data-parallel Sinkhorn and FSDP2 to ``model`` in place (see the module
     docstring); nothing changes in a one-process world."""
@@ -88,10 +85,9 @@ def clip_grad_norm(params, max_norm: float, world: World) -> float:
     the norm before scaling. Sharded gradients (DTensors) hold every element on exactly one rank — FSDP shards
     the rest over all ranks, each expert lives on one expert-parallel rank, sharded over its group — so the norm
     is the square root of the sum over ranks of each rank's local sum of squares."""
-    grads = [p.grad for p in params if p.grad is not None]
     if not world.distributed:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    local = [_local(g) for g in grads]
+    local = [_local(p.grad) for p in params if p.grad is not None]
     sq = torch.zeros((), dtype=torch.float64, device=world.comm_device)
     for g in local:
         sq += g.detach().double().pow(2).sum().to(sq.device)

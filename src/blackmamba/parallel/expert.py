@@ -80,10 +80,8 @@ def shard_experts(model, ep_mesh) -> None:
         if E % P:
             raise ValueError(f"parallel.ep = {P} does not divide the {E} experts of a MoE layer")
         n = E // P
-        kept = list(moe.local_experts)[c * n:(c + 1) * n]
-        while len(moe.local_experts):
-            del moe.local_experts[len(moe.local_experts) - 1]
-        moe.local_experts.extend(kept)
+        del moe.local_experts[(c + 1) * n:]  # keep experts [c n, (c + 1) n)
+        del moe.local_experts[:c * n]
         moe.local_experts.expert_offset = c * n
         exchange = ExpertExchange(E, group, P)
         moe.local_experts.register_forward_pre_hook(exchange.before)

@@ -85,40 +85,27 @@ class Unit:
         return self.group * self.shard
 
 
-def _expert_shapes(c: BlackMambaConfig) -> list[tuple[int, ...]]:
-    return [(2 * c.ffn_hidden_size, c.hidden_size), (c.hidden_size, c.ffn_hidden_size)]  # fc1 (gate | up), fc2
-
-
-def _block_shapes(c: BlackMambaConfig, kind: str, experts: int) -> list[tuple[int, ...]]:
-    """Shapes of a block's parameters (``model.Block``), the experts' excluded."""
-    H, Di, S, K, R = c.hidden_size, c.d_inner, c.state_size, c.conv_width, c.dt_rank_value
-    out: list[tuple[int, ...]] = [(H,)]  # the block's RMSNorm
-    if kind == "mamba":  # A_log, D, in_proj, conv1d (weight, bias), x_proj, dt_proj (weight, bias), out_proj
-        out += [(Di, S), (Di,), (2 * Di, H), (Di, 1, K), (Di,), (R + 2 * S, Di), (Di, R), (Di,), (H, Di)]
-    elif kind == "moe":
-        out += [(experts, H), (experts,)]  # the router
-    elif kind == "mlp":
-        out += _expert_shapes(c)
-    else:
-        out += [(3 * H, H), (H, H)]  # qkv_proj, out_proj
-    return out
-
-
 def fsdp_units(cfg: BlackMambaConfig, world_size: int, ep: int = 1) -> list[Unit]:
     """The FSDP units of ``cfg`` trained on ``world_size`` ranks with expert-parallel size ``ep`` (arguments as
     ``plan_training`` checks them): the root, then every block, each followed by its experts' unit when ep > 1.
-    One rank: the same units over a group of 1 (nothing sharded)."""
-    H, V = cfg.hidden_size, cfg.padded_vocab_size
-    root = [(V, H), (H,), (H,)] + ([] if cfg.tie_embeddings else [(V, H)])  # embedding, final LayerNorm, head
-    units = [Unit("root", tuple(root), world_size, 1)]
-    for i, (kind, experts) in enumerate(cfg.layer_kinds()):
-        shapes = _block_shapes(cfg, kind, experts)
-        if kind == "moe" and ep == 1:
-            shapes += _expert_shapes(cfg) * experts
-        units.append(Unit(f"layers.{i}", tuple(shapes), world_size, 2))
-        if kind == "moe" and ep > 1:
-            units.append(Unit(f"layers.{i}.experts", tuple(_expert_shapes(cfg) * (experts // ep)),
-                              world_size // ep, 2))
+    One rank: the same units over a group of 1 (nothing sharded). The shapes are read from the model itself,
+    built on the meta device (no memory, no initialisation cost)."""
+    import torch
+
+    from ..model import BlackMambaLM
+
+    with torch.device("meta"):
+        model = BlackMambaLM(cfg)
+    root = tuple(tuple(p.shape) for n, p in model.named_parameters() if not n.startswith("decoder.layers."))
+    units = [Unit("root", root, world_size, 1)]
+    for i, blk in enumerate(model.decoder.layers):
+        own = tuple(tuple(p.shape) for n, p in blk.named_parameters() if ".local_experts." not in n)
+        experts = [tuple(p.shape) for n, p in blk.named_parameters() if ".local_experts." in n]  # expert order
+        if ep == 1 or not experts:
+            units.append(Unit(f"layers.{i}", own + tuple(experts), world_size, 2))
+        else:  # a rank's E / ep experts: its unit over the ranks holding the same ones
+            units.append(Unit(f"layers.{i}", own, world_size, 2))
+            units.append(Unit(f"layers.{i}.experts", tuple(experts[:len(experts) // ep]), world_size // ep, 2))
     return units
 
 

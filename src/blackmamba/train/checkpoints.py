@@ -134,10 +134,21 @@ def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 # ----------------------------------------------------------------------------- save / load
+MODEL_FILES = ("config.json", "model.safetensors", TOKENIZER_NAME)  # what save_model_files writes
+
+
 def save_model_files(directory: Path, model, tokenizer: TextTokenizer) -> None:
     """config.json + model.safetensors + tokenizer.json: what ``blackmamba generate DIR`` reads."""
     save_pretrained(model, directory)
     tokenizer.save(Path(directory) / TOKENIZER_NAME)
+
+
+def publish_model(checkpoint: Path, run_dir: Path) -> None:
+    """Make the run folder's model (``MODEL_FILES``) the checkpoint's: copied, each file atomically, rather than
+    serialised a second time."""
+    for name in MODEL_FILES:
+        with atomic_file(Path(run_dir) / name) as tmp:
+            shutil.copyfile(Path(checkpoint) / name, tmp)
 
 
 @contextlib.contextmanager
@@ -177,8 +188,7 @@ def _whole_model(model, state_dir: Path):
 
 def save_checkpoint(run_dir: Path, *, model, optimizer, tokenizer: TextTokenizer, run_config: RunConfig,
                     progress: Progress, data_key: dict, world=None):
-    """Write checkpoint ``step-N`` atomically (every rank calls this; see the module docstring); returns (its
-    path, the whole model as a plain module on rank 0 — ``model`` itself in a one-process run —, else None).
+    """Write checkpoint ``step-N`` atomically (every rank calls this; see the module docstring); returns its path.
     Rank 0 is still writing when the others return: the caller waits for it (``world.barrier(patient=True)``).
     ``data_key`` identifies the training data (corpus and tokenizer sha256) the data position refers to."""
     import torch.distributed.checkpoint as dcp
@@ -189,7 +199,6 @@ def save_checkpoint(run_dir: Path, *, model, optimizer, tokenizer: TextTokenizer
     world = world or World()
     final = checkpoint_dir(run_dir, progress.step)
     tmp = Path(world.broadcast_text(str(temp_dir(final)) if world.main else None))
-    whole = None
     try:
         with _dcp(world):
             dcp.save(training_tensors(model, optimizer),
@@ -200,8 +209,7 @@ def save_checkpoint(run_dir: Path, *, model, optimizer, tokenizer: TextTokenizer
             save_file(_rng_tensors(), str(f))
         world.barrier(patient=True)  # every shard is on disk
         if world.main:
-            whole = _whole_model(model, tmp / STATE_DIR) if world.distributed else model
-            save_model_files(tmp, whole, tokenizer)
+            save_model_files(tmp, _whole_model(model, tmp / STATE_DIR) if world.distributed else model, tokenizer)
             run_config.save(tmp / RUN_CONFIG)
             write_json(tmp / STATE_JSON, {"progress": asdict(progress), "data": data_key,
                                           "optimizer": {"param_groups": _optimizer_meta(optimizer)},
@@ -211,7 +219,7 @@ def save_checkpoint(run_dir: Path, *, model, optimizer, tokenizer: TextTokenizer
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final, whole
+    return final
 
 
 def load_checkpoint(path: Path, model, optimizer, world=None) -> tuple[Progress, dict]:

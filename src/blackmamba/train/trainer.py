@@ -27,8 +27,8 @@ from ..data.prepare import PreparedData
 from ..model import BlackMambaLM
 from ..parallel.apply import clip_grad_norm, drop_unused_expert_grads, parallelize
 from ..parallel.world import World
-from .checkpoints import (Progress, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
-                          save_model_files)
+from .checkpoints import (Progress, latest_checkpoint, load_checkpoint, prune_checkpoints, publish_model,
+                          save_checkpoint)
 from .config import RunConfig
 from .metrics import MetricsLog, RouterStats, truncate_metrics
 from .optim import build_optimizer
@@ -154,13 +154,12 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         c = self.cfg.train
-        self.last_checkpoint, whole = save_checkpoint(
+        self.last_checkpoint = save_checkpoint(
             self.run_dir, model=self.model, optimizer=self.optimizer, tokenizer=self.data.tokenizer,
             run_config=self.cfg, progress=self.progress, data_key=self.data_key(), world=self.world)
         if self.world.main:
-            save_model_files(self.run_dir, whole, self.data.tokenizer)  # RUN_DIR itself: the latest model
+            publish_model(self.last_checkpoint, self.run_dir)  # RUN_DIR itself: the latest model
             prune_checkpoints(self.run_dir, c.keep_checkpoints)
-        del whole
         self.world.barrier(patient=True)  # rank 0's writes take as long as they take: no collective timeout
 
     def _diverged(self, what: str, value: float) -> TrainingDiverged:
@@ -170,19 +169,20 @@ class Trainer:
                                 f"Try a lower optim.lr or a smaller optim.grad_clip.")
 
     def validate(self, autocast) -> dict:
-        """Loss and bits per byte on the whole validation split; with a mixture, also each component's own
-        (``val_by_component``: a component's held-out text, scored alone)."""
+        """Loss and bits per byte on the validation split; with a mixture, scored component by component
+        (``val_by_component``: each one's held-out text alone) and summed into the whole split's numbers."""
         o, L = self.cfg.optim, self.cfg.data.seq_len
-        out = evaluate(self.model, self.data.val, L, o.batch_size, autocast, self.world)
         parts = self.data.components
-        if len(parts) > 1:
-            out["val_by_component"] = {}
-            for c in parts:
-                if c.val.num_tokens > 1:
-                    r = evaluate(self.model, c.val, L, o.batch_size, autocast, self.world)
-                    out["val_by_component"][c.name] = {k: round(r[k], 5) if isinstance(r[k], float) else r[k]
-                                                       for k in ("val_loss", "val_bpb", "val_bytes")}
-        return out
+        if len(parts) == 1:
+            return evaluate(self.model, self.data.val, L, o.batch_size, autocast, self.world)
+        each = {c.name: evaluate(self.model, c.val, L, o.batch_size, autocast, self.world) for c in parts}
+        nll = sum(r["val_loss"] * r["val_tokens"] for r in each.values())
+        tokens, nbytes = sum(r["val_tokens"] for r in each.values()), sum(r["val_bytes"] for r in each.values())
+        return {"val_loss": nll / max(tokens, 1), "val_bpb": nll / math.log(2) / max(nbytes, 1),
+                "val_tokens": tokens, "val_bytes": nbytes,
+                "val_by_component": {name: {"val_loss": round(r["val_loss"], 5), "val_bpb": round(r["val_bpb"], 5),
+                                            "val_bytes": r["val_bytes"]}
+                                     for name, r in each.items() if r["val_bytes"]}}
 
     def _mixture_record(self) -> dict:
         """With a mixture: each component's share of the windows read so far, and its epochs."""
@@ -236,10 +236,10 @@ class Trainer:
                     loss_sum += value
                     stats = model.routing_stats()
                     router.add(stats)
-                    for st in stats:
+                    for st in stats if world.distributed else ():  # for drop_unused_expert_grads
                         n, i = st["tokens_per_expert"].detach(), st["layer"]
                         step_counts[i] = step_counts[i] + n if i in step_counts else n
-                if world.distributed and step_counts:
+                if step_counts:
                     layers = sorted(step_counts)
                     total = world.sum(torch.stack([step_counts[i] for i in layers]).to(world.comm_device)).cpu()
                     drop_unused_expert_grads(model, dict(zip(layers, total)))
