@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 ACTIVATION_NAMES = ("silu", "gelu")  # the experts' activations, as torch.nn.functional names them
-ROUTER_TRAIN_MODES = ("sinkhorn_blackmamba", "sinkhorn", "top1")
+ROUTER_TRAIN_MODES = ("sinkhorn_blackmamba", "sinkhorn", "sinkhorn_marginal", "top1")
 
 
 class ConfigError(ValueError):
@@ -138,46 +138,118 @@ class BlackMambaConfig:
         return self.from_dict(d)
 
     # ----------------------------------------------------------------- counts
-    def param_counts(self) -> tuple[int, int]:
-        """(total, active per token) parameter counts, computed from the sizes alone."""
-        H, I, N, K, R, F = (self.hidden_size, self.d_inner, self.state_size, self.conv_width,
+    def params_by_kind(self) -> dict[str, tuple[int, int]]:
+        """(total, active per token) parameters summed over the layers of each kind present in the pattern (each
+        block's RMSNorm counted with its layer), then "embedding" and "head" (the untied output layer, 0 when tied,
+        and the final LayerNorm): the keys of ``flops_by_kind``. Computed from the sizes alone."""
+        H, I, N, K, R, F = (self.hidden_size, self.d_inner, self.state_size, self.conv_width,  # noqa: E741
                             self.dt_rank_value, self.ffn_hidden_size)
-        total = active = 0
+        out: dict[str, tuple[int, int]] = {}
         for kind, experts in self.layer_kinds():
             norm = H
             if kind == "mamba":
-                n = 2 * I * H + I * K + I + (R + 2 * N) * I + R * I + I + I * N + I + H * I
-                total += n + norm
-                active += n + norm
+                total = active = 2 * I * H + I * K + I + (R + 2 * N) * I + R * I + I + I * N + I + H * I + norm
             elif kind == "attention":
-                n = 4 * H * H
-                total += n + norm
-                active += n + norm
+                total = active = 4 * H * H + norm
             elif kind == "mlp":
-                n = 3 * F * H
-                total += n + norm
-                active += n + norm
-            else:  # moe
-                router = experts * H + experts
-                expert = 3 * F * H
-                total += router + experts * expert + norm
-                active += router + expert + norm
+                total = active = 3 * F * H + norm
+            else:  # moe: the router and every expert / one expert per token
+                router, expert = experts * H + experts, 3 * F * H
+                total, active = router + experts * expert + norm, router + expert + norm
+            t, a = out.get(kind, (0, 0))
+            out[kind] = (t + total, a + active)
         emb = self.padded_vocab_size * H
-        head = 0 if self.tie_embeddings else emb
-        final_norm = 2 * H
-        total += emb + head + final_norm
-        active += emb + head + final_norm
-        return total, active
+        head = (0 if self.tie_embeddings else emb) + 2 * H
+        out["embedding"] = (emb, emb)
+        out["head"] = (head, head)
+        return out
+
+    def param_counts(self) -> tuple[int, int]:
+        """(total, active per token) parameter counts, computed from the sizes alone."""
+        counts = self.params_by_kind().values()
+        return sum(t for t, _ in counts), sum(a for _, a in counts)
+
+    # ----------------------------------------------------------------- FLOPs
+    # Conventions: 2 FLOPs per multiply-add; 1 per other elementwise operation, each pointwise function (exp,
+    # softplus, sigmoid, silu, gelu, cos, sin) counted as one. Not counted: per-token scalars (a norm's mean and
+    # rsqrt), comparisons (max, argmax, masks), indexing and copies, the routing's Sinkhorn balancing in training,
+    # the loss. Each block's count holds its entry (RMSNorm: x², sum, × rsqrt, × weight: 4H) and the residual add
+    # of its output (H: the next block's entry or the head adds it); the head holds the final LayerNorm (7H).
+    def _block_flops(self, kind: str, experts: int, context: int) -> tuple[int, int]:
+        """(matmul, other) forward FLOPs per token of one block of ``kind``, its queries scored against
+        ``context`` keys (attention). matmul: the products FlopCounterMode counts (mm / addmm / bmm, attention's
+        QKᵀ and AV, convolution), biases excluded; other: everything else (the conventions above)."""
+        H, I, N, K, R, F = (self.hidden_size, self.d_inner, self.state_size, self.conv_width,  # noqa: E741
+                            self.dt_rank_value, self.ffn_hidden_size)
+        norm = 5 * H
+        if kind == "mamba":
+            matmul = (2 * H * 2 * I  # in_proj
+                      + 2 * I * K  # depthwise conv
+                      + 2 * I * (R + 2 * N)  # x_proj
+                      + 2 * R * I  # dt_proj
+                      + 2 * I * H)  # out_proj
+            # selective scan, per (channel, state) element: Δ·A, exp, ·B (Δ·x is once per channel), dA·h, + dBx,
+            # then y += C·h (a multiply-add): 7 FLOPs; plus Δ·x: 1 per channel
+            scan = 7 * I * N + I
+            other = (I + I  # conv bias, silu
+                     + I + I  # dt bias, softplus
+                     + scan
+                     + 2 * I  # D skip: x·D, +
+                     + 2 * I  # gate: silu(z), ×
+                     + norm)
+        elif kind in ("mlp", "moe"):
+            matmul = 2 * H * 2 * F + 2 * F * H  # gated MLP (one expert per token): fc1, fc2
+            other = 2 * F + norm  # act(a) * b
+            if kind == "moe":
+                matmul += 2 * H * experts  # router
+                other += 2 * experts + H  # router bias, sigmoid; the output × its gate
+        else:  # attention
+            heads = self.num_heads
+            matmul = 2 * H * 3 * H + 4 * H * context + 2 * H * H  # qkv, QKᵀ and AV over context keys, out_proj
+            rotary = 3 * 2 * H + 3 * (H // heads // 2)  # q and k: 3 per element; angles: ×, cos, sin per frequency
+            softmax = 5 * heads * context  # per score: scale, − max, exp, sum, ÷
+            other = rotary + softmax + norm
+        return matmul, other
+
+    def flops_by_kind(self, context: int, matmul_only: bool = False) -> dict[str, int]:
+        """Forward FLOPs per token, summed over the layers of each kind present in the pattern ("mamba", "moe",
+        "mlp", "attention"), then "embedding" (0: a lookup) and "head" (final LayerNorm, 2·H·padded vocab);
+        conventions above. ``context``: the keys each attention query is scored against. A training forward over
+        windows of L tokens scores all L keys for every query (an explicit causal mask, not skipped blocks), so
+        its count takes context = L: the convention of PaLM and Chinchilla. ``matmul_only``: only the products
+        FlopCounterMode measures (projections, router, one expert, conv, QKᵀ / AV, head; no bias)."""
+        _check_tokens("context", context, 0)
+        out: dict[str, int] = {}
+        for kind, experts in self.layer_kinds():
+            matmul, other = self._block_flops(kind, experts, context)
+            out[kind] = out.get(kind, 0) + matmul + (0 if matmul_only else other)
+        out["embedding"] = 0
+        out["head"] = 2 * self.hidden_size * self.padded_vocab_size + (0 if matmul_only else 7 * self.hidden_size)
+        return out
 
     def flops_per_token(self, context: int = 0) -> int:
-        """Forward FLOPs per token (2 per multiply-add of the active weights, plus the scan and, at ``context``
-        tokens before it, attention)."""
-        _, active = self.param_counts()
-        emb = self.padded_vocab_size * self.hidden_size
-        matmul = 2 * (active - emb) + 2 * emb  # the tied head is a matmul; the embedding lookup is not
-        scan = sum(9 * self.d_inner * self.state_size for k, _ in self.layer_kinds() if k == "mamba")
-        attn = sum(4 * self.hidden_size * context for k, _ in self.layer_kinds() if k == "attention")
-        return matmul + scan + attn
+        """Forward FLOPs per token, attention scored against ``context`` keys: the sum of ``flops_by_kind``."""
+        return sum(self.flops_by_kind(context).values())
+
+    def train_flops_per_token(self, seq_len: int, activation_checkpointing: bool = False) -> int:
+        """Training FLOPs per token on windows of ``seq_len`` tokens: forward + backward = 3 × the forward at
+        context = seq_len (the backward computes two products per forward one: the inputs' and the weights' gradients);
+        activation checkpointing recomputes every block's forward once more (not the embedding, not the head)."""
+        _check_tokens("seq_len", seq_len, 1)
+        fwd = self.flops_by_kind(seq_len)
+        blocks = sum(v for k, v in fwd.items() if k not in ("embedding", "head"))
+        return 3 * sum(fwd.values()) + (blocks if activation_checkpointing else 0)
+
+    def decode_flops_per_token(self, context: int) -> int:
+        """FLOPs of one ``step`` with ``context`` tokens already in the state: attention scores context + 1 keys
+        (itself included); every other kind costs the same at any context (Mamba's state has a fixed size)."""
+        _check_tokens("context", context, 0)
+        return self.flops_per_token(context + 1)
+
+
+def _check_tokens(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} = {value!r}: must be an integer >= {minimum} (tokens)")
 
 
 def compact_pattern(layers: list[str]) -> str:
@@ -189,8 +261,10 @@ def compact_pattern(layers: list[str]) -> str:
     return str(layers).replace("'", '"')
 
 
-def describe(cfg: BlackMambaConfig) -> str:
-    """What ``blackmamba info`` and ``blackmamba train`` print about an architecture."""
+def describe(cfg: BlackMambaConfig, context: int | None = None) -> str:
+    """What ``blackmamba info`` and ``blackmamba train`` print about an architecture; the FLOPs table counts a
+    training window of ``context`` tokens and a decode step after ``context`` tokens (None: ``max_seq_len``)."""
+    context = cfg.max_seq_len if context is None else context
     total, active = cfg.param_counts()
     counts: dict[str, int] = {}
     for s in cfg.layers:
@@ -198,6 +272,8 @@ def describe(cfg: BlackMambaConfig) -> str:
     runs = ", ".join(f"{n}×{s!r}" for s, n in counts.items())
     state = sum(cfg.d_inner * ((cfg.conv_width - 1) * 4 + cfg.state_size * 4)
                 for k, _ in cfg.layer_kinds() if k == "mamba")
+    kv = sum(2 * cfg.hidden_size * 4 for k, _ in cfg.layer_kinds() if k == "attention")  # a key and a value, fp32
+    grows = f" + a KV cache of {kv / 1024:.1f} KiB per token of context" if kv else ", independent of context length"
     lines = [
         f"layers          {cfg.num_layers}: {runs}",
         f"pattern         {compact_pattern(cfg.layers)}",
@@ -206,10 +282,30 @@ def describe(cfg: BlackMambaConfig) -> str:
         f"ffn             {cfg.ffn_hidden_size} ({cfg.mlp_activation} gated)",
         f"vocab           {cfg.vocab_size} (embedding rows {cfg.padded_vocab_size})",
         f"parameters      {total:,} total, {active:,} active per token",
-        f"FLOPs/token     {cfg.flops_per_token():,} (forward)",
-        f"recurrent state {state / 1024:.1f} KiB per sequence (fp32), independent of context length",
+        f"recurrent state {state / 1024:.1f} KiB per sequence (fp32){grows}",
+        *_flops_table(cfg, context),
     ]
     return "\n".join(lines)
+
+
+def _flops_table(cfg: BlackMambaConfig, context: int) -> list[str]:
+    """The FLOPs per token of each layer kind (``flops_by_kind``): forward and training (3 × forward) on windows
+    of ``context`` tokens, one decode step after ``context`` tokens; its lines, for ``describe``."""
+    _check_tokens("context", context, 1)
+    fwd, dec = cfg.flops_by_kind(context), cfg.flops_by_kind(context + 1)
+    params = cfg.params_by_kind()
+    layers = {k: sum(1 for kind, _ in cfg.layer_kinds() if kind == k) for k in fwd}
+    row = "  {:<10} {:>6} {:>15} {:>15} {:>15} {:>15}".format
+    lines = [f"FLOPs/token     forward and train (3 × forward) on {context}-token windows, decode after {context} "
+             f"tokens",
+             row("", "layers", "active params", "forward", "train", "decode")]
+    for k in fwd:
+        lines.append(row(k, layers[k] or "-", f"{params[k][1]:,}", f"{fwd[k]:,}", f"{3 * fwd[k]:,}", f"{dec[k]:,}"))
+    lines.append(row("total", cfg.num_layers, f"{sum(a for _, a in params.values()):,}", f"{sum(fwd.values()):,}",
+                     f"{cfg.train_flops_per_token(context):,}", f"{cfg.decode_flops_per_token(context):,}"))
+    lines.append(f"  with activation checkpointing (one more forward of every block): "
+                 f"{cfg.train_flops_per_token(context, activation_checkpointing=True):,} train FLOPs/token")
+    return lines
 
 
 # ----------------------------------------------------------------------------- presets

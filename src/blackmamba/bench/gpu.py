@@ -167,8 +167,8 @@ def bench_decode(device: torch.device, bandwidth: float, quick: bool, presets=DE
     return rows
 
 
-def _train_step_time(cfg, ids: torch.Tensor, device: torch.device, fast: bool) -> tuple[float, int]:
-    """Seconds per optimizer step, and active parameters: fp32 reference path, or Triton + bf16 + fused AdamW."""
+def _train_step_time(cfg, ids: torch.Tensor, device: torch.device, fast: bool) -> float:
+    """Seconds per optimizer step: fp32 reference path, or Triton + bf16 + fused AdamW."""
     from ..model import BlackMambaLM
     from ..ops import set_backend
     from ..train.precision import autocast
@@ -187,7 +187,7 @@ def _train_step_time(cfg, ids: torch.Tensor, device: torch.device, fast: bool) -
 
     set_backend("triton" if fast else "reference")
     try:
-        return time_fn(step, device, warmup=1, iters=5 if fast else 2), model.num_parameters(active=True)
+        return time_fn(step, device, warmup=1, iters=5 if fast else 2)
     finally:
         set_backend(None)
 
@@ -201,14 +201,15 @@ def bench_training(device: torch.device, matmul_flops: float, quick: bool) -> li
     rows = []
     t_ref = None
     for label, fast in (("reference fp32", False), ("triton bf16 autocast + fused AdamW", True)):
-        t, active = _train_step_time(cfg, ids, device, fast)
+        t = _train_step_time(cfg, ids, device, fast)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         t_ref = t if t_ref is None else t_ref
         tokens = batch * seq / t
         bench = f"train 4-layer 1.5B-width L={seq} batch {batch}, {label}"
         row(rows, bench, tokens, "tok/s", "reference fp32", t_ref / t)
-        row(rows, bench, tokens, "tok/s", "model FLOPs / bf16 GEMM rate", 6 * active * tokens / matmul_flops)
+        row(rows, bench, tokens, "tok/s", "model FLOPs / bf16 GEMM rate",
+            cfg.train_flops_per_token(seq) * tokens / matmul_flops)
     return rows
 
 

@@ -1,12 +1,13 @@
-"""``blackmamba info MODEL``: parameters (total / active), layer pattern, FLOPs per token, state size; with
-``--world-size N --batch B --seq L`` also the plan of training it on N ranks (``blackmamba.parallel.plan``):
-memory per rank and the bytes each rank moves per optimizer step."""
+"""``blackmamba info MODEL``: parameters (total / active), layer pattern, state size, and a table of FLOPs per token
+of each layer kind (forward and training on ``--context N``-token windows, a decode step after N tokens; default N:
+the model's max_seq_len); with ``--world-size N --batch B --seq L`` also the plan of training it on N ranks
+(``blackmamba.parallel.plan``): memory per rank and the bytes each rank moves per optimizer step."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..config import describe, preset
+from ..config import ConfigError, describe, preset
 
 # the flags that describe a parallel run; every one but --world-size needs --world-size
 _PLAN_FLAGS = {"ep": "--ep", "batch": "--batch", "seq": "--seq", "grad_accum": "--grad-accum", "dtype": "--dtype",
@@ -15,6 +16,8 @@ _PLAN_FLAGS = {"ep": "--ep", "batch": "--batch", "seq": "--seq", "grad_accum": "
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model folder, hub id (owner/name) or preset name (tiny, small, blackmamba-1.5b, ...)")
+    p.add_argument("--context", type=int, metavar="N", help="tokens per training window and before the decode step "
+                   "in the FLOPs table (default: the model's max_seq_len)")
     g = p.add_argument_group("training plan", "estimate memory per rank and communication per optimizer step of "
                              "training on N ranks (FSDP2 over all of them, expert parallelism over --ep)")
     g.add_argument("--world-size", type=int, metavar="N", help="ranks (GPUs or processes) in all")
@@ -55,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import read_config, resolve_path
     from ..config import PRESETS
 
+    if args.context is not None and args.context < 1:
+        raise ConfigError(f"--context {args.context}: must be a positive integer (tokens)")
     if args.model in PRESETS:
         cfg = preset(args.model)
         source = f"preset {args.model}"
@@ -62,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         cfg, fmt = read_config(resolve_path(args.model))
         source = f"{args.model} ({fmt} format)"
     plan = _plan(cfg, args)  # the flags are checked before anything is printed
-    print(f"{source}\n{describe(cfg)}")
+    print(f"{source}\n{describe(cfg, args.context)}")
     if plan is not None:
         from ..parallel.plan import describe_plan
 

@@ -219,7 +219,7 @@ def _run_trainer(args, cfg, run_dir: Path, trainer, data, log) -> int:
         f"({data.val.num_bytes:,} bytes), vocab {data.tokenizer.vocab_size}")
     from ..config import describe
 
-    log(f"model ({cfg.preset}):\n  " + describe(trainer.model.config).replace("\n", "\n  "))
+    log(f"model ({cfg.preset}):\n  " + describe(trainer.model.config, d.seq_len).replace("\n", "\n  "))
     where = (f"{world.size} processes ({world.device.type}"
              + (f", experts over {world.ep}" if world.ep > 1 else "") + ")" if world.distributed
              else f"device {trainer.device}")
