@@ -116,3 +116,19 @@ def test_vanilla_sinkhorn_mode_in_training():
     moe = MoE(8, 8, 4, "silu", "sinkhorn").train()
     idx, _, iters = moe.route(torch.randn(128, 8))
     assert iters >= 1 and idx.shape == (128,)
+
+
+def test_sinkhorn_marginal_mode_routes_by_vanilla_sinkhorn_stopped_on_the_marginals():
+    """router_train_mode = sinkhorn_marginal: Megatron's cost, run until every token's row of the assignment is
+    within 1% of 1/T; the experts are its argmax."""
+    from blackmamba.ops.sinkhorn import sinkhorn
+
+    torch.manual_seed(0)
+    moe = MoE(16, 32, 4, router_train_mode="sinkhorn_marginal").train()
+    x = torch.randn(64, 16) * 3
+    idx, gate, iters = moe.route(x)
+    logits = torch.nn.functional.linear(x, moe.router.weight, moe.router.bias)
+    plan, expected = sinkhorn(logits, "vanilla", stop="marginal")
+    assert iters == expected and iters != sinkhorn(logits, "vanilla")[1]
+    assert torch.equal(idx, plan.argmax(1))
+    assert ((64 * plan.sum(1) - 1).abs().max()) < 1e-2

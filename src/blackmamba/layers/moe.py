@@ -3,7 +3,9 @@
 Router: Linear(H, E) with bias; gate = sigmoid(router logits).
 - eval:  expert = argmax of sigmoid(logits) (the released inference code's choice, ``ops.moe.route_top1``);
 - train: expert = argmax of a Sinkhorn-balanced assignment of the detached fp32 logits
-  (``router_train_mode``: ``sinkhorn_blackmamba`` (default), ``sinkhorn`` (Megatron's vanilla), ``top1``).
+  (``router_train_mode``: ``sinkhorn_blackmamba`` (default: the BlackMamba initialisation, the release's stop
+  rule), ``sinkhorn`` (Megatron's vanilla), ``sinkhorn_marginal`` (vanilla, stopped when the assignment's
+  marginals are within 1%: balanced in fewer iterations, ``ops.sinkhorn``), ``top1``).
 The output is expert(x) * sigmoid(chosen logit): the router learns through that gate only. No capacity, no
 token dropping. ``forward`` routes and runs the experts (``Experts``: op ``moe_experts``); ``step`` (a few tokens,
 inference routing) is op ``moe_step``. The experts are ``GatedMLP``s, so their weights keep the release's names.
@@ -23,7 +25,9 @@ from ..ops.moe import moe_experts, moe_step, route_top1
 from ..ops.sinkhorn import sinkhorn
 from .mlp import GatedMLP
 
-_SINKHORN_VARIANT = {"sinkhorn_blackmamba": "blackmamba", "sinkhorn": "vanilla"}
+# router_train_mode → (Sinkhorn variant, stop rule)
+_SINKHORN = {"sinkhorn_blackmamba": ("blackmamba", "delta"), "sinkhorn": ("vanilla", "delta"),
+             "sinkhorn_marginal": ("vanilla", "marginal")}
 
 
 class Experts(nn.ModuleList):
@@ -52,7 +56,7 @@ class MoE(nn.Module):
         self.router = nn.Linear(hidden_size, num_experts, bias=True)
         self.local_experts = Experts((GatedMLP(hidden_size, ffn_hidden_size, activation)
                                       for _ in range(num_experts)), activation)
-        self.balance = sinkhorn  # (logits (T, E), variant) → (assignment (T, E), iterations)
+        self.balance = sinkhorn  # (logits (T, E), variant, stop=rule) → (assignment (T, E), iterations)
         # routing statistics of the last forward: tokens per expert (E,) and Sinkhorn iterations
         self.last_stats: dict | None = None
 
@@ -64,7 +68,8 @@ class MoE(nn.Module):
         """x (T, H) → (expert index (T,), gate (T, 1), sinkhorn iterations)."""
         logits = apply(x, *operand_with_bias(self.router))  # (T, E)
         if self.training and self.router_train_mode != "top1":
-            assignment, iters = self.balance(logits, _SINKHORN_VARIANT[self.router_train_mode])
+            variant, rule = _SINKHORN[self.router_train_mode]
+            assignment, iters = self.balance(logits, variant, stop=rule)
             idx = assignment.argmax(dim=1)
             return idx, torch.sigmoid(logits).gather(1, idx.unsqueeze(1)), iters
         idx, gate = route_top1(logits)

@@ -101,11 +101,11 @@ def gather_balance(model, mesh) -> None:
     """Make every MoE layer's Sinkhorn balance the router logits of all the ranks of ``mesh`` together."""
     group, rank = mesh.get_group(), mesh.get_local_rank()
 
-    def balance(logits: torch.Tensor, variant: str):
+    def balance(logits: torch.Tensor, variant: str, stop: str = "delta"):
         local = logits.detach().float().contiguous()  # (T, E); every rank has the same T
         full = local.new_empty(mesh.size() * local.shape[0], local.shape[1])  # (N T, E), rank order
         dist.all_gather_single(full, local, group=group)
-        assignment, iters = sinkhorn(full, variant)
+        assignment, iters = sinkhorn(full, variant, stop=stop)
         T = logits.shape[0]
         return assignment[rank * T:(rank + 1) * T], iters
 
