@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("blackmamba.cli.serve", "an OpenAI-compatible HTTP server with continuous batching and a prefix cache"),
     "convert": ("blackmamba.cli.convert", "convert a checkpoint between the native, release and transformers formats"),
     "eval": ("blackmamba.cli.eval", "lm-evaluation-harness tasks, or perplexity / bits per byte of a text file"),
+    "compare": ("blackmamba.cli.compare",
+                "the paper's comparison: BlackMamba vs dense Mamba vs transformer vs transformer-MoE at matched "
+                "active parameters, trained alike, then measured (loss vs FLOPs, latency, Sinkhorn, experts)"),
     "bench": ("blackmamba.cli.bench",
               "benchmarks: ratios against baselines and machine limits measured in the same run"),
 }

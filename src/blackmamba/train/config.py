@@ -116,6 +116,21 @@ class RunConfig:
 
         write_json(Path(path), self.to_dict())
 
+    def to_toml(self) -> str:
+        """The whole configuration as a ``--config`` file (``build_config`` reads it back to an equal one); unset
+        optional values (None) are left out, as TOML has no null."""
+        d = self.to_dict()
+        lines = [f"preset = {_toml_value(d.pop('preset'))}"]
+        for section in SECTIONS:
+            values = d[section]
+            tables = {k: v for k, v in values.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+            lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()
+                                               if v is not None and k not in tables]
+            for k, entries in tables.items():
+                for entry in entries:
+                    lines += ["", f"[[{section}.{k}]]"] + [f"{n} = {_toml_value(v)}" for n, v in entry.items()]
+        return "\n".join(lines) + "\n"
+
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
         try:
@@ -211,6 +226,20 @@ class RunConfig:
         self._validate_mixture()
         if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("train.tensorboard = true needs the tensorboard package: pip install tensorboard")
+
+
+def _toml_value(v) -> str:
+    """A TOML literal for a setting's value: a bool, number, string or list of them (JSON's string escapes are
+    TOML's)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ConfigError(f"{v!r}: a setting TOML cannot hold")
 
 
 # ----------------------------------------------------------------------------- overrides

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -19,7 +19,7 @@ def _pyplot():
 
 def plot_curves(records: list[dict], path: Path, reference_bpb: float | None = None) -> Path:
     """Train/val loss (nats per token) and val bits per byte against the optimizer step."""
-    plt = _pyplot()
+    plt = pyplot()
     train = [r for r in records if r.get("type") == "train"]
     val = [r for r in records if r.get("type") == "val"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -72,7 +72,7 @@ def expert_usage_figure(records: list[dict]):
     layers, mat = expert_usage(records)
     if not layers:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import PercentFormatter
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.7 * mat.shape[1]), 1.6 + 0.5 * len(layers)))
@@ -97,5 +97,5 @@ def plot_expert_usage(records: list[dict], path: Path) -> Path | None:
     if fig is None:
         return None
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return Path(path)
