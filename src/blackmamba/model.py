@@ -113,6 +113,7 @@ class BlackMambaLM(nn.Module):
         self.decoder = Decoder(config)
         self.output_layer = (None if config.tie_embeddings
                              else nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False))
+        self.quantization = None  # set by blackmamba.quantize (the model is then for inference only)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -145,15 +146,21 @@ class BlackMambaLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embedding.word_embeddings.weight.dtype
+        return self.decoder.final_layernorm.weight.dtype  # (the embedding may be stored quantized)
 
     def to_dtype(self, dtype: torch.dtype) -> "BlackMambaLM":
-        """Cast the weights to ``dtype`` in place, keeping the SSM parameters (A_log, D) in float32."""
-        self.to(dtype)
+        """Cast the weights to ``dtype`` in place, keeping the SSM parameters (A_log, D) in float32 (and a quantized
+        layer's bytes and scales as they are: they are buffers)."""
         for name, p in self.named_parameters():
-            if is_ssm_parameter(name):
-                p.data = p.data.float()
+            p.data = p.data.float() if is_ssm_parameter(name) else p.data.to(dtype)
         return self
+
+    def train(self, mode: bool = True) -> "BlackMambaLM":
+        """``nn.Module.train``; a quantized model (``blackmamba.quantize``) refuses: it is for inference."""
+        if mode and self.quantization is not None:
+            raise ValueError(f"this model's weights are quantized ({self.quantization.mode}): it runs inference "
+                             f"only; train or fine-tune the full-precision checkpoint")
+        return super().train(mode)
 
     def new_state(self, batch_size: int = 1, dtype: torch.dtype | None = None, device=None) -> State:
         """Fresh recurrent state for ``batch_size`` sequences (nothing consumed yet). ``dtype``: of the conv state
@@ -259,7 +266,7 @@ class BlackMambaLM(nn.Module):
 
         No input checks and nothing read back on the host (a CUDA graph can capture it; ``forward`` checks);
         inference only (MoE layers route as in eval mode)."""
-        h = F.embedding(tokens, self.embedding.word_embeddings.weight)  # (b, H)
+        h = self.embedding.word_embeddings(tokens)  # (b, H)
         residual = None
         for blk, st, a in zip(self.decoder.layers, state.layers, args or self.step_args()):
             h, residual = blk.step(h, residual, st, a)
@@ -284,13 +291,20 @@ class BlackMambaLM(nn.Module):
         return self.config.param_counts()[1 if active else 0]
 
     def weight_bytes(self, tokens: int = 1) -> int:
-        """Bytes of the weights a decode step of ``tokens`` sequences reads: every parameter, but of each MoE
-        layer's experts only the ``min(tokens, experts)`` that the tokens can use."""
-        total = sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes of the weights a decode step of ``tokens`` sequences reads: every parameter (and a quantized
+        layer's bytes and scales), but of each MoE layer's experts only the ``min(tokens, experts)`` that the
+        tokens can use, and of an embedding the head does not read (an untied or quantized head) only their rows."""
+        def nbytes(module) -> int:
+            return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+        total = nbytes(self)
+        if self.output_layer is not None:  # the embedding is read a row per token
+            V = self.config.padded_vocab_size
+            total -= nbytes(self.embedding) * (V - min(tokens, V)) // V
         for blk in self.decoder.layers:
             if blk.kind == "moe":
                 E = blk.mixer.num_experts
-                expert = sum(p.numel() * p.element_size() for p in blk.mixer.local_experts[0].parameters())
+                expert = nbytes(blk.mixer.local_experts[0])
                 total -= expert * (E - min(E, tokens))
         return total
 

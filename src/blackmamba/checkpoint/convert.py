@@ -67,15 +67,32 @@ def write(model, directory: Path, to: str, *, max_shard_bytes: int) -> None:
         BlackMambaForCausalLM.from_core(model).save_pretrained(directory, max_shard_size=max_shard_bytes)
 
 
-def convert(src, dst, to: str, *, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9) -> str:
-    """Convert SRC (folder or hub id) into the new folder DST; returns SRC's format."""
+def convert(src, dst, to: str = "native", *, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9,
+            quantize: str | None = None, group_size: int = 32, quantize_embedding: bool = False) -> str:
+    """Convert SRC (folder or hub id) into the new folder DST; returns SRC's format. ``quantize`` ("int8" |
+    "int4", ``group_size`` for int4; ``quantize_embedding``: the embedding table too): write a quantized native
+    checkpoint (``blackmamba.quantize``; ``dtype`` then casts the weights left unquantized)."""
     if to not in FORMATS:
         raise ValueError(f"--to {to!r}: choose one of {', '.join(FORMATS)}")
+    if quantize is not None:
+        from ..quantize import Quantization
+
+        Quantization(quantize, group_size)  # ValueError naming a bad mode or group size
+        if to != "native":
+            raise ValueError(f"--quantize writes the native format (quantization.json + safetensors); the {to} "
+                             f"format holds full-precision weights only")
     dst = Path(dst).expanduser()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ValueError(f"{dst} already exists and is not an empty folder: choose a new destination")
     writable_folder(dst.parent)  # before reading SRC, which may be a download of gigabytes
     model, fmt, directory = read_model(src)  # the stored tensors as they are
+    if model.quantization is not None and (to != "native" or quantize not in (None, model.quantization.mode)):
+        raise ValueError(f"{src} holds {model.quantization.mode} weights: it converts to the native format only, "
+                         f"as it is (convert the full-precision checkpoint to get another format or mode)")
+    if quantize is not None and model.quantization is None:
+        from ..quantize import quantize_model
+
+        quantize_model(model, quantize, group_size, embedding=quantize_embedding)
     if dtype is not None:
         cast(model, to, dtype)
     check_free_space(dst.parent, sum(t.numel() * t.element_size() for t in model.state_dict().values()),

@@ -121,22 +121,58 @@ def read_model(path_or_id, revision: str | None = None, **overrides) -> tuple[Bl
             config = config.replace(**overrides)
         except ConfigError as e:
             raise CheckpointError(f"override: {e}") from None
+    quantization = read_quantization(directory)
     sd = read_state_dict(directory)
     with torch.device("meta"):
         model = BlackMambaLM(config)
+    if quantization is not None:
+        from ..quantize import quantized_structure
+
+        quantized_structure(model, quantization)
+        fmt = f"{fmt}, {quantization.mode} quantized"
     check_state_dict(model, sd, f"{directory} ({fmt} format)")
     model.load_state_dict(sd, strict=True, assign=True)  # assign: the stored tensors themselves
     model.source_format = fmt
     return model.eval(), fmt, directory
 
 
+def read_quantization(directory: Path):
+    """The folder's ``quantize.Quantization`` (from quantization.json), or None for a full-precision checkpoint."""
+    from ..quantize import QUANTIZATION_NAME, Quantization
+
+    path = Path(directory) / QUANTIZATION_NAME
+    if not path.is_file():
+        return None
+    try:
+        return Quantization.from_dict(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a quantization description ({e})") from None
+
+
 def load_pretrained(path_or_id, *, dtype: torch.dtype | str = torch.float32, device="cpu",
-                    revision: str | None = None, **overrides) -> BlackMambaLM:
+                    revision: str | None = None, quantize: str | None = None, group_size: int = 32,
+                    **overrides) -> BlackMambaLM:
     """Load a native folder, a release folder or a hub id, in eval mode; ``overrides`` replace config fields
-    (e.g. ``mlp_activation="gelu"``). ``dtype="auto"`` keeps the stored dtype; A_log and D are always fp32."""
-    model, _, _ = read_model(path_or_id, revision, **overrides)
+    (e.g. ``mlp_activation="gelu"``). ``dtype="auto"`` keeps the stored dtype; A_log and D are always fp32.
+
+    ``quantize="int8" | "int4"`` (``group_size`` 32 or 64 for int4): quantize the linear layers after loading
+    (``blackmamba.quantize``); a quantized checkpoint (``convert --quantize``) loads as stored, and asking for
+    another mode than its own is a CheckpointError. ``dtype`` then applies to the weights left unquantized."""
+    from ..quantize import Quantization, quantize_model
+
+    if quantize is not None:
+        try:
+            Quantization(quantize, group_size)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    model, _, directory = read_model(path_or_id, revision, **overrides)
+    if model.quantization is not None and quantize not in (None, model.quantization.mode):
+        raise CheckpointError(f"{directory} holds {model.quantization.mode} weights: it cannot be loaded as "
+                              f"{quantize} (convert the full-precision checkpoint instead)")
     if dtype == "auto":
         dtype = model.dtype
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    if quantize is not None and model.quantization is None:
+        quantize_model(model, quantize, group_size)  # from the weights as stored, before any cast
     return model.to_dtype(dtype).to(device)

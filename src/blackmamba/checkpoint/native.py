@@ -33,13 +33,17 @@ def config_from_native(d: dict) -> BlackMambaConfig:
 
 def save_pretrained(model: BlackMambaLM, directory, *, max_shard_bytes: int | None = None,
                     dtype: torch.dtype | None = None) -> None:
-    """Native format: config.json + model.safetensors (sharded above ``max_shard_bytes``)."""
+    """Native format: config.json + model.safetensors (sharded above ``max_shard_bytes``), and for a quantized
+    model quantization.json (``blackmamba.quantize``; its bytes and scales are never cast)."""
     from safetensors.torch import save_file
+
+    from ..quantize import QUANTIZATION_NAME, is_quantized_tensor
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and not is_ssm_parameter(k) else v)
-          .detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and not is_ssm_parameter(k)
+              and not is_quantized_tensor(k) else v).detach().contiguous().cpu()
+          for k, v in model.state_dict().items()}
     meta = {"format": "pt", "model_type": MODEL_TYPE}
     if max_shard_bytes is None or sum(t.numel() * t.element_size() for t in sd.values()) <= max_shard_bytes:
         with atomic_file(directory / SAFETENSORS_NAME) as tmp:
@@ -64,4 +68,8 @@ def save_pretrained(model: BlackMambaLM, directory, *, max_shard_bytes: int | No
         total = sum(t.numel() * t.element_size() for t in sd.values())
         write_json(directory / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         (directory / SAFETENSORS_NAME).unlink(missing_ok=True)
+    if getattr(model, "quantization", None) is not None:
+        write_json(directory / QUANTIZATION_NAME, model.quantization.to_dict())
+    else:
+        (directory / QUANTIZATION_NAME).unlink(missing_ok=True)
     write_json(directory / CONFIG_NAME, {"model_type": MODEL_TYPE, **model.config.to_dict()})

@@ -79,7 +79,11 @@ def config_to_release(cfg: BlackMambaConfig) -> dict:
 
 
 def save_release(model: BlackMambaLM, directory, *, dtype: torch.dtype | None = None) -> None:
-    """Release format: config.json + pytorch_model.bin ({"model": state_dict}), dtype kept unless given."""
+    """Release format: config.json + pytorch_model.bin ({"model": state_dict}), dtype kept unless given. A quantized
+    model cannot be written in it (the release's code reads full-precision weights): CheckpointError."""
+    if getattr(model, "quantization", None) is not None:
+        raise CheckpointError(f"the release format holds full-precision weights only; this model is "
+                              f"{model.quantization.mode} quantized: save it in the native format")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = config_to_release(model.config)

@@ -23,8 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="store_true",
                    help="the data benchmark instead: preparing a 300 MB JSONL corpus vs the tokenizers library's "
                         "batch encoder alone, and its peak memory (blackmamba.bench.data)")
+    p.add_argument("--quantize", action="store_true",
+                   help="the quantization benchmark instead: int8 / int4 decode against bfloat16 and the "
+                        "bandwidth roofline, accuracy against float32 on --model's held-out text, the memory of a "
+                        "loaded int4 1.5B-shaped model (blackmamba.bench.quant)")
     p.add_argument("--model", help="with --serve: the model to serve (run folder, model folder or hub id; default: "
-                                   "the small preset with random weights)")
+                                   "the small preset with random weights); with --quantize: the run folder whose "
+                                   "held-out text the accuracy is measured on")
     p.add_argument("--url", help="with --serve: load a running server instead (e.g. http://127.0.0.1:8000/v1)")
     p.add_argument("--api-key", help="with --url: the server's key")
 
@@ -45,21 +50,29 @@ def run(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     from ..bench.harness import format_table
 
-    for flag in ("model", "url", "api_key"):
+    if args.model is not None and not (args.serve or args.quantize):
+        raise UserError("--model is for --serve and --quantize (the other benchmarks build their own models)")
+    for flag in ("url", "api_key"):
         if getattr(args, flag) is not None and not args.serve:
             raise UserError(f"--{flag.replace('_', '-')} is for --serve (the other benchmarks build their own models)")
     if args.api_key is not None and args.url is None:
         raise UserError("--api-key is for --url (a running server's key)")
     if args.url is not None and args.model is not None:
         raise UserError("--model and --url: give one (--url loads a server that already has its model)")
-    if sum((args.serve, args.distributed, args.data)) > 1:
-        raise UserError("--serve, --distributed and --data are different benchmarks: choose one")
+    if sum((args.serve, args.distributed, args.data, args.quantize)) > 1:
+        raise UserError("--serve, --distributed, --data and --quantize are different benchmarks: choose one")
+    if args.quantize and args.device != "cpu":
+        raise UserError("--quantize measures the CPU kernels (--device cpu)")
     if args.distributed and args.device != "cpu":
         raise UserError("--distributed measures CPU processes on gloo (--device cpu)")
     if args.nproc < 2:
         raise UserError(f"--nproc must be >= 2, got {args.nproc}")
     try:
-        if args.data:
+        if args.quantize:
+            from ..bench.quant import run_quant_bench
+
+            result = run_quant_bench(args.model, quick=args.quick)
+        elif args.data:
             from ..bench.data import run_data_bench
 
             result = run_data_bench(quick=args.quick)

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from . import add_quantize_option
+
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
@@ -26,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json, a folder holding one, or a hub id (default: the model's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: float32)")
+    add_quantize_option(p)
     p.add_argument("--output", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
     tasks = p.add_argument_group("lm-eval tasks (--tasks)")
     tasks.add_argument("--limit", type=float, help="at most N examples per task (a fraction if < 1)")
@@ -84,7 +87,8 @@ def run_text(args) -> dict:
     if not args.text.is_file():
         raise FileNotFoundError(f"{args.text}: no such file")
     tokenizer = load_tokenizer(args.model, args.tokenizer)
-    model = load_pretrained(args.model, dtype=args.dtype, device=_device(args.device))
+    model = load_pretrained(args.model, dtype=args.dtype, device=_device(args.device), quantize=args.quantize,
+                            group_size=args.group_size)
     # the file is read and encoded a piece at a time (bounded memory; invalid UTF-8 is a ValueError)
     score = score_text(model, tokenizer, read_text_chunks(args.text), window=args.window, stride=args.stride,
                        progress=sys.stderr.isatty())
@@ -110,7 +114,8 @@ def run_tasks(args) -> dict:
             raise FileNotFoundError(f"--include-path {d}: no such folder")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = evaluate_tasks(args.model, specs, tokenizer=args.tokenizer, batch_size=args.batch_size,
-                             device=str(_device(args.device)), dtype=args.dtype, limit=limit,
+                             device=str(_device(args.device)), dtype=args.dtype, quantize=args.quantize,
+                             group_size=args.group_size, limit=limit,
                              num_fewshot=args.num_fewshot, include_paths=args.include_path)
     print(make_table(results))
     if "groups" in results:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import add_quantize_option
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="run directory, model folder or hub id (owner/name)")
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text to continue (several: one batch)")
@@ -28,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop when this text appears (not printed; repeatable); EOS always stops")
     p.add_argument("--tokenizer", metavar="FILE_OR_HUB_ID", help="tokenizer.json (or hub id) to use")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    add_quantize_option(p)
 
 
 def sampling_options(args) -> dict:
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             check_prompt(p)  # before the model loads
     except ValueError as e:
         raise UserError(str(e)) from None
-    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device)
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.quantize, args.group_size)
     for p in args.prompts:
         try:
             encode_prompt(tok, p)

@@ -14,6 +14,8 @@ import argparse
 import os
 import signal
 
+from . import add_quantize_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="run directory, model folder, release folder or hub id (owner/name)")
@@ -33,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds running requests get to finish on SIGTERM or Ctrl-C (default 30)")
     p.add_argument("--tokenizer", metavar="FILE_OR_HUB_ID", help="tokenizer.json (or hub id) to use")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    add_quantize_option(p)
 
 
 def settings(args) -> dict:
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         from ..serve.metrics import Metrics
         from ..serve.server import create_app
 
-        model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device)
+        model, tok = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.quantize, args.group_size)
         try:
             template = ChatTemplate.for_folder(resolve_path(args.model))
         except ValueError as e:

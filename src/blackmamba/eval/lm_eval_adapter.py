@@ -6,7 +6,7 @@
 or ``blackmamba eval DIR --tasks ...``. Model arguments: ``pretrained`` (folder or hub id, or a loaded
 ``BlackMambaLM``), ``tokenizer`` (tokenizer.json, folder or hub id, or a ``tokenizers.Tokenizer``; default:
 the model folder's),
-``batch_size``, ``device``, ``dtype``, ``max_gen_toks``.
+``batch_size``, ``device``, ``dtype``, ``max_gen_toks``, ``quantize`` (int8 | int4), ``group_size``.
 
 - ``loglikelihood``: each distinct context is prefilled once (contexts batched, left-padded); its final
   recurrent state is then copied once per continuation, and the continuations of a batch run together
@@ -57,7 +57,8 @@ def _device(device: str | None) -> torch.device:
 @register_model("blackmamba")
 class BlackMambaEvalLM(TemplateLM):
     def __init__(self, pretrained: str | BlackMambaLM, tokenizer=None, batch_size: int | str = 1,
-                 device: str | None = None, dtype: str = "float32", max_gen_toks: int = 256):
+                 device: str | None = None, dtype: str = "float32", max_gen_toks: int = 256,
+                 quantize: str | None = None, group_size: int | str = 32):
         super().__init__()
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size=auto is not supported by the blackmamba model: give a number")
@@ -71,7 +72,8 @@ class BlackMambaEvalLM(TemplateLM):
                                  "with a model object")
             self.model = pretrained.eval()
         else:
-            self.model = load_pretrained(pretrained, dtype=dtype, device=_device(device))
+            self.model = load_pretrained(pretrained, dtype=dtype, device=_device(device), quantize=quantize or None,
+                                         group_size=int(group_size))
         from tokenizers import Tokenizer
 
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(pretrained, tokenizer)

@@ -25,7 +25,8 @@ def _task_manager(specs: list[str], include: list[Path]):
 
 
 def evaluate_tasks(model, tasks: list[str], *, tokenizer=None, batch_size: int = 1, device: str | None = None,
-                   dtype: str = "float32", limit: float | None = None, num_fewshot: int | None = None,
+                   dtype: str = "float32", quantize: str | None = None, group_size: int = 32,
+                   limit: float | None = None, num_fewshot: int | None = None,
                    include_paths: list[Path] = ()) -> dict:
     """lm-eval's ``simple_evaluate`` results of ``tasks`` (names, groups or task YAML files) for ``model`` (a folder
     or hub id). ValueError for an unknown task."""
@@ -34,6 +35,7 @@ def evaluate_tasks(model, tasks: list[str], *, tokenizer=None, batch_size: int =
     from .lm_eval_adapter import BlackMambaEvalLM
 
     manager = _task_manager(tasks, list(include_paths))
-    lm = BlackMambaEvalLM(model, tokenizer=tokenizer, batch_size=batch_size, device=device, dtype=dtype)
+    lm = BlackMambaEvalLM(model, tokenizer=tokenizer, batch_size=batch_size, device=device, dtype=dtype,
+                          quantize=quantize, group_size=group_size)
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
                                    task_manager=manager, log_samples=False)

@@ -21,10 +21,12 @@ from .generate import pad_prompts
 NEOX_VOCAB = (50277, 50304)  # GPT-NeoX-20B's ids, and the release's padded embedding rows
 
 
-def load_model_and_tokenizer(spec, tokenizer: str | None = None, device: str = "auto"):
-    """(model in eval mode, TextTokenizer) for a run directory, model folder or hub id. The tokenizer is
-    ``tokenizer`` (a tokenizer.json, folder or hub id), else the folder's ``tokenizer.json``, else, for the release
-    checkpoints (which ship none), GPT-NeoX-20B's. Problems are ValueErrors (CheckpointError, DataError) naming them.
+def load_model_and_tokenizer(spec, tokenizer: str | None = None, device: str = "auto", quantize: str | None = None,
+                             group_size: int = 32):
+    """(model in eval mode, TextTokenizer) for a run directory, model folder or hub id, its linear layers
+    quantized with ``quantize`` ("int8" | "int4"; ``load_pretrained``). The tokenizer is ``tokenizer`` (a
+    tokenizer.json, folder or hub id), else the folder's ``tokenizer.json``, else, for the release checkpoints
+    (which ship none), GPT-NeoX-20B's. Problems are ValueErrors (CheckpointError, DataError) naming them.
     """
     from ..checkpoint import load_pretrained, resolve_path
     from ..data.corpus import DataError
@@ -35,7 +37,7 @@ def load_model_and_tokenizer(spec, tokenizer: str | None = None, device: str = "
     elif torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: no CUDA device is available")
     directory = resolve_path(spec)
-    model = load_pretrained(directory, device=device)
+    model = load_pretrained(directory, device=device, quantize=quantize, group_size=group_size)
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     elif (directory / TOKENIZER_NAME).is_file():

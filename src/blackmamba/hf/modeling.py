@@ -94,7 +94,11 @@ class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_core(cls, lm: BlackMambaLM) -> "BlackMambaForCausalLM":
-        """Wrap a core model; the weights are shared, not copied."""
+        """Wrap a core model; the weights are shared, not copied. A quantized model is refused: transformers'
+        and PEFT's code (training, resizing, saving) expects weight tensors."""
+        if lm.quantization is not None:
+            raise CheckpointError(f"a {lm.quantization.mode} quantized model cannot be wrapped for transformers: "
+                                  f"use blackmamba's own generate / eval / serve, or the full-precision checkpoint")
         with torch.device("meta"):
             model = cls(BlackMambaConfig.from_core(lm.config))
         model._adopt(lm)
@@ -111,7 +115,13 @@ class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """A transformers / native folder or hub id, or a release-format one (``Zyphra/BlackMamba-1.5B``)."""
+        """A transformers / native folder or hub id, or a release-format one (``Zyphra/BlackMamba-1.5B``); not a
+        quantized one (``from_core``)."""
+        from blackmamba.quantize import QUANTIZATION_NAME
+
+        if (Path(str(pretrained_model_name_or_path)) / QUANTIZATION_NAME).is_file():
+            raise CheckpointError(f"{pretrained_model_name_or_path} holds quantized weights: load it with "
+                                  f"blackmamba.load_pretrained (inference); transformers needs a full-precision one")
         if _is_release(pretrained_model_name_or_path, kwargs.get("revision")):
             unsupported = sorted(set(kwargs) - {"dtype", "revision"})
             if model_args or unsupported:

@@ -8,9 +8,11 @@ is slow at that shape without native bfloat16 instructions; and each row's resul
 other rows) and is ``F.linear`` otherwise.
 
 Ops that take projections (``mamba_step``, ``moe_experts``, ``moe_step``) take *linear operands*: the weight
-of a plain ``nn.Linear`` — which a kernel can read — or, for anything else (a LoRA wrapper, a quantised layer),
-the module itself, called as it is so that nothing it adds is skipped (``operand``; ``operand_with_bias`` for
-a projection with a bias); ``apply`` computes either. A backend given a module hands the call to the reference.
+of a plain ``nn.Linear`` — which a kernel can read —, the ``QuantizedWeight`` of a quantized linear layer
+(``layers.quantized``; op ``linear`` takes it), or, for anything else (a LoRA wrapper), the module itself, called
+as it is so that nothing it adds is skipped (``operand``; ``operand_with_bias`` for a projection with a bias);
+``apply`` computes any of them. A backend given an operand its kernel does not read hands the call to the
+reference.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import registry
+from .quant import QuantizedWeight
 
 
-def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_reference(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; a ``QuantizedWeight`` is dequantized first, to x's dtype (float32 for an integer x)."""
+    if isinstance(weight, QuantizedWeight):
+        weight = weight.dequantize(x.dtype if x.is_floating_point() else torch.float32)
     return F.linear(x, weight, bias)
 
 
@@ -41,19 +47,28 @@ def plain(module: nn.Module) -> bool:
     return type(module) is nn.Linear
 
 
+def _quantized(module: nn.Module) -> bool:
+    """A ``layers.quantized.QuantizedLinear`` (bias-free; its ``weight`` a ``QuantizedWeight``)."""
+    return isinstance(getattr(module, "weight", None), QuantizedWeight)
+
+
 def operand(module: nn.Module):
-    """The weight of a plain bias-free ``nn.Linear``; any other module as itself (called by ``apply``)."""
-    return module.weight if plain(module) and module.bias is None else module
+    """The weight of a plain bias-free ``nn.Linear`` (a tensor) or of a quantized linear layer (a
+    ``QuantizedWeight``); any other module as itself (called by ``apply``)."""
+    return module.weight if (plain(module) and module.bias is None) or _quantized(module) else module
 
 
 def operand_with_bias(module: nn.Module) -> tuple:
-    """(weight, bias) of a plain ``nn.Linear``; (module, None) for any other module."""
-    return (module.weight, module.bias) if plain(module) else (module, None)
+    """(weight, bias) of a plain ``nn.Linear`` or a quantized one (bias None); (module, None) for any other."""
+    if plain(module):
+        return module.weight, module.bias
+    return (module.weight, None) if _quantized(module) else (module, None)
 
 
 def apply(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A linear operand applied to x: op ``linear`` for a weight tensor, the module's own call otherwise."""
-    return linear(x, weight, bias) if torch.is_tensor(weight) else weight(x)
+    """A linear operand applied to x: op ``linear`` for a weight (a tensor or a ``QuantizedWeight``), the
+    module's own call otherwise."""
+    return linear(x, weight, bias) if torch.is_tensor(weight) or isinstance(weight, QuantizedWeight) else weight(x)
 
 
 def all_tensors(*weights) -> bool:

@@ -35,7 +35,7 @@ log = logging.getLogger("blackmamba")
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("scan_forward.cpp", "scan_backward.cpp", "conv.cpp", "step.cpp", "mamba_step.cpp", "gemv.cpp",
-           "norm.cpp", "fastexp.cpp", "grouped_mlp.cpp", "moe_step.cpp")
+           "qgemv.cpp", "norm.cpp", "fastexp.cpp", "grouped_mlp.cpp", "moe_step.cpp")
 HEADERS = ("simd.h", "dot.h", "scan.h", "act.h")
 # -march: the host's (native) unless BLACKMAMBA_CPU_ARCH names another target, e.g. x86-64-v3 (AVX2, the
 # portable code paths) to test them on an AVX-512 machine or to build for an older CPU
@@ -53,7 +53,8 @@ _tried = False
 # --------------------------------------------------------------------------- build
 def _flags() -> tuple[str, ...]:
     flags = (f"-march={os.environ.get('BLACKMAMBA_CPU_ARCH', '').strip() or 'native'}", *CFLAGS)
-    if _is_clang(_compiler()):  # clang ignores `#pragma clang fp contract(off)` (csrc/dot.h) under plain -ffp-contract=fast
+    # clang ignores `#pragma clang fp contract(off)` (csrc/dot.h) under plain -ffp-contract=fast
+    if _is_clang(_compiler()):
         flags = tuple("-ffp-contract=fast-honor-pragmas" if f == "-ffp-contract=fast" else f for f in flags)
     return flags
 
@@ -148,14 +149,18 @@ SIGNATURES = {
     "bm_ssm_step": (None, [_P] * 9 + [_I64, _I64, _I64, _INT]),
     "bm_conv_step": (_INT, [_INT] + [_P] * 5 + [_I64, _I64, _I64, _INT]),
     "bm_mamba_step_max_rows": (_INT, []),
-    "bm_mamba_step": (_INT, [_INT, _INT, _INT] + [_P] * 13 + [_I64] * 6 + [_INT]),
+    # ..., threads, then the projections' quant code (0 plain, 1 int8, 2 int4), their three scales, group
+    "bm_mamba_step": (_INT, [_INT, _INT, _INT] + [_P] * 13 + [_I64] * 6 + [_INT, _INT, _P, _P, _P, _I64]),
     "bm_gemv_max_rows": (_INT, []),
     "bm_gemv": (_INT, [_INT, _P, _P, _P, _P, _I64, _I64, _I64, _INT]),
+    "bm_qgemv": (_INT, [_INT, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
     "bm_add_rmsnorm": (_INT, [_INT, _INT, _INT, _P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float, _INT]),
     "bm_exp": (None, [_P, _P, _I64, _INT]),
     "bm_grouped_mlp_forward": (_INT, [_P, _INT, _I64, _P, _I64, _I64] + [_P] * 5 + [_INT]),
     "bm_grouped_mlp_backward": (_INT, [_P, _INT, _I64, _P, _I64, _I64] + [_P] * 8 + [_INT]),
-    "bm_moe_step": (_INT, [_INT, _INT, _INT, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT]),
+    # ..., threads, then the experts' quant code (0 plain, 1 int8, 2 int4), fc1 / fc2 scale-pointer arrays, group
+    "bm_moe_step": (_INT, [_INT, _INT, _INT, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT,
+                           _INT, _P, _P, _I64]),
 }
 
 

@@ -1,12 +1,13 @@
 // Matrix-vector products for decode: y[q, row] = sum_k w[row, k] x[q, k] for a few rows q of x.
 // Several weight rows at a time: independent accumulator chains keep enough loads in flight to
 // stream the weights at memory speed, helped by a software prefetch of the next rows.
-// w: float32 or bfloat16; x, y: float32.
+// w: float32 or bfloat16, or int8 / int4 through the views at the end (Int8Rows, Int4Rows); x, y: float32.
 #pragma once
 
 #include "simd.h"
 
 #include <algorithm>
+#include <vector>
 
 // Each product is rounded before it is added (no fused multiply-add here): with -ffp-contract=fast the compiler
 // fused some instantiations of the loops below and not others, so a row's sum depended on how many rows were
@@ -89,6 +90,335 @@ inline void dot_rows(const TW* w, const float* x, int64_t xstride, int64_t len, 
     case 7: return dot_rows_n<7>(w, x, xstride, len, r0, r1, y, ystride);
     default: return dot_rows_n<8>(w, x, xstride, len, r0, r1, y, ystride);
   }
+}
+
+// ---- quantized weights (ops/quant.py's format), through views that dot_rows is overloaded on, so that a kernel
+// templated on its weight type (a pointer or a view) can take either. The values become float32 in registers and
+// are multiplied by x with fused multiply-adds where the CPU has them (explicit instructions, so every row gets
+// the same ones; else products rounded before the add, as above); the scales are applied to the sums. A view's x
+// is *prepared* once per matrix (prepare_x: xlen() floats a row of x; Int8Rows reads x as it is) and dot_rows
+// reads the prepared rows. Every row is summed in the same order whatever the number of rows (nx) or the rows
+// computed with it. Quantized rows are short (768 bytes for int8 at i = 768, 384 for int4), so the prefetch runs
+// kQuantAheadRows rows ahead rather than one block of rows, into L2 (prefetcht1): on the 2-core Zen 4 VM this was
+// measured on, 64 rows into L2 beat 16 or 32 rows into L1 (with or without a further L2 prefetch), 128 to 512 rows.
+
+constexpr int kQuantAheadRows = 64;
+
+// acc + a * b
+inline vfloat madd(vfloat acc, vfloat a, vfloat b) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
+#elif defined(__FMA__)
+  return (vfloat)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#else
+  return acc + a * b;
+#endif
+}
+
+// every lane a (splat adds a to a zero vector, an addition the compiler must keep: -0 + 0 is +0)
+inline vfloat bcast(float a) {
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_set1_ps(a);
+#elif defined(__AVX__)
+  return (vfloat)_mm256_set1_ps(a);
+#else
+  return splat<float>(a);
+#endif
+}
+
+// int8, one float32 scale a row: y[q, row] = scale[row] * sum_k float(q[row, k]) x[q, k].
+struct Int8Rows {
+  static constexpr bool kPrepared = false;  // x is read as it is: xlen() == len
+  const int8_t* q;                          // (o, len)
+  const float* scales;                      // (o,)
+  int64_t len;
+  int64_t xlen() const { return len; }
+  void prepare_x(const float* x, int64_t xstride, int64_t nx, float* xp) const {
+    for (int64_t r = 0; r < nx; ++r) std::copy(x + r * xstride, x + r * xstride + len, xp + r * len);
+  }
+};
+
+// int4, two values a byte (element k in byte k / 2, the low nibble for even k, stored as n = value + 8), one
+// float16 scale per `group` (even) elements of a row:
+//   y[q, row] = sum over the groups g of scale[row, g] * (sum_{k in g} n[row, k] x[q, k] - 8 sum_{k in g} x[q, k]).
+// A step reads lanes<float> bytes, 2 * lanes elements, one byte b = lo + 16 hi a 32-bit lane: lo is an even
+// element, hi the odd one after it. A step's sum lo * xe + hi * xo is taken as lo * (xe - xo / 16) + b * (xo / 16):
+// two conversions (lo, b) and no shift. So prepare_x stores x step by step as xe - xo / 16 for the step's even
+// elements, then xo / 16 for its odd ones, each group starting a step and a partial step padded with zeros (a
+// missing byte reads as 0). After the groups it stores c[g] = -8 sum_{k in g} x[k], padded with zeros to whole
+// vectors, which dot_block adds as scale * c a vector of groups at a time. The float16 scales are converted a
+// vector at a time.
+struct Int4Rows {
+  static constexpr bool kPrepared = true;
+  static constexpr int kStep = 2 * lanes<float>;  // elements a step
+  const uint8_t* q;                               // (o, row_bytes())
+  const uint16_t* scales;                         // float16 bits, (o, groups())
+  int64_t len, group;
+  int64_t row_bytes() const { return (len + 1) / 2; }
+  int64_t groups() const { return (len + group - 1) / group; }
+  int64_t group_stride() const { return (group + kStep - 1) / kStep * kStep; }  // prepared floats a group
+  int64_t corrections() const { return groups() * group_stride(); }            // where c starts in a prepared row
+  int64_t xlen() const { return corrections() + (groups() + lanes<float> - 1) / lanes<float> * lanes<float>; }
+  void prepare_x(const float* x, int64_t xstride, int64_t nx, float* xp) const {
+    constexpr int W = lanes<float>;
+    const int64_t n = xlen(), gstride = group_stride();
+    for (int64_t r = 0; r < nx; ++r) {
+      const float* xr = x + r * xstride;
+      float* out = xp + r * n;
+      std::fill(out, out + n, 0.0f);
+      for (int64_t g = 0; g < groups(); ++g) {
+        const int64_t k0 = g * group, k1 = std::min(len, k0 + group);
+        float* og = out + g * gstride;
+        float sum = 0;
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t s = k - k0, j = s % kStep;
+          og[s / kStep * kStep + (j % 2) * W + j / 2] = xr[k];
+          sum += xr[k];
+        }
+        for (int64_t t = 0; t < gstride; t += kStep)
+          for (int l = 0; l < W; ++l) {
+            og[t + W + l] *= 0.0625f;    // xo / 16 (exact)
+            og[t + l] -= og[t + W + l];  // xe - xo / 16
+          }
+        out[corrections() + g] = -8 * sum;
+      }
+    }
+  }
+};
+
+// The float32 scales of rows [0, G) of sr (ng a row), groups [g0, g0 + cnt), cnt <= lanes<float>: out[g][j] for
+// group g0 + j, 0 past cnt.
+template <int G>
+inline void int4_scales(const uint16_t* sr, int64_t ng, int64_t g0, int cnt, float (*out)[lanes<float>]) {
+  for (int g = 0; g < G; ++g) {
+#if defined(__AVX512F__)
+    if (cnt == lanes<float>) {
+      _mm512_storeu_ps(out[g], _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sr + g * ng + g0))));
+      continue;
+    }
+#elif defined(__F16C__)
+    if (cnt == lanes<float>) {
+      _mm256_storeu_ps(out[g], _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sr + g * ng + g0))));
+      continue;
+    }
+#endif
+    for (int j = 0; j < lanes<float>; ++j) out[g][j] = j < cnt ? half_to_float(sr[g * ng + g0 + j]) : 0.0f;
+  }
+}
+
+// rows [row, row + G) of an int8 view; x row q at x + q * xs; y[q * ystride + row].
+template <int NX, int G>
+inline void dot_block(const Int8Rows& w, const float* x, int64_t xs, int64_t row, float* y, int64_t ystride) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  constexpr int W = lanes<float>;
+  constexpr int kLine = 64;  // bytes = elements
+  const int64_t len = w.len;
+  const int8_t* wr = w.q + row * len;
+  vfloat acc[NX][G] = {};
+  auto step = [&](int64_t k, int cnt) {
+    vfloat wv[G];
+    for (int g = 0; g < G; ++g) wv[g] = __builtin_convertvector(vload_i8(wr + g * len + k, cnt), vfloat);
+    for (int q = 0; q < NX; ++q) {
+      const vfloat xv = vload<float>(x + q * xs + k, cnt);
+      for (int g = 0; g < G; ++g) acc[q][g] = madd(acc[q][g], wv[g], xv);
+    }
+  };
+  int64_t k = 0;
+  for (; k + kLine <= len; k += kLine) {
+    for (int g = 0; g < G; ++g) __builtin_prefetch(wr + (kQuantAheadRows + g) * len + k, 0, 2);  // never faults
+    for (int s = 0; s < kLine; s += W) step(k + s, W);
+  }
+  for (; k + W <= len; k += W) step(k, W);
+  if (k < len) step(k, static_cast<int>(len - k));
+  for (int q = 0; q < NX; ++q)
+    for (int g = 0; g < G; ++g) y[q * ystride + row + g] = hsum(acc[q][g]) * w.scales[row + g];
+}
+
+// rows [row, row + G) of an int4 view; prepared x row q at xp + q * xs; y[q * ystride + row]. GS: the group size
+// when it is a multiple of the step known at compile time (a vector of full groups unrolled), else 0. The groups
+// are taken a vector of them at a time: their scales converted, scale * c added, and the same bytes prefetched
+// kQuantAheadRows rows ahead; then each group's sum (a vector a row) is added times its scale.
+template <int NX, int G, int GS>
+inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t row, float* y, int64_t ystride) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  constexpr int W = lanes<float>, S = Int4Rows::kStep;
+  const int64_t len = w.len, rb = w.row_bytes(), ng = w.groups(), gs = GS ? GS : w.group;
+  const int64_t gstride = GS ? GS : w.group_stride(), corr = w.corrections();
+  const uint8_t* wr = w.q + row * rb;
+  const vuint low = vuint{} + 0xFu;
+  vfloat acc[NX][G] = {};
+  float sc[G][W];
+  auto group = [&](int64_t gi, int j, int64_t n) {  // group gi (n elements), its scales sc[.][j]
+    const uint8_t* wg = wr + gi * gs / 2;
+    const float* xg = xp + gi * gstride;
+    vfloat part[NX][G] = {};
+    auto step = [&](int64_t k, int cnt) {
+      vfloat lo[G], b[G];
+      for (int g = 0; g < G; ++g) {
+        const vuint v = vload_u8(wg + g * rb + k / 2, (cnt + 1) / 2);
+        lo[g] = __builtin_convertvector((vint)(v & low), vfloat);
+        b[g] = __builtin_convertvector((vint)v, vfloat);
+      }
+      for (int q = 0; q < NX; ++q) {
+        const vfloat xd = vload<float>(xg + q * xs + k, W), xq = vload<float>(xg + q * xs + k + W, W);
+        for (int g = 0; g < G; ++g) part[q][g] = madd(madd(part[q][g], lo[g], xd), b[g], xq);
+      }
+    };
+    if (GS && n == GS) {
+#pragma GCC unroll 8
+      for (int k = 0; k < GS; k += S) step(k, S);
+    } else {
+      int64_t k = 0;
+      for (; k + S <= n; k += S) step(k, S);
+      if (k < n) step(k, static_cast<int>(n - k));
+    }
+    for (int g = 0; g < G; ++g) {
+      const vfloat s = bcast(sc[g][j]);
+      for (int q = 0; q < NX; ++q) acc[q][g] = madd(acc[q][g], s, part[q][g]);
+    }
+  };
+  for (int64_t g0 = 0; g0 < ng; g0 += W) {
+    const int cnt = static_cast<int>(std::min<int64_t>(W, ng - g0));
+    int4_scales<G>(w.scales + row * ng, ng, g0, cnt, sc);
+    for (int q = 0; q < NX; ++q) {
+      const vfloat c = vload<float>(xp + q * xs + corr + g0, W);
+      for (int g = 0; g < G; ++g) acc[q][g] = madd(acc[q][g], vload<float>(sc[g], W), c);
+    }
+    const int64_t b0 = g0 * gs / 2, b1 = std::min(rb, (g0 + cnt) * gs / 2);
+    for (int g = 0; g < G; ++g) {
+      const uint8_t* ahead = wr + (kQuantAheadRows + g) * rb;  // a prefetch never faults
+      for (int64_t b = b0; b < b1; b += 64) __builtin_prefetch(ahead + b, 0, 2);
+      __builtin_prefetch(ahead + b1 - 1, 0, 2);
+    }
+    if (GS && cnt == W && (g0 + W) * gs <= len) {
+#pragma GCC unroll 16
+      for (int j = 0; j < W; ++j) group(g0 + j, j, GS);
+    } else {
+      for (int j = 0; j < cnt; ++j) group(g0 + j, j, std::min(len, (g0 + j + 1) * gs) - (g0 + j) * gs);
+    }
+  }
+  for (int q = 0; q < NX; ++q)
+    for (int g = 0; g < G; ++g) y[q * ystride + row + g] = hsum(acc[q][g]);
+}
+
+// the usual group sizes unrolled for a batch of 1 or 2 on AVX2 / AVX-512 (code size and compile time: the generic
+// vector code compiles slowly), any other case by the general loop
+template <int NX, int G>
+inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t row, float* y, int64_t ystride) {
+#if defined(__AVX2__)
+  if constexpr (NX <= 2) {
+    constexpr int S = Int4Rows::kStep;
+    if (w.group == 32 && 32 % S == 0) return dot_block<NX, G, 32>(w, xp, xs, row, y, ystride);
+    if (w.group == 64 && 64 % S == 0) return dot_block<NX, G, 64>(w, xp, xs, row, y, ystride);
+  }
+#endif
+  dot_block<NX, G, 0>(w, xp, xs, row, y, ystride);
+}
+
+// weight rows a block: int4 at batch 1 takes 8 (its sums are bound by the latency of the multiply-adds: more rows,
+// more independent chains), int8 and a batch of 2 take 4, larger batches 2 (registers)
+template <int NX, typename View>
+constexpr int kQuantBlock = NX == 1 && View::kPrepared ? 8 : NX <= 2 ? 4 : 2;
+
+// rows [r0, r1) of a quantized view, for nx rows of (prepared, if View::kPrepared) x, xs floats apart.
+template <int NX, typename View>
+  requires requires { View::kPrepared; }
+inline void dot_rows_n(const View& w, const float* x, int64_t xs, int64_t r0, int64_t r1, float* y, int64_t ystride) {
+  constexpr int G = kQuantBlock<NX, View>;
+  int64_t row = r0;
+  for (; row + G <= r1; row += G) dot_block<NX, G>(w, x, xs, row, y, ystride);
+  for (; row < r1; ++row) dot_block<NX, 1>(w, x, xs, row, y, ystride);
+}
+
+template <typename View>
+  requires requires { View::kPrepared; }
+inline void dot_rows(const View& w, const float* x, int64_t xs, int64_t nx, int64_t r0, int64_t r1, float* y,
+                     int64_t ystride) {
+  switch (nx) {
+    case 1: return dot_rows_n<1>(w, x, xs, r0, r1, y, ystride);
+    case 2: return dot_rows_n<2>(w, x, xs, r0, r1, y, ystride);
+    case 3: return dot_rows_n<3>(w, x, xs, r0, r1, y, ystride);
+    case 4: return dot_rows_n<4>(w, x, xs, r0, r1, y, ystride);
+    case 5: return dot_rows_n<5>(w, x, xs, r0, r1, y, ystride);
+    case 6: return dot_rows_n<6>(w, x, xs, r0, r1, y, ystride);
+    case 7: return dot_rows_n<7>(w, x, xs, r0, r1, y, ystride);
+    default: return dot_rows_n<8>(w, x, xs, r0, r1, y, ystride);
+  }
+}
+
+// ---- a fused kernel's projection (csrc/mamba_step.cpp, moe_step.cpp): a plain float32 / bfloat16 matrix
+// (PlainRows) or a quantized view, through one interface, so that a kernel templated on it computes exactly what
+// bm_gemv / bm_qgemv do for the same rows. ProjInput holds the x rows as the projection reads them: x itself
+// (plain, int8), or x prepared once (int4) by prepare(), which a kernel calls once all of x is written and
+// before any thread reads it.
+template <typename TW>
+struct PlainRows {
+  const TW* w;  // (o, len)
+  int64_t len;
+};
+
+template <typename P> struct ProjInput {
+  const float* x = nullptr;
+  int64_t stride = 0;
+  std::vector<float> buf;
+  static constexpr bool kPrepared = [] {
+    if constexpr (requires { P::kPrepared; }) return P::kPrepared; else return false;
+  }();
+  // rows [0, nx) of x (xstride floats apart) for p
+  void prepare(const P& p, const float* xr, int64_t xstride, int64_t nx) {
+    if constexpr (kPrepared) {
+      buf.resize(nx * p.xlen());
+      p.prepare_x(xr, xstride, nx, buf.data());
+      x = buf.data();
+      stride = p.xlen();
+    } else {
+      x = xr;
+      stride = xstride;
+    }
+  }
+};
+
+template <typename TW>
+inline void proj_rows(const PlainRows<TW>& p, const ProjInput<PlainRows<TW>>& in, int64_t nx, int64_t r0, int64_t r1,
+                      float* y, int64_t ystride) {
+  dot_rows(p.w, in.x, in.stride, p.len, nx, r0, r1, y, ystride);
+}
+
+template <typename View>
+  requires requires { View::kPrepared; }
+inline void proj_rows(const View& p, const ProjInput<View>& in, int64_t nx, int64_t r0, int64_t r1, float* y,
+                      int64_t ystride) {
+  dot_rows(p, in.x, in.stride, nx, r0, r1, y, ystride);
+}
+
+// the projection codes of bm_mamba_step / bm_moe_step: 0 plain (the kernel's weight dtype), 1 int8, 2 int4; q,
+// scales and group as in bm_qgemv. Calls f(projection-maker) with a maker (weight pointer, scales pointer, len)
+// -> projection of that kind; returns false for an unknown code or a bad group.
+template <typename TW, typename F>
+inline bool with_proj(int quant, int64_t group, F&& f) {
+  if (quant == 0) {
+    f([](const void* w, const void*, int64_t len) { return PlainRows<TW>{static_cast<const TW*>(w), len}; });
+  } else if (quant == 1) {
+    if (group != 0) return false;
+    f([](const void* q, const void* s, int64_t len) {
+      return Int8Rows{static_cast<const int8_t*>(q), static_cast<const float*>(s), len};
+    });
+  } else if (quant == 2) {
+    if (group < 2 || group % 2) return false;
+    f([group](const void* q, const void* s, int64_t len) {
+      return Int4Rows{static_cast<const uint8_t*>(q), static_cast<const uint16_t*>(s), len, group};
+    });
+  } else {
+    return false;
+  }
+  return true;
 }
 
 }  // namespace bm

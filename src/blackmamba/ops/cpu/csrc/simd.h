@@ -5,6 +5,8 @@
 //   lanes<S>     how many S it holds
 //   vload / vstore   from / to float, double or bfloat16 memory; `cnt` < lanes reads/writes a partial
 //                    vector (the missing lanes read as 0)
+//   vload_i8 / vload_u8   int8 / uint8 memory -> 32-bit lanes, one byte a lane (quantized weights)
+//   half_to_float    a float16's bits -> float
 //   parallel_for     OpenMP over work items
 //   vexp2, vexp  2^x and e^x: float uses a range reduction + a degree-5/6 polynomial (1-2 ulp,
 //                validated against torch.exp by the tests), with AVX-512's vreduceps/vscalefps where
@@ -16,7 +18,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__)
+#if defined(__AVX__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -123,6 +125,62 @@ template <typename S, typename T> inline void vstore_as(T* p, Vec<S> v, int cnt)
 }
 
 template <typename S> inline Vec<S> splat(S a) { return Vec<S>{} + a; }
+
+// ---- quantized weights (ops/quant.py): bytes -> 32-bit lanes, one byte a lane (vpmovsxbd / vpmovzxbd; GCC
+// scalarises __builtin_convertvector from an 8-byte vector). `cnt` < lanes<float> reads only cnt bytes (the
+// missing lanes read as 0).
+typedef int8_t vqi8 __attribute__((vector_size(kVecBytes / 4)));
+typedef uint8_t vqu8 __attribute__((vector_size(kVecBytes / 4)));
+
+template <bool Signed> inline vint vload_byte_lanes(const void* p, int cnt) {
+  alignas(16) uint8_t buf[kVecBytes / 4] = {};
+  if (cnt < lanes<float>) {
+    std::memcpy(buf, p, cnt);
+    p = buf;
+  }
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(static_cast<const __m128i*>(p));
+  return (vint)(Signed ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadl_epi64(static_cast<const __m128i*>(p));
+  return (vint)(Signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+#else
+  if constexpr (Signed) {
+    vqi8 b;
+    std::memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, vint);
+  } else {
+    vqu8 b;
+    std::memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, vint);
+  }
+#endif
+}
+
+inline vint vload_i8(const int8_t* p, int cnt) { return vload_byte_lanes<true>(p, cnt); }
+inline vuint vload_u8(const uint8_t* p, int cnt) { return (vuint)vload_byte_lanes<false>(p, cnt); }
+
+// float16 (IEEE binary16 bits) -> float, exact: vcvtph2ps where there is F16C, else by the bits.
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+  uint32_t u;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in float
+    const float f = static_cast<float>(mant) * 5.9604644775390625e-8f;
+    std::memcpy(&u, &f, sizeof u);
+    u |= sign;
+  } else if (exp == 31) {
+    u = sign | 0x7F800000u | (mant << 13);
+  } else {
+    u = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
 
 // ---- exp
 template <typename S> constexpr S kLog2e = S(1.44269504088896340736);
