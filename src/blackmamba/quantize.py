@@ -135,7 +135,7 @@ def quantized_structure(model, q: Quantization):
     if q.head and not (model.output_layer is None and q.embedding):
         model.output_layer = QuantizedLinear(H, V, q.mode, q.group_size, device="meta")
     if q.embedding:
-        model.embedding.word_embeddings = QuantizedEmbedding(V, H, q.mode, q.group_size, device="meta")
+        model.embedding.word_embeddings = QuantizedEmbedding(H, V, q.mode, q.group_size, device="meta")
     for p in model.parameters():
         p.requires_grad_(False)
     model.quantization = q

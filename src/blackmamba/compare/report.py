@@ -26,11 +26,16 @@ def _loss_vs_flops(results: dict, path: Path) -> Path:
         ax.plot([r["flops"] for r in c], [r["val_bpb"] for r in c], "o-", ms=3, label=a["name"])
     ax.set(xscale="log", xlabel="training FLOPs", ylabel="validation bits per byte",
            title="validation loss against training compute")
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path: Path) -> Path:
+    """A grid and the legend on ``ax``, then ``fig`` written to ``path`` and closed."""
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -48,12 +53,7 @@ def _latency(results: dict, key: str, ylabel: str, title: str, path: Path, logy:
     else:
         ax.set_ylim(bottom=0)
     ax.set_xticks([int(x) for x in results["contexts"]], [str(x) for x in results["contexts"]])
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def _expert_usage(results: dict, path: Path) -> Path | None:

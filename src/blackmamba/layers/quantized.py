@@ -64,33 +64,19 @@ class QuantizedLinear(nn.Module):
 
 
 
-class QuantizedEmbedding(nn.Module):
-    """An embedding table (V, H) stored quantized (the layout of a ``QuantizedWeight`` of V rows of H inputs, which
-    a tied LM head reads as its weight); a lookup dequantizes only the rows it reads, in float32."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, mode: str, group_size: int = 32, device=None):
-        super().__init__()
-        table = QuantizedLinear(embedding_dim, num_embeddings, mode, group_size, device=device)
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.mode, self.group_size = mode, table.group_size
-        self.register_buffer("weight_q", table.weight_q)
-        self.register_buffer("weight_scales", table.weight_scales)
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, mode: str, group_size: int = 32) -> "QuantizedEmbedding":
-        """The table ``weight`` (V, H) quantized."""
-        qw = quantize_weight(weight, mode, group_size)
-        layer = cls(qw.out_features, qw.in_features, mode, group_size, device="meta")
-        layer.weight_q, layer.weight_scales = qw.q, qw.scales
-        return layer
+class QuantizedEmbedding(QuantizedLinear):
+    """An embedding table (V, H) stored quantized: the weight of a ``QuantizedLinear`` of H inputs and V outputs
+    (what a tied LM head reads); a lookup dequantizes only the rows it reads, in float32. Made as the linear layer
+    is: ``QuantizedEmbedding.from_weight(table, mode)``, or ``QuantizedEmbedding(H, V, mode)`` empty."""
 
     @property
-    def weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.mode, self.weight_q, self.weight_scales, self.embedding_dim, self.group_size)
+    def embedding_dim(self) -> int:
+        return self.in_features
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (...) → rows (..., H) float32."""
         flat = ids.reshape(-1)
-        rows = QuantizedWeight(self.mode, self.weight_q[flat], self.weight_scales[flat], self.embedding_dim,
+        rows = QuantizedWeight(self.mode, self.weight_q[flat], self.weight_scales[flat], self.in_features,
                                self.group_size)
-        return rows.dequantize().reshape(*ids.shape, self.embedding_dim)
+        return rows.dequantize().reshape(*ids.shape, self.in_features)

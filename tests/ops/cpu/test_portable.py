@@ -13,8 +13,8 @@ import pytest
 from blackmamba.ops.cpu import build as cpu
 
 HERE = Path(__file__).parent
-KERNEL_TESTS = [HERE / "test_scan.py", HERE / "test_conv.py", HERE / "test_decode.py", HERE / "test_quant_step.py",
-                HERE.parent / "test_norm.py"]
+KERNEL_TESTS = [HERE / "test_scan.py", HERE / "test_conv.py", HERE / "test_decode.py", HERE / "test_qgemv.py",
+                HERE / "test_quant_step.py", HERE.parent / "test_norm.py"]
 
 
 def _has_avx2() -> bool:

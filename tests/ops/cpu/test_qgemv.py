@@ -3,12 +3,9 @@ weight: shapes (odd widths, partial groups, several tasks and threads), group si
 bias; every row bit-identical whatever the batch; which calls reach the kernel; and the AVX2 build (and the
 AVX-512 code compiling) besides the native one."""
 
-import os
 import platform
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -179,25 +176,6 @@ def test_unsupported_inputs_are_refused_by_the_kernel():
     assert lib.bm_qgemv(1, *args, 1, 16, 8, 33, 1) == 3
     assert lib.bm_qgemv(0, *args, 1, 16, 8, 32, 1) == 3  # int8 has no groups
     assert lib.bm_qgemv(1, *args, 1, 16, 8, 32, 1) == 0
-
-
-def _has_avx2() -> bool:
-    try:
-        return " avx2 " in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not _has_avx2(),
-                    reason="x86-64-v3 (AVX2) code needs an x86-64 CPU with AVX2")
-@pytest.mark.skipif(bool(os.environ.get("BLACKMAMBA_CPU_ARCH")), reason="already a non-native build")
-def test_the_avx2_build_passes_these_tests():
-    """The kernels built for x86-64-v3 (256-bit vectors, the AVX2 loads and F16C) in a subprocess (the library is
-    loaded once per process), held to the same tests."""
-    env = {**os.environ, "BLACKMAMBA_CPU_ARCH": "x86-64-v3"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__,
-                          "-k", "not avx"], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[3])
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 targets")
