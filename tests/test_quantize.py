@@ -206,3 +206,41 @@ def test_convert_cli(tmp_path, capsys):
         r = subprocess.run([sys.executable, "-m", "blackmamba", "convert", str(src), str(tmp_path / "out"), *argv],
                            capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_failed_quantization_leaves_the_model_as_it_was(tmp_path):
+    model = random_model(BlackMambaConfig(**SMALL))
+    with torch.no_grad():
+        model.decoder.layers[4].mixer.out_proj.weight[0, 0] = float("nan")  # the last Mamba layer
+    with pytest.raises(ValueError, match="non-finite weights"):
+        quantize_model(model, "int8")
+    assert model.quantization is None
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    model.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="cannot quantize: the model has non-finite weights"):
+        load_pretrained(tmp_path, quantize="int4")
+
+
+def test_casts_keep_the_format_and_wrappers_keep_their_call():
+    q = quantize_model(random_model(BlackMambaConfig(**SMALL)), "int4")
+    ids = torch.randint(0, 97, (1, 5))
+    before = q(ids).logits
+    q.to(torch.float64).to(torch.float32)  # casts the weights; the bytes and scales keep the format
+    lin = q.decoder.layers[0].mixer.in_proj
+    assert lin.weight_scales.dtype == torch.float16 and lin.weight_q.dtype == torch.uint8
+    torch.testing.assert_close(q(ids).logits, before)
+    from blackmamba.ops.linear import operand
+
+    class Wrapper(torch.nn.Module):  # forwards .weight, as PEFT's layers do, and adds to the output
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        @property
+        def weight(self):
+            return self.base.weight
+
+        def forward(self, x):
+            return self.base(x) + 1
+
+    assert operand(lin) is lin.weight and operand(Wrapper(lin)).__class__ is Wrapper

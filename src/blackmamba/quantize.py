@@ -89,11 +89,19 @@ def quantize_model(model, mode: str, group_size: int = 32, head: bool = True, em
     no gradients to train."""
     _check_quantizable(model)
     q = Quantization(mode, group_size, head, embedding)
-    for parent, name in _targets(model):
+    targets = _targets(model)
+    for parent, name in targets:  # every check before the first change: no half-quantized model
         lin = getattr(parent, name)
         if type(lin) is not nn.Linear or lin.bias is not None:
-            raise ValueError(f"{name}: only bias-free nn.Linear layers are quantized, found {type(lin).__name__}")
-        setattr(parent, name, QuantizedLinear.from_weight(lin.weight, mode, group_size))
+            raise ValueError(f"{name}: only bias-free nn.Linear layers are quantized, found {type(lin).__name__} "
+                             f"(a LoRA-wrapped model: merge the adapters first)")
+    weights = [getattr(parent, name).weight for parent, name in targets]
+    weights += [model.embedding.word_embeddings.weight] + ([] if model.output_layer is None
+                                                            else [model.output_layer.weight])
+    if not all(bool(torch.isfinite(w).all()) for w in weights):
+        raise ValueError("the model has non-finite weights (a diverged checkpoint?): they cannot be quantized")
+    for parent, name in targets:
+        setattr(parent, name, QuantizedLinear.from_weight(getattr(parent, name).weight, mode, group_size))
     tied = model.output_layer is None
     if head and not (tied and embedding):  # (a tied head reads the quantized table itself)
         weight = model.embedding.word_embeddings.weight if tied else model.output_layer.weight

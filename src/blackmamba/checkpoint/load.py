@@ -174,5 +174,8 @@ def load_pretrained(path_or_id, *, dtype: torch.dtype | str = torch.float32, dev
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if quantize is not None and model.quantization is None:
-        quantize_model(model, quantize, group_size)  # from the weights as stored, before any cast
+        try:
+            quantize_model(model, quantize, group_size)  # from the weights as stored, before any cast
+        except ValueError as e:
+            raise CheckpointError(f"{directory}: cannot quantize: {e}") from None
     return model.to_dtype(dtype).to(device)

@@ -41,6 +41,7 @@ def save_pretrained(model: BlackMambaLM, directory, *, max_shard_bytes: int | No
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / QUANTIZATION_NAME).unlink(missing_ok=True)  # until the new weights are whole (written last)
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and not is_ssm_parameter(k)
               and not is_quantized_tensor(k) else v).detach().contiguous().cpu()
           for k, v in model.state_dict().items()}
@@ -70,6 +71,4 @@ def save_pretrained(model: BlackMambaLM, directory, *, max_shard_bytes: int | No
         (directory / SAFETENSORS_NAME).unlink(missing_ok=True)
     if getattr(model, "quantization", None) is not None:
         write_json(directory / QUANTIZATION_NAME, model.quantization.to_dict())
-    else:
-        (directory / QUANTIZATION_NAME).unlink(missing_ok=True)
     write_json(directory / CONFIG_NAME, {"model_type": MODEL_TYPE, **model.config.to_dict()})

@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="comparison folder: one run folder per architecture, "
                    "results.json, report.md, plots/ (a re-run skips the finished runs and resumes the others)")
     p.add_argument("--scale", default="small", choices=list(SCALES),
-                   help="tiny: a few minutes on 2 CPU cores; small (default): the main job's model, about half an "
-                        "hour; paper: the paper's 340M-active models, configurations and a torchrun script for a "
+                   help="tiny: a few minutes on 2 CPU cores; small (default): the main job's model, about 15 "
+                        "minutes; paper: the paper's 340M-active models, configurations and a torchrun script for a "
                         "GPU cluster, not run here")
     p.add_argument("--data", nargs="+", metavar="PATH", help="train on these instead of the embedded Shakespeare "
                    "corpus (as blackmamba train --data)")

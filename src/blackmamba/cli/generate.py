@@ -13,6 +13,7 @@ import sys
 
 from . import add_quantize_option
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="run directory, model folder or hub id (owner/name)")
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text to continue (several: one batch)")

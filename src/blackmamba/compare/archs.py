@@ -34,10 +34,10 @@ SCALES: dict[str, dict] = {
     "tiny": dict(preset="small", model=dict(hidden_size=64, ffn_hidden_size=128),
                  set=dict(**{"data.seq_len": 128, "optim.batch_size": 8, "optim.warmup_steps": 20,
                              "train.steps": 200, "train.log_every": 5, "train.eval_every": 25,
-                             "train.checkpoint_every": 200, "train.sample_tokens": 40}),
+                             "train.checkpoint_every": 50, "train.sample_tokens": 40}),
                  contexts=(128, 512, 2048, 8192)),
     # the default: the main job's model and schedule exactly (preset small, 500 steps of 8 windows of 256 tokens;
-    # its BlackMamba run is the main job's), validated every 50 steps for the loss curve; about 25 minutes
+    # its BlackMamba run is the main job's), validated every 50 steps for the loss curve; about 15 minutes
     "small": dict(preset="small", model={}, set={"train.eval_every": 50},
                   contexts=(128, 512, 2048, 8192)),
     # the paper's 340M-active / 1.5B-total BlackMamba, written out for a GPU cluster (torchrun), not run here:

@@ -3,8 +3,9 @@
 Both at batch 1, fp32, on this machine, as inference runs them:
 
 - decode at context c: the model's state after a prefill of c tokens (an attention layer's keys and values, a
-  Mamba layer's conv and SSM state), then a few untimed steps and ``steps`` timed calls of ``model.step`` with the weights fetched once
-  (``model.step_args()``, what ``generation.Stepper`` does off CUDA); ms per token = their time / ``steps``.
+  Mamba layer's conv and SSM state), then a few untimed steps and ``steps`` timed calls of ``model.step`` with
+  the weights fetched once (``model.step_args()``, what ``generation.Stepper`` does off CUDA); ms per token =
+  their time / ``steps``.
 - prefill of length L: one ``model(ids, state=...)`` forward of L tokens keeping only the last position's logits
   (what a generation's prefill computes).
 

@@ -49,7 +49,10 @@ def _check_settings(out: Path, settings: dict) -> None:
     """The folder's comparison must be this one: its runs were trained with these settings."""
     path = out / SETTINGS
     if path.is_file():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: unreadable ({e}); choose another --out") from None
         if saved != settings:
             diff = ", ".join(f"{k}: {saved.get(k)!r} there, {settings[k]!r} now" for k in settings
                              if saved.get(k) != settings[k])
@@ -156,10 +159,12 @@ def compare(out, scale: str = "small", data: list[str] | None = None, assignment
         base.train.steps = steps
         base.train.checkpoint_every = min(base.train.checkpoint_every, steps)
     given_contexts = contexts
+    if contexts is not None and not contexts:
+        raise ConfigError("--contexts is empty: give token counts, e.g. 128,512,2048,8192")
     contexts = sorted(set(contexts or SCALES[scale]["contexts"]))
     if not contexts or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in contexts):
         raise ConfigError(f"--contexts {contexts}: positive token counts, e.g. 128,512,2048,8192")
-    if reps < 1:
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
         raise ConfigError(f"--reps {reps}: must be at least 1")
     archs = architectures(base)
     lock = FolderLock(out, "comparison folder")
@@ -214,9 +219,15 @@ def _run(out: Path, scale: str, archs: list[Architecture], configs: dict[str, Pa
             raise TrainingFailed(f"{a.name}: training stopped (exit status {status}); its run folder {run_dir} keeps "
                                f"its last checkpoint: fix the cause and run compare again to continue")
     models = {a.name: load_pretrained(runs[a.name]) for a in archs}
-    torch.set_num_threads(max(1, archs[0].run.train.threads))  # as trained: the same threads for every model
+    threads = torch.get_num_threads()
+    if archs[0].run.train.threads:  # as trained (train.threads = 0: torch's default, one per core)
+        torch.set_num_threads(archs[0].run.train.threads)
     log(f"measuring decode and prefill latency at {contexts} tokens ({reps} interleaved repetitions)")
-    latency = measure_latency(models, contexts, reps=reps, log=log)
+    try:
+        latency = measure_latency(models, contexts, reps=reps, log=log)
+        measured_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
     by_name = {a.name: a for a in archs}
     log("measuring Sinkhorn on the trained routers' logits and on synthetic ones")
     real = _router_logits(by_name, models)
@@ -234,7 +245,7 @@ def _run(out: Path, scale: str, archs: list[Architecture], configs: dict[str, Pa
                       "expert_usage": _expert_usage(runs[a.name])})
         entries.append(entry)
     results = {"scale": scale, "command": command, "contexts": contexts, "latency_reps": reps,
-               "torch_threads": torch.get_num_threads(), "architectures": entries, "sinkhorn": sinkhorn}
+               "torch_threads": measured_threads, "architectures": entries, "sinkhorn": sinkhorn}
     write_json(out / RESULTS, results)
     report = write_report(out, results, configs)
     log(f"results: {out / RESULTS}\nreport:  {report}")

@@ -18,6 +18,8 @@ from ..ops.quant import MODES, QuantizedWeight, quantize_weight
 
 
 class QuantizedLinear(nn.Module):
+    QUANTIZED_OPERAND = True  # ops.linear.operand hands its QuantizedWeight to the ops
+
     def __init__(self, in_features: int, out_features: int, mode: str, group_size: int = 32, device=None):
         super().__init__()
         if mode not in MODES:
@@ -62,7 +64,14 @@ class QuantizedLinear(nn.Module):
         group = f", group_size={self.group_size}" if self.mode == "int4" else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}{group}"
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)`` moves the bytes and scales; a cast (``.to(dtype)``, ``.half()``) leaves their dtypes, the
+        format's, as they are."""
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
 
+        return super()._apply(keep_dtype, recurse)
 
 
 class QuantizedEmbedding(QuantizedLinear):

@@ -48,8 +48,9 @@ def plain(module: nn.Module) -> bool:
 
 
 def _quantized(module: nn.Module) -> bool:
-    """A ``layers.quantized.QuantizedLinear`` (bias-free; its ``weight`` a ``QuantizedWeight``)."""
-    return isinstance(getattr(module, "weight", None), QuantizedWeight)
+    """A ``layers.quantized.QuantizedLinear`` itself (bias-free; its ``weight`` a ``QuantizedWeight``), not a
+    wrapper around one that forwards ``weight`` (its own call must run, as for any other module)."""
+    return getattr(type(module), "QUANTIZED_OPERAND", False)
 
 
 def operand(module: nn.Module):

@@ -151,14 +151,15 @@ def test_moe_step_routes_saturated_ties_like_torch():
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
-def test_moe_step_calls_wrapped_experts():
+@pytest.mark.parametrize("which", ["linear_fc1", "linear_fc2"])
+def test_moe_step_calls_wrapped_experts(which):
     m = moe(16, 8, 4)
     h = torch.randn(3, 16)
     with torch.no_grad():
         plain = moe_step(*moe_args(m, h), backend="cpu")
         for e in m.local_experts:
-            e.linear_fc2 = Wrapped(e.linear_fc2)
-            nn.init.normal_(e.linear_fc2.extra.weight)
+            setattr(e, which, Wrapped(getattr(e, which)))
+            nn.init.normal_(getattr(e, which).extra.weight)
         changed = moe_step(*moe_args(m, h), backend="cpu")
         ref = moe_step(*moe_args(m, h), backend="reference")
     assert (changed - plain).abs().max() > 1e-3

@@ -101,7 +101,7 @@ def moe_step_cpu(h, router_w, router_b, fc1, fc2, activation):
         quant, experts = STEP_QUANT_CODE[mode], ()
     else:
         ok, quant, group, experts = True, 0, 0, (*fc1, *fc2)
-        F2 = w0.shape[0] if E else 0
+        F2 = w0.shape[0] if torch.is_tensor(w0) else 0  # (a module operand: the reference, below)
     if (not ok or not E or not 1 <= b <= MAX_ROWS or h.dtype not in KERNEL_DTYPES or wdt not in KERNEL_DTYPES
             or not _ready(wdt, router_w, router_b, *experts)
             or (torch.is_grad_enabled() and grad_needed(h, router_w, router_b, *experts))):
