@@ -100,6 +100,7 @@ def quantize_model(model, mode: str, group_size: int = 32, head: bool = True, em
                                                             else [model.output_layer.weight])
     if not all(bool(torch.isfinite(w).all()) for w in weights):
         raise ValueError("the model has non-finite weights (a diverged checkpoint?): they cannot be quantized")
+    del weights, lin  # held to the end, they would outlive release_freed_memory below
     for parent, name in targets:
         setattr(parent, name, QuantizedLinear.from_weight(getattr(parent, name).weight, mode, group_size))
     tied = model.output_layer is None
