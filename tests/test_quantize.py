@@ -20,21 +20,55 @@ from blackmamba.checkpoint import CheckpointError
 from blackmamba.cli import main
 from blackmamba.layers.quantized import QuantizedLinear
 from blackmamba.ops import set_backend
-from blackmamba.ops.quant import quantize_weight
+from blackmamba.ops.quant import quantize_activation, quantize_weight
 from blackmamba.quantize import QUANTIZATION_NAME, Quantization, quantize_model
 
 PATTERN = dict(SMALL, layers=["r", "8", "a", "1", "r", "3"])  # every layer kind
 
 
+class Dequantized(torch.nn.Module):
+    """What a quantized linear layer computes, as a plain module: its input (int4: quantized per group, as the
+    product defines it) times the dequantized weight."""
+
+    def __init__(self, weight, mode: str, group_size: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.mode, self.group_size = mode, group_size
+
+    def forward(self, x):
+        return torch.nn.functional.linear(product_input(x, self.mode, self.group_size), self.weight)
+
+
+def product_input(x, mode: str, group_size: int = 32):
+    """x as an int8 / int4 product multiplies it (ops/quant.py): int4 quantizes it per group."""
+    return quantize_activation(x, group_size) if mode == "int4" else x
+
+
+def assert_step_matches(step_logits, forward_logits, mode: str):
+    """A decode step's logits against the forward's. int8: float32 rounding apart. int4 quantizes each product's
+    input to int8 (ops/quant.py), and the two paths' float32 roundings differ upstream: where an input sits on
+    a rounding boundary, one path's rounds up and the other's down, one step of that group's scale
+    (max|x| / 127) apart, which the layers after carry on (seen: up to 1.5 % of the largest logit, 0.2 % on
+    average, over 144 random models); a wrong scale or group would be of the logits' own size."""
+    if mode == "int8":
+        torch.testing.assert_close(step_logits, forward_logits, rtol=1e-4, atol=1e-4)
+        return
+    scale, err = forward_logits.abs().max().item(), (step_logits - forward_logits).abs()
+    assert err.max().item() <= 0.05 * scale and err.mean().item() <= 0.01 * scale, (err.max().item(), scale)
+
+
 def dequantized_copy(model, mode: str, group_size: int = 32):
-    """An independent full-precision model whose quantized layers' weights are replaced by their dequantized
-    values (what the quantized model must compute)."""
+    """An independent full-precision model whose quantized layers are replaced by ``Dequantized`` modules (what
+    the quantized model must compute), and the head's dequantized weight."""
     ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, mod in ref.named_modules():
-            if type(mod) is torch.nn.Linear and name.endswith(("in_proj", "x_proj", "out_proj", "linear_fc1",
-                                                                 "linear_fc2", "qkv_proj")):
-                mod.weight.copy_(quantize_weight(mod.weight, mode, group_size).dequantize())
+    names = [name for name, mod in ref.named_modules()
+             if type(mod) is torch.nn.Linear and name.endswith(("in_proj", "x_proj", "out_proj", "linear_fc1",
+                                                                  "linear_fc2", "qkv_proj"))]
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        lin = getattr(ref.get_submodule(parent), leaf)
+        w = quantize_weight(lin.weight.detach(), mode, group_size).dequantize()
+        setattr(ref.get_submodule(parent), leaf, Dequantized(w, mode, group_size))
     head = quantize_weight(ref.embedding.word_embeddings.weight, mode, group_size).dequantize()
     return ref, head
 
@@ -61,7 +95,7 @@ def test_the_quantized_layers_and_what_they_compute(mode):
         residual = None
         for blk in ref.decoder.layers:
             h, residual = blk(h, residual)
-        expected = torch.nn.functional.linear(ref.decoder.final_layernorm(h + residual), head)
+        expected = torch.nn.functional.linear(product_input(ref.decoder.final_layernorm(h + residual), mode), head)
         for backend in ("reference", "cpu"):
             set_backend(backend)
             try:
@@ -80,31 +114,44 @@ def test_decode_steps_equal_the_forward(mode):
     state = q.new_state(3)
     q(ids[:, :6], state=state)
     for t in range(6, 12):
-        torch.testing.assert_close(q.step(ids[:, t], state), full[:, t], rtol=1e-4, atol=1e-4)
+        assert_step_matches(q.step(ids[:, t], state), full[:, t], mode)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_quantized_embedding_is_what_the_tied_head_reads(mode):
     model = random_model(BlackMambaConfig(**SMALL))
     table = quantize_weight(model.embedding.word_embeddings.weight, mode).dequantize()
-    ref = copy.deepcopy(model)
-    ref.embedding.word_embeddings.weight.data.copy_(table)  # the table, dequantized: rows and head alike
+    ref, _ = dequantized_copy(model, mode)  # the other layers as the quantized model has them
+    with torch.no_grad():
+        ref.embedding.word_embeddings.weight.copy_(table)  # the table, dequantized: rows and head alike
     q = quantize_model(copy.deepcopy(model), mode, head=True, embedding=True)
     assert q.output_layer is None  # no copy: the head reads the quantized table
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
     rows = q.embedding.word_embeddings(ids)
     assert rows.dtype == torch.float32 and torch.equal(rows, table[ids])
     with torch.no_grad():
-        for blk in ref.decoder.layers:  # the other layers as the quantized model has them
-            if blk.kind == "moe":
-                for e in blk.mixer.local_experts:
-                    for lin in (e.linear_fc1, e.linear_fc2):
-                        lin.weight.copy_(quantize_weight(lin.weight, mode).dequantize())
-            else:
-                for lin in (blk.mixer.in_proj, blk.mixer.x_proj, blk.mixer.out_proj):
-                    lin.weight.copy_(quantize_weight(lin.weight, mode).dequantize())
-        torch.testing.assert_close(q(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-4)
+        h, residual = ref.embedding.word_embeddings(ids), None
+        for blk in ref.decoder.layers:
+            h, residual = blk(h, residual)
+        expected = torch.nn.functional.linear(product_input(ref.decoder.final_layernorm(h + residual), mode), table)
+        torch.testing.assert_close(q(ids).logits, expected, rtol=1e-5, atol=1e-4)
     assert q.weight_bytes() < quantize_model(copy.deepcopy(model), mode).weight_bytes()
+
+
+def test_the_full_precision_weights_are_released_before_memory_is_handed_back(monkeypatch):
+    """quantize_model hands freed memory back to the OS (malloc_trim) once no full-precision weight of a replaced
+    layer is referenced any more: trimmed earlier, their memory would stay in the resident set."""
+    import weakref
+
+    import blackmamba.quantize as quantize
+
+    model = random_model(BlackMambaConfig(**PATTERN))
+    refs = [weakref.ref(m.weight) for n, m in model.named_modules()
+            if type(m) is torch.nn.Linear and n.endswith(("in_proj", "linear_fc1", "linear_fc2"))]
+    alive = []
+    monkeypatch.setattr(quantize, "release_freed_memory", lambda: alive.append(sum(r() is not None for r in refs)))
+    quantize_model(model, "int4")
+    assert len(refs) > 10 and alive == [0]
 
 
 def test_memory_shrinks_as_the_format_says():
@@ -157,7 +204,7 @@ def test_round_trip_property(tmp_path_factory, mode, group, head, embedding, tie
     assert (back.output_layer is None) == (tie and (embedding or not head))
     state = back.new_state(2)
     back(ids[:, :-1], state=state)
-    torch.testing.assert_close(back.step(ids[:, -1], state), logits[:, -1], rtol=1e-4, atol=1e-4)
+    assert_step_matches(back.step(ids[:, -1], state), logits[:, -1], mode)
 
 
 def test_refusals(tmp_path):

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blackmamba.ops import linear
-from blackmamba.ops.quant import MODES, QuantizedWeight, quantize_weight
+from blackmamba.ops.quant import MODES, QuantizedWeight, quantize_activation, quantize_weight
 
 
 def random_weight(o, i, seed, spread=True):
@@ -179,7 +179,36 @@ def test_linear_reference_is_f_linear_on_the_dequantized_weight(mode):
     qw = quantize_weight(w, mode)
     x = torch.randn(3, 5, 50)
     y = linear(x, qw, bias, backend="reference")
-    assert torch.equal(y, F.linear(x, qw.dequantize(), bias))
+    act = (lambda v: quantize_activation(v, qw.group_size)) if mode == "int4" else (lambda v: v)
+    assert torch.equal(y, F.linear(act(x), qw.dequantize(), bias))
     xb = x.to(torch.bfloat16)
     yb = linear(xb, qw, backend="reference")
-    assert yb.dtype == torch.bfloat16 and torch.equal(yb, F.linear(xb, qw.dequantize(torch.bfloat16)))
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, F.linear(act(xb), qw.dequantize(torch.bfloat16)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(i=st.integers(1, 200), group=st.sampled_from([2, 6, 32, 34, 64]), rows=st.integers(1, 4),
+       zero_group=st.booleans(), seed=st.integers(0, 2**16))
+def test_quantize_activation_is_per_group_int8(i, group, rows, zero_group, seed):
+    """Per group of the weight's inputs: values on the grid d · {-127..127} with d = max|x| / 127 (0 for an
+    all-zero group), each the nearest grid point to x (within d / 2; the group's max exactly), a fixed point, and the shape, dtype and gradient (straight through) kept."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, i, generator=g) * torch.exp(3 * torch.randn(rows, 1, generator=g))
+    if zero_group:
+        x[:, :group] = 0
+    xq = quantize_activation(x, group)
+    assert xq.shape == x.shape and xq.dtype == x.dtype
+    for k0 in range(0, i, group):
+        xs, qs = x[:, k0:k0 + group].double(), xq[:, k0:k0 + group].double()
+        d = xs.abs().amax(dim=1, keepdim=True) / 127
+        n = qs / torch.where(d > 0, d, 1)
+        assert (n - n.round()).abs().max() < 1e-4 and n.abs().max() <= 127 + 1e-4
+        assert ((qs - xs).abs() <= d / 2 * (1 + 1e-5) + 1e-30).all()
+        top = xs.abs().argmax(dim=1, keepdim=True)
+        torch.testing.assert_close(qs.gather(1, top), xs.gather(1, top), rtol=1e-6, atol=0)
+    torch.testing.assert_close(quantize_activation(xq, group), xq, rtol=1e-6, atol=0)  # a fixed point
+    xb = x.to(torch.bfloat16)
+    assert quantize_activation(xb, group).dtype == torch.bfloat16
+    xg = x.clone().requires_grad_()
+    quantize_activation(xg, group).mul(torch.arange(i)).sum().backward()
+    assert torch.equal(xg.grad, torch.arange(i, dtype=torch.float32).expand(rows, i))

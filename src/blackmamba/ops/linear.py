@@ -22,12 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import registry
-from .quant import QuantizedWeight
+from .quant import QuantizedWeight, quantize_activation
 
 
 def linear_reference(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; a ``QuantizedWeight`` is dequantized first, to x's dtype (float32 for an integer x)."""
+    """``F.linear``; a ``QuantizedWeight`` is dequantized first, to x's dtype (float32 for an integer x), and an int4
+    one's x quantized per group (ops/quant.py: the product is defined so)."""
     if isinstance(weight, QuantizedWeight):
+        if weight.mode == "int4":
+            x = quantize_activation(x if x.is_floating_point() else x.float(), weight.group_size)
         weight = weight.dequantize(x.dtype if x.is_floating_point() else torch.float32)
     return F.linear(x, weight, bias)
 

@@ -16,9 +16,14 @@ Symmetric round-to-nearest, no zero point:
   max|group| / 7, so that no value needs clamping); the values are quantized with the stored scale, so
   W[r, k] ≈ (n - 8) · scales[r, k // group_size], exactly what ``dequantize`` returns.
 
-An all-zero row or group has scale 0 and values 0. A QuantizedWeight is not a tensor: the ``cpu`` backend of
-``linear`` multiplies by it directly (csrc/qgemv.cpp, the weights dequantized in registers); every other
-backend computes ``F.linear`` on ``dequantize()``.
+An all-zero row or group has scale 0 and values 0.
+
+The product: ``linear(x, qw)`` is ``F.linear(x', qw.dequantize())``, where x' is x itself for ``int8`` and, for
+``int4``, x quantized by ``quantize_activation`` to int8 per group of the weight's ``group_size`` inputs (one
+float32 scale ``max|group| / 127`` each; llama.cpp's Q4_0 · Q8_0, what makes 4-bit decoding fast on CPUs without
+float16 arithmetic: the products become exact integer multiply-adds, csrc/dot.h). A QuantizedWeight is not a
+tensor: the ``cpu`` backend of ``linear`` multiplies by it directly (csrc/qgemv.cpp, the weights dequantized in
+registers); every other backend computes that ``F.linear``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 MODES = ("int8", "int4")
 
@@ -57,6 +63,11 @@ class QuantizedWeight:
             ok = False
         if not ok:
             self._refuse()
+        # what a CPU kernel asks of it, checked once (a decode step asks it of every expert of every layer):
+        # (mode, group_size, o, i) for contiguous CPU tensors, else None. A tensor's device and layout stay.
+        key = ((self.mode, g, o, i) if q.device.type == "cpu" and q.is_contiguous() and s.is_contiguous()
+               else None)
+        object.__setattr__(self, "kernel_key", key)
 
     def _refuse(self):
         """Raise the ValueError that says what is wrong."""
@@ -156,3 +167,18 @@ def quantize_weight(weight: torch.Tensor, mode: str, group_size: int = 32) -> Qu
         n = torch.cat((n, torch.full((o, 1), 8, dtype=torch.uint8, device=w.device)), dim=1)
     q = n[:, 0::2] | (n[:, 1::2] << 4)
     return QuantizedWeight("int4", q.contiguous(), scale.contiguous(), i, group_size)
+
+
+def quantize_activation(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x (..., i) quantized as an int4 product quantizes it (csrc/dot.h's quantize_groups, the same arithmetic):
+    per group of ``group_size`` consecutive inputs (the last may be partial) a float32 scale d = max|x| / 127 and
+    values round-half-even(x / d) in [-127, 127] (0 where d is 0); returns those values times d, in x's dtype.
+    The gradient passes through unchanged (a straight-through estimator: rounding would zero it)."""
+    xf = x.float()
+    i = xf.shape[-1]
+    groups = -(-i // group_size)
+    padded = F.pad(xf, (0, groups * group_size - i)).unflatten(-1, (groups, group_size))
+    d = padded.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.round(padded / torch.where(d > 0, d, 1)).clamp_(-127, 127)
+    xq = (q * d).flatten(-2)[..., :i].to(x.dtype)
+    return x + (xq - x).detach() if x.requires_grad else xq

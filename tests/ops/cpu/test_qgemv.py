@@ -1,5 +1,5 @@
 """The CPU kernel for op ``linear`` on a quantized weight (csrc/qgemv.cpp) against ``F.linear`` on the dequantized
-weight: shapes (odd widths, partial groups, several tasks and threads), group sizes, float32 and bfloat16 rows,
+weight (and, for int4, x quantized per group: ``quantize_activation``): shapes (odd widths, partial groups, several tasks and threads), group sizes, float32 and bfloat16 rows,
 bias; every row bit-identical whatever the batch; which calls reach the kernel; and the AVX2 build (and the
 AVX-512 code compiling) besides the native one."""
 
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from blackmamba.ops import linear, registry
 from blackmamba.ops.cpu import build as cpu
 from blackmamba.ops.cpu import decode
-from blackmamba.ops.quant import QuantizedWeight, quantize_weight
+from blackmamba.ops.quant import QuantizedWeight, quantize_activation, quantize_weight
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the cpu backend is unavailable")
 
@@ -29,8 +29,14 @@ def case(o, i, rows, mode, group, seed, bias=True):
     return quantize_weight(w, mode, group), x, b
 
 
+def product_input(x, qw):
+    """What the product multiplies W by: x, or for int4 x quantized per group (ops/quant.py)."""
+    return quantize_activation(x, qw.group_size) if qw.mode == "int4" else x
+
+
 def check_close(y, x, qw, bias, rel=1e-5):
-    """|y - F.linear in float64| <= rel * (|x| |W|^T + |bias|), elementwise (float32 sums)."""
+    """|y - F.linear in float64| <= rel * (|x'| |W|^T + |bias|), elementwise (float32 sums), x' = product_input."""
+    x = product_input(x.float(), qw)
     w = qw.dequantize(torch.float64)
     ref = F.linear(x.double(), w, None if bias is None else bias.double())
     mag = F.linear(x.double().abs(), w.abs(), None if bias is None else bias.double().abs())
@@ -51,13 +57,14 @@ def test_kernel_matches_f_linear_on_the_dequantized_weight(o, i, rows, mode, gro
         y = decode.linear_cpu(x, qw, b)
     assert y.dtype == x.dtype and y.shape == (rows, o)
     if bf16:  # float32 sums of the bfloat16 rows, rounded to bfloat16 at the end
-        ref = F.linear(x.float(), qw.dequantize(), b)
+        ref = F.linear(product_input(x.float(), qw), qw.dequantize(), b)
         torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-5 * ref.abs().max().item() + 1e-6)
         check_close(y.float(), x.float(), qw, b, rel=2**-8)
     else:
         check_close(y, x, qw, b)
-        torch.testing.assert_close(y, F.linear(x, qw.dequantize(), b), rtol=1e-5,
-                                   atol=1e-5 * F.linear(x.abs(), qw.dequantize().abs()).max().item())
+        xq = product_input(x, qw)
+        torch.testing.assert_close(y, F.linear(xq, qw.dequantize(), b), rtol=1e-5,
+                                   atol=1e-5 * F.linear(xq.abs(), qw.dequantize().abs()).max().item())
 
 
 @pytest.mark.parametrize("i,group", [(64, 32), (77, 64), (33, 6)])
@@ -134,10 +141,11 @@ def test_op_linear_takes_the_kernel_on_cpu_and_the_reference_otherwise(mode, cou
             y3 = linear(x.view(3, 1, 70), qw, b)  # leading dimensions: 3 rows
             assert counting.calls == 3 and y3.shape == (3, 1, 40) and torch.equal(y3.view(3, 40), y)
             ref = linear(x, qw, b, backend="reference")
-            assert counting.calls == 3 and torch.equal(ref, F.linear(x, qw.dequantize(), b))
+            assert counting.calls == 3 and torch.equal(ref, F.linear(product_input(x, qw), qw.dequantize(), b))
             many = torch.randn(cpu.MAX_ROWS + 1, 70)  # more rows than the kernel takes: the reference
-            assert torch.equal(linear(many, qw, b), F.linear(many, qw.dequantize(), b)) and counting.calls == 3
-        # a gradient to compute: the reference, differentiable in x
+            assert torch.equal(linear(many, qw, b), F.linear(product_input(many, qw), qw.dequantize(), b))
+            assert counting.calls == 3
+        # a gradient to compute: the reference, differentiable in x (int4's rounding of x passes it through)
         xg = x.clone().requires_grad_()
         y = linear(xg, qw, b)
         assert counting.calls == 3 and y.grad_fn is not None

@@ -141,42 +141,121 @@ struct Int8Rows {
   }
 };
 
+// The activations of an int4 product (ops/quant.py's quantize_activation): each group of `group` elements of a
+// row of x as int8 values xq and one float32 scale d = max|x| / 127, xq = round-half-even(x / d) (0 where d is
+// 0), so x ≈ xq · d; the same arithmetic as torch's, so kernel and reference quantize x identically.
+inline vfloat vround_even(vfloat v) {  // to the nearest integer, ties to even (the default rounding mode)
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#elif defined(__AVX__)
+  return (vfloat)_mm256_round_ps((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  for (int l = 0; l < lanes<float>; ++l) v[l] = std::nearbyint(v[l]);
+  return v;
+#endif
+}
+
+inline void quantize_groups(const float* x, int64_t len, int64_t group, int8_t* xq, float* d) {
+  constexpr int W = lanes<float>;
+  for (int64_t g = 0, k0 = 0; k0 < len; ++g, k0 += group) {
+    const int64_t n = std::min(len, k0 + group) - k0;
+    const float* xg = x + k0;
+    vfloat m = {};
+    for (int64_t k = 0; k < n; k += W) {
+      const vfloat v = vload<float>(xg + k, static_cast<int>(std::min<int64_t>(W, n - k)));  // (0 past n)
+      const vfloat a = v < 0 ? -v : v;
+      m = a > m ? a : m;
+    }
+    float amax = 0;
+    for (int l = 0; l < W; ++l) amax = std::max(amax, m[l]);
+    const float s = amax / 127.0f, div = s > 0 ? s : 1.0f;
+    for (int64_t k = 0; k < n; k += W) {
+      const int cnt = static_cast<int>(std::min<int64_t>(W, n - k));
+      vfloat r = vround_even(vload<float>(xg + k, cnt) / div);
+      r = r > 127.0f ? splat<float>(127.0f) : r;
+      r = r < -127.0f ? splat<float>(-127.0f) : r;
+      const vint qi = __builtin_convertvector(r, vint);
+      for (int l = 0; l < cnt; ++l) xq[k0 + k + l] = static_cast<int8_t>(qi[l]);
+    }
+    d[g] = s;
+  }
+}
+
 // int4, two values a byte (element k in byte k / 2, the low nibble for even k, stored as n = value + 8), one
-// float16 scale per `group` (even) elements of a row:
-//   y[q, row] = sum over the groups g of scale[row, g] * (sum_{k in g} n[row, k] x[q, k] - 8 sum_{k in g} x[q, k]).
-// A step reads lanes<float> bytes, 2 * lanes elements, one byte b = lo + 16 hi a 32-bit lane: lo is an even
-// element, hi the odd one after it. A step's sum lo * xe + hi * xo is taken as lo * (xe - xo / 16) + b * (xo / 16):
-// two conversions (lo, b) and no shift. So prepare_x stores x step by step as xe - xo / 16 for the step's even
-// elements, then xo / 16 for its odd ones, each group starting a step and a partial step padded with zeros (a
-// missing byte reads as 0). After the groups it stores c[g] = -8 sum_{k in g} x[k], padded with zeros to whole
-// vectors, which dot_block adds as scale * c a vector of groups at a time. The float16 scales are converted a
-// vector at a time.
+// float16 scale per `group` (even) elements of a row, times x quantized per group (quantize_groups):
+//   y[q, row] = sum over the groups g of scale[row, g] * d[q, g] * (sum_{k in g} n[row, k] xq[q, k] - 8 sum_{k in g} xq[q, k]).
+// Two ways, one result (up to float32 rounding):
+// - integer (int8_x(): AVX2, group 32 or 64, len a multiple of 64): a step is 32 weight bytes, 64 elements. The
+//   nibbles are split into bytes (lo: the even elements, hi: the odd ones) and multiplied by x's int8 values with
+//   vpmaddubsw (unsigned nibble times signed byte, pairs summed into int16: at most 2 · 15 · 127, no saturation),
+//   the two halves added and summed by fours into int32 (vpmaddwd), exactly; lane j of a step holds elements
+//   8j..8j+7, so a group of 32 is 4 lanes, of 64 all 8. Each lane is converted to float and multiplied by its
+//   group's scale[row, g] · d[g]. prepare_x stores a step's 32 even then 32 odd xq bytes, then d and
+//   c[g] = -8 d[g] sum_{k in g} xq[k] (each padded to whole vectors of groups).
+// - float (any other case): x's dequantized values xq · d, each step 2 · lanes<float> elements, one byte
+//   b = lo + 16 hi a 32-bit lane (lo an even element, hi the odd one after it); a step's lo · xe + hi · xo is taken
+//   as lo · (xe - xo / 16) + b · (xo / 16): two conversions (lo, b) and no shift. So prepare_x stores x step by
+//   step as xe - xo / 16 for the step's even elements, then xo / 16 for its odd ones, each group starting a step
+//   and a partial step padded with zeros (a missing byte reads as 0). After the groups it stores
+//   c[g] = -8 sum_{k in g} x[k], padded with zeros to whole vectors, which dot_block adds as scale · c a vector of
+//   groups at a time.
+// The float16 scales are converted a vector at a time.
 struct Int4Rows {
   static constexpr bool kPrepared = true;
-  static constexpr int kStep = 2 * lanes<float>;  // elements a step
+  static constexpr int kStep = 2 * lanes<float>;  // elements a step (the float way)
+  static constexpr int kIntStep = 64;             // elements a step (the integer way)
   const uint8_t* q;                               // (o, row_bytes())
   const uint16_t* scales;                         // float16 bits, (o, groups())
   int64_t len, group;
   int64_t row_bytes() const { return (len + 1) / 2; }
   int64_t groups() const { return (len + group - 1) / group; }
+  int64_t padded_groups() const { return (groups() + lanes<float> - 1) / lanes<float> * lanes<float>; }
+  bool int8_x() const {
+#if defined(__AVX2__)
+    return (group == 32 || group == 64) && len % kIntStep == 0;
+#else
+    return false;
+#endif
+  }
   int64_t group_stride() const { return (group + kStep - 1) / kStep * kStep; }  // prepared floats a group
   int64_t corrections() const { return groups() * group_stride(); }            // where c starts in a prepared row
-  int64_t xlen() const { return corrections() + (groups() + lanes<float> - 1) / lanes<float> * lanes<float>; }
+  int64_t xlen() const {  // floats a prepared row
+    return int8_x() ? len / 4 + 2 * padded_groups() : corrections() + padded_groups();
+  }
   void prepare_x(const float* x, int64_t xstride, int64_t nx, float* xp) const {
     constexpr int W = lanes<float>;
-    const int64_t n = xlen(), gstride = group_stride();
+    const int64_t n = xlen(), gstride = group_stride(), ng = groups(), ngp = padded_groups();
+    std::vector<int8_t> xq(len);
+    std::vector<float> d(ng);
     for (int64_t r = 0; r < nx; ++r) {
-      const float* xr = x + r * xstride;
+      quantize_groups(x + r * xstride, len, group, xq.data(), d.data());
       float* out = xp + r * n;
       std::fill(out, out + n, 0.0f);
-      for (int64_t g = 0; g < groups(); ++g) {
+      if (int8_x()) {
+        int8_t* bytes = reinterpret_cast<int8_t*>(out);
+        for (int64_t s = 0; s < len; s += kIntStep)
+          for (int p = 0; p < kIntStep / 2; ++p) {
+            bytes[s + p] = xq[s + 2 * p];
+            bytes[s + kIntStep / 2 + p] = xq[s + 2 * p + 1];
+          }
+        float* dd = out + len / 4;
+        for (int64_t g = 0; g < ng; ++g) {
+          int32_t sum = 0;
+          for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += xq[k];
+          dd[g] = d[g];
+          dd[ngp + g] = d[g] * static_cast<float>(-8 * sum);
+        }
+        continue;
+      }
+      for (int64_t g = 0; g < ng; ++g) {
         const int64_t k0 = g * group, k1 = std::min(len, k0 + group);
         float* og = out + g * gstride;
         float sum = 0;
         for (int64_t k = k0; k < k1; ++k) {
           const int64_t s = k - k0, j = s % kStep;
-          og[s / kStep * kStep + (j % 2) * W + j / 2] = xr[k];
-          sum += xr[k];
+          const float v = static_cast<float>(xq[k]) * d[g];
+          og[s / kStep * kStep + (j % 2) * W + j / 2] = v;
+          sum += v;
         }
         for (int64_t t = 0; t < gstride; t += kStep)
           for (int l = 0; l < W; ++l) {
@@ -308,11 +387,91 @@ inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t ro
     for (int g = 0; g < G; ++g) y[q * ystride + row + g] = hsum(acc[q][g]);
 }
 
+#if defined(__AVX2__)
+// rows [row, row + G) of an int4 view the integer way (Int4Rows::int8_x(): group GS = 32 or 64); prepared x row q at
+// xp + q * xs floats. The groups are taken 8 at a time (a chunk: 4 steps of group 32, 8 of group 64): their
+// float16 scales converted and multiplied by x's d, c added times the scales, and the same bytes prefetched
+// kQuantAheadRows rows ahead; then each step's int32 lanes are multiplied by their group's scale (a permutation
+// of the chunk's) and added.
+template <int NX, int G, int GS>
+inline void dot_block_int8_x(const Int4Rows& w, const float* xp, int64_t xs, int64_t row, float* y,
+                             int64_t ystride) {
+  constexpr int kChunk = 8, S = Int4Rows::kIntStep;
+  const int64_t len = w.len, rb = w.row_bytes(), ng = w.groups(), ngp = w.padded_groups();
+  const uint8_t* wr = w.q + row * rb;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[NX][G];
+  for (int q = 0; q < NX; ++q)
+    for (int g = 0; g < G; ++g) acc[q][g] = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < ng; g0 += kChunk) {
+    const int cnt = static_cast<int>(std::min<int64_t>(kChunk, ng - g0));
+    __m256 sc[NX][G];  // scale[row + g, g0 + j] · d[q, g0 + j], 0 past cnt
+    for (int g = 0; g < G; ++g) {
+      const uint16_t* sr = w.scales + (row + g) * ng + g0;
+      __m128i h;
+      if (cnt == kChunk) {
+        h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sr));
+      } else {
+        alignas(16) uint16_t tmp[kChunk] = {};
+        std::copy(sr, sr + cnt, tmp);
+        h = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+      }
+      const __m256 sw = _mm256_cvtph_ps(h);
+      for (int q = 0; q < NX; ++q) {
+        const float* dq = xp + q * xs + len / 4;
+        sc[q][g] = _mm256_mul_ps(sw, _mm256_loadu_ps(dq + g0));
+        acc[q][g] = _mm256_fmadd_ps(sw, _mm256_loadu_ps(dq + ngp + g0), acc[q][g]);
+      }
+    }
+    const int64_t b0 = g0 * GS / 2, b1 = (g0 + cnt) * GS / 2;
+    for (int g = 0; g < G; ++g) {
+      const uint8_t* ahead = wr + (kQuantAheadRows + g) * rb;  // a prefetch never faults
+      for (int64_t b = b0; b < b1; b += 64) __builtin_prefetch(ahead + b, 0, 2);
+    }
+    const int steps = cnt * GS / S;
+    for (int t = 0; t < steps; ++t) {
+      const int64_t k = g0 * GS + t * S;  // the step's first element
+      // lane j of the step: group (t * S + 8 j) / GS of the chunk
+      const __m256i idx = GS == 32 ? _mm256_setr_epi32(2 * t, 2 * t, 2 * t, 2 * t, 2 * t + 1, 2 * t + 1, 2 * t + 1,
+                                                       2 * t + 1)
+                                   : _mm256_set1_epi32(t);
+      __m256i xe[NX], xo[NX];
+      for (int q = 0; q < NX; ++q) {
+        const int8_t* xb = reinterpret_cast<const int8_t*>(xp + q * xs) + k;
+        xe[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
+        xo[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + S / 2));
+      }
+      for (int g = 0; g < G; ++g) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + g * rb + k / 2));
+        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        for (int q = 0; q < NX; ++q) {
+          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[q]), _mm256_maddubs_epi16(hi, xo[q]));
+          const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+          acc[q][g] = _mm256_fmadd_ps(f, _mm256_permutevar8x32_ps(sc[q][g], idx), acc[q][g]);
+        }
+      }
+    }
+  }
+  for (int q = 0; q < NX; ++q)
+    for (int g = 0; g < G; ++g) {
+      alignas(32) float l[8];
+      _mm256_store_ps(l, acc[q][g]);
+      float s = 0;
+      for (int j = 0; j < 8; ++j) s += l[j];
+      y[q * ystride + row + g] = s;
+    }
+}
+#endif
+
 // the usual group sizes unrolled for a batch of 1 or 2 on AVX2 / AVX-512 (code size and compile time: the generic
 // vector code compiles slowly), any other case by the general loop
 template <int NX, int G>
 inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t row, float* y, int64_t ystride) {
 #if defined(__AVX2__)
+  if (w.int8_x()) {
+    if (w.group == 32) return dot_block_int8_x<NX, G, 32>(w, xp, xs, row, y, ystride);
+    return dot_block_int8_x<NX, G, 64>(w, xp, xs, row, y, ystride);
+  }
   if constexpr (NX <= 2) {
     constexpr int S = Int4Rows::kStep;
     if (w.group == 32 && 32 % S == 0) return dot_block<NX, G, 32>(w, xp, xs, row, y, ystride);
