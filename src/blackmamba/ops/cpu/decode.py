@@ -40,14 +40,12 @@ def _ready(dtype: torch.dtype, *tensors) -> bool:
 
 
 def _quantized_ready(qws, mode, group, shapes) -> bool:
-    """Every one of ``qws`` is a CPU ``QuantizedWeight`` of ``mode`` and ``group``, contiguous, and (with
-    ``shapes``) of (out, in) features ``shapes[j]``."""
-    for j, w in enumerate(qws):
-        if (type(w) is not QuantizedWeight or w.mode != mode or w.group_size != group or w.q.device.type != "cpu"
-                or not w.q.is_contiguous() or not w.scales.is_contiguous()
-                or (shapes is not None and (w.q.shape[0], w.in_features) != shapes[j])):
-            return False
-    return True
+    """Every one of ``qws`` is a CPU ``QuantizedWeight`` of ``mode`` and ``group``, contiguous, of (out, in)
+    features ``shapes[j]`` (one shape for all where ``shapes`` is a tuple of two ints)."""
+    if type(shapes[0]) is int:
+        want = (mode, group, *shapes)
+        return all(type(w) is QuantizedWeight and w.kernel_key == want for w in qws)
+    return all(type(w) is QuantizedWeight and w.kernel_key == (mode, group, *shape) for w, shape in zip(qws, shapes))
 
 
 def mamba_step_cpu(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj, conv_state, ssm_state):
@@ -96,8 +94,8 @@ def moe_step_cpu(h, router_w, router_b, fc1, fc2, activation):
     if type(w0) is QuantizedWeight:
         F2 = w0.q.shape[0]
         mode, group = w0.mode, w0.group_size
-        ok = (len(fc2) == E and _quantized_ready(fc1, mode, group, ((F2, H),) * E)
-              and _quantized_ready(fc2, mode, group, ((H, F2 // 2),) * E))
+        ok = len(fc2) == E and _quantized_ready(fc1, mode, group, (F2, H)) and _quantized_ready(fc2, mode, group,
+                                                                                             (H, F2 // 2))
         quant, experts = STEP_QUANT_CODE[mode], ()
     else:
         ok, quant, group, experts = True, 0, 0, (*fc1, *fc2)

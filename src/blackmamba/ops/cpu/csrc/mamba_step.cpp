@@ -29,7 +29,6 @@ template <typename T> inline T from_float(float v) {
   }
 }
 
-inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 // softplus(v) = max(v, 0) + log1p(exp(-|v|)), with log1p(e) = 2 atanh(e / (2 + e)) by its odd series
 // (e <= 1, so the ratio is <= 1/3 and six terms give ~1e-7)
@@ -94,9 +93,15 @@ void mamba_step(const StepShape& sh, const TH* h_in, const P& w_in, const TW* co
         acc += val(conv_w, c * K + K - 1) * xin;
         for (int64_t k = 0; k + 1 < K - 1; ++k) s[k] = s[k + 1];
         if (K > 1) s[K - 2] = from_float<TS>(xin);
-        xs[q * I + c] = silu(acc);
+        xs[q * I + c] = acc;
       }
     }
+    for (int64_t q = 0; q < b; ++q)  // silu, a vector of channels at a time
+      for (int64_t c = c0; c < c1; c += W) {
+        const int cnt = static_cast<int>(std::min<int64_t>(W, c1 - c));
+        const vfloat v = vload<float>(xs.data() + q * I + c, cnt);
+        vstore_as<float>(xs.data() + q * I + c, v * vsigmoid(v), cnt);
+      }
 #pragma omp barrier
     // 3. x_proj
     if constexpr (ProjInput<P>::kPrepared) {
