@@ -4,7 +4,9 @@ a trained model, and the memory of a loaded 1.5B-shaped model.
 - **decode**: batch-1 greedy decoding of a 12 × (Mamba, 8-expert MoE) model, hidden 768, vocab 50280 (random
   weights; the CPU section's BlackMamba-pattern model): int8 and int4 tokens/s against the same model with
   bfloat16 weights, and each against the bandwidth roofline of its own bytes per token (the active weights as
-  stored, the state). Each ratio is the median of alternated pairs (``harness.paired_ratio``).
+  stored, the state); and the LM head's matrix-vector product alone (the kernels without the rest of a step:
+  the scan, the Python between the layers) against the same roofline. Each ratio is the median of alternated
+  pairs (``harness.paired_ratio``).
 - **accuracy** (``--model RUN_DIR``, e.g. the main job's ``runs/shakespeare``): on the run's held-out text, the
   quantized models' next-token predictions against the float32 model's — top-1 agreement and mean KL(fp32 ‖
   quantized) per token — and each one's bits per byte against float32's.
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 
 from ..config import BlackMambaConfig, ConfigError
 from ..model import BlackMambaLM
+from ..ops.linear import linear
+from ..ops.quant import QuantizedWeight
 from ..quantize import quantize_model
 from .harness import decode_bytes_per_token, paired_ratio, row
 
@@ -62,6 +66,17 @@ def bench_decode(quick: bool) -> list:
         fraction, spread = r.per(tokens * decode_bytes_per_token(model) / copy_bytes)
         return fraction, spread, tokens / r.best_a
 
+    def head_vs_roofline(model) -> tuple[float, tuple[float, float], float]:
+        """The LM head alone (one matrix-vector product, vocab x hidden: the kernel without the rest of a
+        step): its GB/s against the copy's."""
+        w = model.output_layer.weight if model.output_layer is not None else model.embedding.word_embeddings.weight
+        nbytes = w.nbytes if isinstance(w, QuantizedWeight) else w.numel() * w.element_size()
+        x = torch.randn(1, hidden, generator=torch.Generator().manual_seed(1)).to(model.dtype)
+        gemv = torch.no_grad()(lambda: linear(x, w))
+        r = paired_ratio(gemv, lambda: dst.copy_(src), reps)
+        fraction, spread = r.per(nbytes / copy_bytes)
+        return fraction, spread, nbytes / r.best_a / 1e9
+
     rows: list = []
     dims = f"{pairs}x(Mamba, 8-expert MoE) hidden={hidden} vocab={vocab}"
     base = _decode_run(bf16, tokens)
@@ -77,6 +92,10 @@ def bench_decode(quick: bool) -> list:
         fraction, spread, rate = vs_roofline(run, m)
         row(rows, name, rate, "tok/s", "bandwidth roofline (its own bytes per token)", fraction,
             TARGETS["vs_roofline"], quick, spread=spread)
+    for mode, m in (("bfloat16", bf16), *models.items()):
+        fraction, spread, rate = head_vs_roofline(m)
+        row(rows, f"LM head alone ({vocab}x{hidden} matrix-vector), {mode} weights", rate, "GB/s",
+            "bandwidth roofline (copy)", fraction, spread=spread)
     return rows
 
 
