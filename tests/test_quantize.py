@@ -212,9 +212,14 @@ def test_refusals(tmp_path):
     model.save_pretrained(tmp_path / "fp")
     q = quantize_model(copy.deepcopy(model), "int8")
     q.save_pretrained(tmp_path / "q8")
-    with pytest.raises(CheckpointError, match="holds int8 weights: it cannot be loaded as int4"):
+    with pytest.raises(CheckpointError, match="holds int8 weights, not int4: it loads as stored"):
         load_pretrained(tmp_path / "q8", quantize="int4")
     assert load_pretrained(tmp_path / "q8", quantize="int8").quantization.mode == "int8"
+    quantize_model(copy.deepcopy(model), "int4", 64).save_pretrained(tmp_path / "q4")
+    with pytest.raises(CheckpointError, match="holds int4 weights in groups of 64, not 32"):
+        load_pretrained(tmp_path / "q4", quantize="int4")  # (the default group size)
+    assert load_pretrained(tmp_path / "q4", quantize="int4", group_size=64).quantization.group_size == 64
+    assert load_pretrained(tmp_path / "q4").quantization == Quantization("int4", 64)
     with pytest.raises(CheckpointError, match="quantize = 'int3'"):
         load_pretrained(tmp_path / "fp", quantize="int3")
     with pytest.raises(CheckpointError, match="group_size = 48"):
@@ -227,6 +232,14 @@ def test_refusals(tmp_path):
 
     with pytest.raises(CheckpointError, match="full-precision weights only"):
         save_release(q, tmp_path / "rel")
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(tmp_path / "q4" / "model.safetensors")
+    name = "decoder.layers.0.mixer.in_proj.weight_scales"
+    sd[name] = sd[name].float()  # float32 scales where the format stores float16
+    save_file(sd, tmp_path / "q4" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"wrong dtype for {name}: expected torch.float16, found torch.float32"):
+        load_pretrained(tmp_path / "q4")
     (tmp_path / "q8" / QUANTIZATION_NAME).write_text('{"mode": "int8", "bits": 3}')
     with pytest.raises(CheckpointError, match="not a quantization description"):
         load_pretrained(tmp_path / "q8")
@@ -247,9 +260,11 @@ def test_convert_cli(tmp_path, capsys):
     assert q4.quantization == Quantization("int4", 32, True)
     size = lambda d: sum(p.stat().st_size for p in d.iterdir())  # noqa: E731
     assert size(tmp_path / "q4") < 0.3 * size(tmp_path / "fp")
-    for argv, message in ((["--quantize", "int8", "--to", "release"], "--quantize writes the native format"),
-                          (["--to", "release"], "holds int4 weights: it converts to the native format only")):
-        src = tmp_path / ("fp" if "--quantize" in argv else "q4")
+    for src, argv, message in (("fp", ["--quantize", "int8", "--to", "release"], "--quantize writes the native format"),
+                               ("q4", ["--to", "release"], "holds int4 weights: it converts to the native format only"),
+                               ("q4", ["--quantize", "int4", "--group-size", "64"], "group size or embedding"),
+                               ("q4", ["--quantize", "int4", "--quantize-embedding"], "group size or embedding")):
+        src = tmp_path / src
         r = subprocess.run([sys.executable, "-m", "blackmamba", "convert", str(src), str(tmp_path / "out"), *argv],
                            capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -55,6 +55,17 @@ class Quantization:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def mismatch(self, mode: str, group_size: int, embedding: bool = False) -> str | None:
+        """What differs between these stored weights and a request to quantize (``mode``, ``group_size``,
+        ``embedding``) — stored weights are never re-quantized —, or None where the request describes them."""
+        if mode != self.mode:
+            return f"{self.mode} weights, not {mode}"
+        if mode == "int4" and group_size != self.group_size:
+            return f"int4 weights in groups of {self.group_size}, not {group_size}"
+        if embedding and not self.embedding:
+            return "weights quantized without the embedding table"
+        return None
+
     @classmethod
     def from_dict(cls, d: dict) -> "Quantization":
         if not isinstance(d, dict) or "mode" not in d or set(d) - {"mode", "group_size", "head", "embedding"}:

@@ -290,3 +290,23 @@ def test_loading_is_strict(lm, tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
     assert "missing tensor decoder.layers.0.mixer.x_proj.weight" in str(e.value)
     assert "unexpected tensor decoder.layers.9.extra" in str(e.value)
+
+
+def test_a_quantized_checkpoint_is_refused_in_one_line(lm, tmp_path):
+    """A quantized folder (quantization.json) before loading, and quantized tensors without it (what a hub
+    repo's download shows once its files are here): one CheckpointError naming the problem."""
+    import copy
+    import os
+
+    from blackmamba.checkpoint import CheckpointError
+    from blackmamba.quantize import QUANTIZATION_NAME, quantize_model
+
+    q = quantize_model(copy.deepcopy(lm), "int8")
+    with pytest.raises(CheckpointError, match="int8 quantized model cannot be wrapped"):
+        BlackMambaForCausalLM.from_core(q)
+    q.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="holds quantized weights: load it with blackmamba.load_pretrained"):
+        BlackMambaForCausalLM.from_pretrained(tmp_path)
+    os.remove(tmp_path / QUANTIZATION_NAME)
+    with pytest.raises(CheckpointError, match="holds quantized weights: load it with blackmamba.load_pretrained"):
+        BlackMambaForCausalLM.from_pretrained(tmp_path)

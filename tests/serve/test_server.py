@@ -291,3 +291,22 @@ def test_a_failing_engine_answers_500_with_an_error_body_or_an_error_event(model
     assert whole.status_code == 500 and "boom" in whole.json()["error"]["message"]
     events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
     assert "boom" in events[-1]["error"]["message"] and "[DONE]" not in streamed.text
+
+
+def test_a_quantized_server_answers_what_the_quantized_model_generates(folder, model_tok):
+    """``serve --quantize int4``: the weights quantized on load, the completions those of the same model
+    quantized in this process (greedy, batch invariant)."""
+    from blackmamba import load_pretrained
+
+    model, tok = model_tok
+    q = load_pretrained(folder, quantize="int4")
+    srv = Server(folder, "--quantize", "int4")
+    try:
+        client = openai.OpenAI(base_url=srv.url, api_key="unused", timeout=TIMEOUT, max_retries=0)
+        texts = [client.completions.create(model="m", prompt=p, max_tokens=12, temperature=0).choices[0].text
+                 for p in PROMPTS[:3]]
+    finally:
+        code, out = srv.stop()
+    assert code == 0, out
+    assert texts == [generate_text(q, tok, [p], 12)[0] for p in PROMPTS[:3]]
+    assert texts != [generate_text(model, tok, [p], 12)[0] for p in PROMPTS[:3]]  # (the full-precision model's)

@@ -86,9 +86,11 @@ def convert(src, dst, to: str = "native", *, dtype: torch.dtype | None = None, m
         raise ValueError(f"{dst} already exists and is not an empty folder: choose a new destination")
     writable_folder(dst.parent)  # before reading SRC, which may be a download of gigabytes
     model, fmt, directory = read_model(src)  # the stored tensors as they are
-    if model.quantization is not None and (to != "native" or quantize not in (None, model.quantization.mode)):
+    if model.quantization is not None and (to != "native" or (
+            quantize is not None and model.quantization.mismatch(quantize, group_size, quantize_embedding))):
         raise ValueError(f"{src} holds {model.quantization.mode} weights: it converts to the native format only, "
-                         f"as it is (convert the full-precision checkpoint to get another format or mode)")
+                         f"as it is (convert the full-precision checkpoint to get another format, mode, group "
+                         f"size or embedding)")
     if quantize is not None and model.quantization is None:
         from ..quantize import quantize_model
 

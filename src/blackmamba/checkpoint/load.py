@@ -94,12 +94,17 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(model: BlackMambaLM, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Raise one CheckpointError naming every missing, unexpected and misshaped tensor."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """Raise one CheckpointError naming every missing, unexpected and misshaped tensor, and every quantized
+    layer's tensor whose dtype is not its format's (those are loaded as stored, never cast)."""
+    from ..quantize import is_quantized_tensor
+
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     misshaped = sorted(k for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k])
-    if not (missing or unexpected or misshaped):
+    mistyped = sorted(k for k in set(expected) & set(sd) if is_quantized_tensor(k) and sd[k].dtype != state[k].dtype)
+    if not (missing or unexpected or misshaped or mistyped):
         return
     lines = [f"{source} does not fit the model:"]
     for k in missing:
@@ -108,6 +113,8 @@ def check_state_dict(model: BlackMambaLM, sd: dict[str, torch.Tensor], source: s
         lines.append(f"  unexpected tensor {k} (shape {list(sd[k].shape)})")
     for k in misshaped:
         lines.append(f"  wrong shape for {k}: expected {list(expected[k])}, found {list(sd[k].shape)}")
+    for k in mistyped:
+        lines.append(f"  wrong dtype for {k}: expected {state[k].dtype}, found {sd[k].dtype}")
     raise CheckpointError("\n".join(lines))
 
 
@@ -157,7 +164,7 @@ def load_pretrained(path_or_id, *, dtype: torch.dtype | str = torch.float32, dev
 
     ``quantize="int8" | "int4"`` (``group_size`` 32 or 64 for int4): quantize the linear layers after loading
     (``blackmamba.quantize``); a quantized checkpoint (``convert --quantize``) loads as stored, and asking for
-    another mode than its own is a CheckpointError. ``dtype`` then applies to the weights left unquantized."""
+    another mode or group size than its own is a CheckpointError. ``dtype`` then applies to the weights left unquantized."""
     from ..quantize import Quantization, quantize_model
 
     if quantize is not None:
@@ -166,9 +173,10 @@ def load_pretrained(path_or_id, *, dtype: torch.dtype | str = torch.float32, dev
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     model, _, directory = read_model(path_or_id, revision, **overrides)
-    if model.quantization is not None and quantize not in (None, model.quantization.mode):
-        raise CheckpointError(f"{directory} holds {model.quantization.mode} weights: it cannot be loaded as "
-                              f"{quantize} (convert the full-precision checkpoint instead)")
+    differs = model.quantization.mismatch(quantize, group_size) if None not in (model.quantization, quantize) else None
+    if differs:
+        raise CheckpointError(f"{directory} holds {differs}: it loads as stored (drop the quantize option, or "
+                              f"convert the full-precision checkpoint)")
     if dtype == "auto":
         dtype = model.dtype
     elif isinstance(dtype, str):

@@ -236,7 +236,7 @@ def _run(out: Path, scale: str, archs: list[Architecture], configs: dict[str, Pa
     entries = []
     for a in archs:
         summary = json.loads((runs[a.name] / "summary.json").read_text())
-        entry = _static_entry(a, models[a.name].config)
+        entry = _static_entry(a, models[a.name].config)  # the plan; the tokens the run did replace its count
         entry.update({"train_tokens": summary["tokens"], "train_flops": entry["train_flops_per_token"] *
                       summary["tokens"], "val_loss": summary.get("val_loss"), "val_bpb": summary.get("val_bpb"),
                       "train_seconds": summary["train_seconds"], "run": str(runs[a.name]), **latency[a.name],

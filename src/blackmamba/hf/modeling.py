@@ -117,11 +117,12 @@ class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """A transformers / native folder or hub id, or a release-format one (``Zyphra/BlackMamba-1.5B``); not a
         quantized one (``from_core``)."""
-        from blackmamba.quantize import QUANTIZATION_NAME
+        from blackmamba.quantize import QUANTIZATION_NAME, is_quantized_tensor
 
+        quantized = CheckpointError(f"{pretrained_model_name_or_path} holds quantized weights: load it with "
+                                    f"blackmamba.load_pretrained (inference); transformers needs a full-precision one")
         if (Path(str(pretrained_model_name_or_path)) / QUANTIZATION_NAME).is_file():
-            raise CheckpointError(f"{pretrained_model_name_or_path} holds quantized weights: load it with "
-                                  f"blackmamba.load_pretrained (inference); transformers needs a full-precision one")
+            raise quantized
         if _is_release(pretrained_model_name_or_path, kwargs.get("revision")):
             unsupported = sorted(set(kwargs) - {"dtype", "revision"})
             if model_args or unsupported:
@@ -134,6 +135,8 @@ class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
                                               output_loading_info=True, **kwargs)
+        if any(is_quantized_tensor(k) for k in info["unexpected_keys"]):  # (a hub repo: known once downloaded)
+            raise quantized
         problems = [f"  {what} tensor {key}" for what, keys in (("missing", info["missing_keys"]),
                                                                 ("unexpected", info["unexpected_keys"]))
                     for key in sorted(keys)]
