@@ -36,6 +36,7 @@ class World:
     ep: int = 1
     mesh: object = None  # DeviceMesh ("dp",) over every rank; None in a one-process world
     patient_group: object = None  # gloo group with a day's timeout, for waits longer than any collective's
+    timeout_s: float = 600.0  # a collective's timeout (parallel.timeout_s)
     ep_mesh: object = None  # DeviceMesh of this rank's expert-parallel group (size ep); None when ep == 1
     edp_mesh: object = None  # DeviceMesh of the ranks holding the same experts (size size / ep); None when ep == 1
 
@@ -80,7 +81,7 @@ class World:
         mesh = init_device_mesh(device.type, (size,), mesh_dim_names=("dp",))
         patient = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
         world = cls(rank=rank, size=size, local_rank=local_rank, device=device, ep=ep, mesh=mesh,
-                    patient_group=patient)
+                    patient_group=patient, timeout_s=timeout_s)
         if ep > 1:
             mesh2 = init_device_mesh(device.type, (size // ep, ep), mesh_dim_names=("edp", "ep"))
             world.ep_mesh, world.edp_mesh = mesh2["ep"], mesh2["edp"]
@@ -105,6 +106,15 @@ class World:
         while the others wait), not ``parallel.timeout_s``."""
         if self.distributed:
             dist.barrier(group=self.patient_group if patient else None)
+
+    def wait_for_main(self) -> None:
+        """Every rank waits for rank 0 for as long as its writes take (a day at most); rank 0, arriving last,
+        waits for the others only ``timeout_s``: they are already waiting, unless one died or stopped answering,
+        which a plain barrier on the patient group would leave rank 0 waiting a day for (gloo's monitored
+        barrier: each rank's own timeout)."""
+        if self.distributed:
+            timeout = datetime.timedelta(seconds=self.timeout_s) if self.main else datetime.timedelta(days=1)
+            dist.monitored_barrier(group=self.patient_group, timeout=timeout)
 
     def broadcast_text(self, text: str | None) -> str:
         """Rank 0's ``text`` on every rank (as bytes in a tensor: nothing is pickled)."""

@@ -184,7 +184,8 @@ def _lost_peer(e: RuntimeError) -> bool:
     if isinstance(e, torch.distributed.DistError):
         return True
     text = str(e)
-    return any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out"))
+    return any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out",
+                                   "monitoredBarrier"))
 
 
 @contextlib.contextmanager

@@ -160,7 +160,7 @@ class Trainer:
         if self.world.main:
             publish_model(self.last_checkpoint, self.run_dir)  # RUN_DIR itself: the latest model
             prune_checkpoints(self.run_dir, c.keep_checkpoints)
-        self.world.barrier(patient=True)  # rank 0's writes take as long as they take: no collective timeout
+        self.world.wait_for_main()  # rank 0's writes take as long as they take; then it waits timeout_s at most
 
     def _diverged(self, what: str, value: float) -> TrainingDiverged:
         where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
