@@ -10,7 +10,7 @@ captures ``model.step`` once per batch size into a ``torch.cuda.CUDAGraph`` over
 buffer, and each step is then: copy the tokens in, replay, read the logits. Replays run exactly the kernels the
 eager ``model.step`` runs, so the output is the same. Elsewhere, with ``BLACKMAMBA_CUDA_GRAPHS=0``, or if the
 capture fails (logged), a step is ``model.step`` itself. The graphs are cached on the model per batch size and
-captured again when a weight is replaced.
+captured again when a weight is replaced or changed in place.
 
     stepper = Stepper.for_model(model, batch_size)
     state = stepper.reset()                        # zeroed; the prefill fills it: model(ids, state=state)
@@ -84,11 +84,13 @@ class Stepper:
     @classmethod
     def for_model(cls, model, batch_size: int) -> "Stepper":
         """A Stepper for generation: on CUDA the graph of ``model`` for ``batch_size`` (cached on the model and
-        captured again if a weight was replaced, or eager if the capture failed); elsewhere a plain one."""
+        captured again if a weight was replaced or changed in place — the graph reads what ``step_args``
+        computed from the weights at capture, such as A = -exp(A_log) —, or eager if the capture failed);
+        elsewhere a plain one."""
         if not graphs_enabled(model):
             return cls(model, batch_size)
         cache = model.__dict__.setdefault("_steppers", {})
-        key = tuple((p.data_ptr(), p.dtype) for p in model.parameters())
+        key = tuple((p.data_ptr(), p.dtype, p._version) for p in model.parameters())
         entry = cache.get(batch_size)
         if entry is None or entry[0] != key:
             try:

@@ -95,7 +95,8 @@ class MambaMixer(nn.Module):
     def step_args(self) -> tuple:
         """The layer's own arguments to op ``mamba_step`` (weights as linear operands), in its order."""
         return (operand(self.in_proj), self.conv1d.weight[:, 0], self.conv1d.bias, operand(self.x_proj),
-                self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, operand(self.out_proj))
+                self.dt_proj.weight, self.dt_proj.bias, -torch.exp(self.A_log.float()), self.D,
+                operand(self.out_proj))
 
     def step(self, h: torch.Tensor, state: MambaState, args: tuple | None = None) -> torch.Tensor:
         """One token per row: h (b, H) → (b, H); updates ``state`` in place (op ``mamba_step``). ``args``:

@@ -1,10 +1,11 @@
 """One decode step of the Mamba mixer as a single op (``mamba_step``), so a backend can fuse all of it.
 
-    out = mamba_step(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj, conv_state, ssm_state)
+    out = mamba_step(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj, conv_state, ssm_state)
 
 h (b, H). ``in_proj`` (2I, H), ``x_proj`` (R+2N, I), ``out_proj`` (H, I): linear operands (``ops.linear.operand``:
 a weight, or a module such as a LoRA wrapper, called as itself). conv_w (I, K), conv_b (I,); dt_w (I, R),
-dt_b (I,); A_log (I, N); D (I,); conv_state (b, I, K-1) and ssm_state (b, I, N) are updated in place; out (b, H).
+dt_b (I,); A (I, N) float32, the mixer's -exp(A_log) (computed once by its ``step_args``, not every step: two
+exponentials a state fewer); D (I,); conv_state (b, I, K-1) and ssm_state (b, I, N) are updated in place; out (b, H).
 
 The reference is the mixer's step written with the other ops (linear, conv_step, scan_step) — what
 ``layers.MambaMixer.forward`` computes for one token. Backends: ``cpu`` (``ops/cpu/decode.py``) does it in one
@@ -22,21 +23,21 @@ from .linear import apply, linear
 from .scan import selective_scan_step
 
 
-def mamba_step_reference(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj, conv_state, ssm_state):
-    I, N, R = conv_w.shape[0], A_log.shape[1], dt_w.shape[1]
+def mamba_step_reference(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj, conv_state, ssm_state):
+    I, N, R = conv_w.shape[0], A.shape[1], dt_w.shape[1]
     x, z = apply(h, in_proj).split([I, I], dim=-1)  # (b, I) each
     x = F.silu(causal_conv1d_step(x, conv_w, conv_b, conv_state))
     dt, B, C = apply(x, x_proj).split([R, N, N], dim=-1)
     delta = F.softplus(linear(dt, dt_w).float() + dt_b.float())  # matmul in the model dtype, the rest in fp32
-    y = selective_scan_step(x, delta, -torch.exp(A_log.float()), B, C, D, z, ssm_state)
+    y = selective_scan_step(x, delta, A.float(), B, C, D, z, ssm_state)
     return apply(y, out_proj)
 
 
 registry.register("mamba_step", "reference", mamba_step_reference)
 
 
-def mamba_step(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj, conv_state, ssm_state,
+def mamba_step(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj, conv_state, ssm_state,
                backend: str | None = None):
     """One token per sequence through the Mamba mixer; see the module docstring."""
     _, fn = registry.resolve("mamba_step", h, backend)
-    return fn(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj, conv_state, ssm_state)
+    return fn(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj, conv_state, ssm_state)

@@ -30,7 +30,7 @@ def mixer(hidden, state=16, dtype=torch.float32, seed=0):
 
 def step_args(m, h, s):
     return (h, m.in_proj.weight, m.conv1d.weight[:, 0], m.conv1d.bias, m.x_proj.weight, m.dt_proj.weight,
-            m.dt_proj.bias, m.A_log, m.D, m.out_proj.weight, s.conv, s.ssm)
+            m.dt_proj.bias, -torch.exp(m.A_log.float()), m.D, m.out_proj.weight, s.conv, s.ssm)
 
 
 @pytest.mark.parametrize("dtype,b,hidden,state,h_dtype,state_dtype", [

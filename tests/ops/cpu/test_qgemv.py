@@ -198,3 +198,14 @@ def test_the_avx512_and_the_generic_code_compile(arch, tmp_path):
     proc = subprocess.run([compiler, f"-march={arch}", *flags, "-Wno-psabi", "-c", str(cpu.CSRC / "qgemv.cpp"),
                            "-o", str(tmp_path / "qgemv.o")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("group,i", [(32, 128), (6, 30)])
+def test_a_nan_in_x_gives_nan_as_the_reference_does(group, i):
+    """int4 quantizes x per group: a NaN must not vanish into an int8 value (the integer and the float way)."""
+    qw, x, _ = case(20, i, 3, "int4", group, 0)
+    x[1, 5] = float("nan")
+    with torch.no_grad():
+        y = decode.linear_cpu(x, qw)
+    ref = linear(x, qw, backend="reference")
+    assert torch.equal(y.isnan(), ref.isnan()) and y[1].isnan().all() and not y[[0, 2]].isnan().any()

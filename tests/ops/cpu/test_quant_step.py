@@ -36,7 +36,7 @@ def mamba_case(b, H, I_, N, R, K, mode, group, dtype, seed):
         return (torch.randn(*shape, generator=g) * s).to(dtype)
 
     weights = dict(in_proj=q(2 * I_, H), conv_w=t(I_, K), conv_b=t(I_, s=0.1), x_proj=q(R + 2 * N, I_), dt_w=t(I_, R),
-                   dt_b=t(I_, s=0.1), A_log=torch.randn(I_, N, generator=g) * 0.3, D=torch.randn(I_, generator=g),
+                   dt_b=t(I_, s=0.1), A=-torch.exp(torch.randn(I_, N, generator=g) * 0.3), D=torch.randn(I_, generator=g),
                    out_proj=q(H, I_))
     h = t(b, H, s=1.0)
     conv_state, ssm_state = t(b, I_, K - 1, s=1.0), torch.randn(b, I_, N, generator=g)
@@ -44,7 +44,7 @@ def mamba_case(b, H, I_, N, R, K, mode, group, dtype, seed):
 
 
 def mamba_args(w, h, conv_state, ssm_state):
-    return (h, w["in_proj"], w["conv_w"], w["conv_b"], w["x_proj"], w["dt_w"], w["dt_b"], w["A_log"], w["D"],
+    return (h, w["in_proj"], w["conv_w"], w["conv_b"], w["x_proj"], w["dt_w"], w["dt_b"], w["A"], w["D"],
             w["out_proj"], conv_state, ssm_state)
 
 

@@ -49,13 +49,13 @@ def _quantized_ready(qws, mode, group, shapes) -> bool:
     return all(type(w) is QuantizedWeight and w.kernel_key == (mode, group, *shape) for w, shape in zip(qws, shapes))
 
 
-def mamba_step_cpu(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj, conv_state, ssm_state):
+def mamba_step_cpu(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj, conv_state, ssm_state):
     """The whole mixer step in one call (csrc/mamba_step.cpp). The three projections are plain weights (the conv
     weight's dtype) or all ``QuantizedWeight``s of one mode and group size (read as bm_qgemv reads them)."""
     b, H = h.shape
     wdt = conv_w.dtype
     if type(in_proj) is QuantizedWeight:
-        inner, P = conv_w.shape[0], A_log.shape[1] * 2 + dt_w.shape[1]
+        inner, P = conv_w.shape[0], A.shape[1] * 2 + dt_w.shape[1]
         mode, group = in_proj.mode, in_proj.group_size
         ok = _quantized_ready((in_proj, x_proj, out_proj), mode, group, ((2 * inner, H), (P, inner), (H, inner)))
         quant, projections = STEP_QUANT_CODE[mode], ()
@@ -67,18 +67,18 @@ def mamba_step_cpu(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out
     if (not ok or b > MAX_ROWS or not b or h.dtype not in KERNEL_DTYPES or wdt not in KERNEL_DTYPES or dt_b is None
             or not _ready(wdt, conv_w, conv_b, dt_w, dt_b, *projections)
             or not (conv_state.dtype is wdt or conv_state.dtype is torch.float32) or not conv_state.is_contiguous()
-            or not _ready(torch.float32, A_log, D, ssm_state)
-            or (torch.is_grad_enabled() and grad_needed(h, conv_w, conv_b, dt_w, dt_b, A_log, D, *projections))):
-        return mamba_step_reference(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, D, out_proj, conv_state,
+            or not _ready(torch.float32, A, D, ssm_state)
+            or (torch.is_grad_enabled() and grad_needed(h, conv_w, conv_b, dt_w, dt_b, A, D, *projections))):
+        return mamba_step_reference(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj, conv_state,
                                     ssm_state)
     h = h.contiguous()
     inner, K = conv_w.shape
     out = torch.empty(b, H, dtype=h.dtype)
     rc = library().bm_mamba_step(DTYPE_CODE[h.dtype], DTYPE_CODE[wdt], DTYPE_CODE[conv_state.dtype], h.data_ptr(),
                                  w_in.data_ptr(), conv_w.data_ptr(), ptr(conv_b), w_x.data_ptr(),
-                                 dt_w.data_ptr(), dt_b.data_ptr(), A_log.data_ptr(), ptr(D), w_out.data_ptr(),
+                                 dt_w.data_ptr(), dt_b.data_ptr(), A.data_ptr(), ptr(D), w_out.data_ptr(),
                                  conv_state.data_ptr(), ssm_state.data_ptr(), out.data_ptr(), b, H, inner,
-                                 A_log.shape[1], dt_w.shape[1], K, threads_for(b * 3 * inner * H), quant, *scales,
+                                 A.shape[1], dt_w.shape[1], K, threads_for(b * 3 * inner * H), quant, *scales,
                                  group)
     if rc:
         raise RuntimeError(f"blackmamba cpu mamba_step: unsupported inputs (code {rc})")

@@ -39,7 +39,7 @@ def _ssm_update_kernel(
     DIM, N,
     ss_b, ss_d, ss_n, sx_b, sx_d, sdt_b, sdt_d, sA_d, sA_n, sB_b, sB_n, sC_b, sC_n, sz_b, sz_d, sy_b, sy_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    A_IS_LOG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    BD: tl.constexpr, BN: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BD + tl.arange(0, BD)  # (BD,)
@@ -56,8 +56,6 @@ def _ssm_update_kernel(
     if SOFTPLUS:
         dt = _softplus(dt)
     A = tl.load(A_ptr + offs_d[:, None] * sA_d + offs_n[None, :] * sA_n, mask=mask_dn, other=0.0).to(tl.float32)
-    if A_IS_LOG:
-        A = -tl.exp(A)
     Bv = tl.load(B_ptr + pid_b * sB_b + offs_n * sB_n, mask=mask_n, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + pid_b * sC_b + offs_n * sC_n, mask=mask_n, other=0.0).to(tl.float32)
     s = tl.exp(dt[:, None] * A) * s + (dt * x)[:, None] * Bv[None, :]  # (BD, BN)
@@ -106,13 +104,11 @@ def _launch_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def ssm_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, softplus: bool = False,
-               a_is_log: bool = False):
+def ssm_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, softplus: bool = False):
     """One SSM step for every sequence: updates ``state`` (b, d, n) in place, returns y (b, d) in x's dtype.
 
     ``dt`` is the step size itself (``softplus=False``), or the pre-activation whose
     ``softplus(dt + dt_bias)`` is the step size (``softplus=True``, as the mixer computes it).
-    ``a_is_log``: ``A`` holds the mixer's ``A_log`` and the kernel uses -exp(A_log) (saves two kernels).
     """
     b, d = x.shape
     n = A.shape[1]
@@ -126,7 +122,7 @@ def ssm_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, softplus: bo
             d, n, *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
             *zz.stride(), *y.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=softplus,
-            A_IS_LOG=a_is_log, BD=BLOCK_D, BN=triton.next_power_of_2(n), num_warps=4,
+            BD=BLOCK_D, BN=triton.next_power_of_2(n), num_warps=4,
         )
     return y
 
@@ -147,14 +143,14 @@ def conv_update(x, weight, bias, state, silu: bool = True):
     return y
 
 
-def mamba_step(h, in_w, conv_w, conv_b, x_w, dt_w, dt_b, A_log, D, out_w, conv_state, ssm_state):
+def mamba_step(h, in_w, conv_w, conv_b, x_w, dt_w, dt_b, A, D, out_w, conv_state, ssm_state):
     """Op ``mamba_step`` (same contract, weights only): the projections with cuBLAS, the conv update (+ silu) and
-    the SSM update (+ dt bias, softplus, A = -exp(A_log), D, silu(z) gate) one kernel each; nothing read on the
+    the SSM update (+ dt bias, softplus, D, silu(z) gate) one kernel each; nothing read on the
     host, so a CUDA graph can capture it."""
-    I, N, R = conv_w.shape[0], A_log.shape[1], dt_w.shape[1]
+    I, N, R = conv_w.shape[0], A.shape[1], dt_w.shape[1]
     x, z = F.linear(h, in_w).split([I, I], dim=-1)  # (b, I) each
     x = conv_update(x, conv_w, conv_b, conv_state, silu=True)
     dt, B, C = F.linear(x, x_w).split([R, N, N], dim=-1)
     dt = F.linear(dt, dt_w)  # (b, I); bias and softplus inside the kernel, in fp32
-    y = ssm_update(ssm_state, x, dt, A_log, B, C, D, z, dt_bias=dt_b, softplus=True, a_is_log=True)
+    y = ssm_update(ssm_state, x, dt, A, B, C, D, z, dt_bias=dt_b, softplus=True)
     return F.linear(y, out_w)

@@ -164,10 +164,10 @@ inline void quantize_groups(const float* x, int64_t len, int64_t group, int8_t* 
     for (int64_t k = 0; k < n; k += W) {
       const vfloat v = vload<float>(xg + k, static_cast<int>(std::min<int64_t>(W, n - k)));  // (0 past n)
       const vfloat a = v < 0 ? -v : v;
-      m = a > m ? a : m;
+      m = a > m || a != a ? a : m;  // a NaN stays: d is then NaN, and so is the product, as torch's
     }
     float amax = 0;
-    for (int l = 0; l < W; ++l) amax = std::max(amax, m[l]);
+    for (int l = 0; l < W; ++l) amax = m[l] != m[l] || m[l] > amax ? m[l] : amax;
     const float s = amax / 127.0f, div = s > 0 ? s : 1.0f;
     for (int64_t k = 0; k < n; k += W) {
       const int cnt = static_cast<int>(std::min<int64_t>(W, n - k));

@@ -1,12 +1,12 @@
 // One decode step of the whole Mamba mixer for a few sequences, in one call and one pass over each
 // weight matrix (decode is limited by reading the weights):
 //   x, z = split(h W_in^T);  x = silu(conv_step(x));  dt, B, C = split(x W_x^T)
-//   delta = softplus(dt W_dt^T + b_dt);  s = exp(-delta exp(A_log)) s + delta B x
+//   delta = softplus(dt W_dt^T + b_dt);  s = exp(delta A) s + delta B x   (A = -exp(A_log), given)
 //   y = (<s, C> + D x) silu(z);  out = y W_out^T
 // Weights (and conv weight / bias, dt bias) are float32 or bfloat16 (TW), the three projections (in, x, out)
 // possibly int8 / int4 instead (P: dot.h's PlainRows<TW>, Int8Rows or Int4Rows, summed as bm_gemv / bm_qgemv sum
 // them); the conv state has the same dtype or float32 (TS); h and out are float32 or bfloat16 (TH); the activations inside,
-// A_log, D and the SSM state are float32. One OpenMP region per
+// A, D and the SSM state are float32. One OpenMP region per
 // call, three barriers.
 #include "dot.h"
 
@@ -52,7 +52,7 @@ struct StepShape {
 
 template <typename TH, typename TW, typename TS, typename P>
 void mamba_step(const StepShape& sh, const TH* h_in, const P& w_in, const TW* conv_w, const TW* conv_b,
-                const P& w_x, const TW* w_dt, const TW* b_dt, const float* A_log, const float* D, const P& w_out,
+                const P& w_x, const TW* w_dt, const TW* b_dt, const float* A, const float* D, const P& w_out,
                 TS* conv_state, float* ssm, TH* out_h, int threads) {
   const int64_t b = sh.b, H = sh.H, I = sh.I, N = sh.N, R = sh.R, K = sh.K, Pr = R + 2 * N;
   std::vector<float> xz(b * 2 * I), xs(b * I), dbc(b * Pr), y(b * I), hbuf, obuf;
@@ -130,7 +130,7 @@ void mamba_step(const StepShape& sh, const TH* h_in, const P& w_in, const TW* co
           vfloat acc = {};
           for (int64_t k = 0; k < N; k += W) {
             const int kc = static_cast<int>(std::min<int64_t>(W, N - k));
-            const vfloat a = vexp(-dl[i] * vexp(vload<float>(A_log + c * N + k, kc)));
+            const vfloat a = vexp(dl[i] * vload<float>(A + c * N + k, kc));
             const vfloat sv = a * vload<float>(s + k, kc) + (dl[i] * xv) * vload<float>(Bq + k, kc);
             vstore_as<float>(s + k, sv, kc);
             acc += sv * vload<float>(Cq + k, kc);
@@ -161,13 +161,13 @@ int bm_mamba_step_max_rows() { return bm::kDotMaxRows; }
 
 // h (b, H) and out (b, H) dtype_h (0 float32, 1 bfloat16; out is rounded to it); weights w_in (2I, H),
 // conv_w (I, K), conv_b (I,) or null, w_x (R+2N, I), w_dt (I, R), b_dt (I,), w_out (H, I): dtype_w,
-// contiguous; A_log (I, N) and D (I,) or null float32; conv_state (b, I, K-1) dtype_s (dtype_w or 0); ssm (b, I, N)
+// contiguous; A (I, N) = -exp(A_log) and D (I,) or null float32; conv_state (b, I, K-1) dtype_s (dtype_w or 0); ssm (b, I, N)
 // float32: both updated in place.
 // quant: how w_in, w_x and w_out are stored: 0 plain (dtype_w; their scales null, group 0), 1 int8, 2 int4 (each
 // q with its scales s_in, s_x, s_out, all three with the same group; formats as in bm_qgemv).
 // Returns 0, 1 for a bad batch, 2 unsupported dtypes, 3 a bad quant code or group.
 int bm_mamba_step(int dtype_h, int dtype_w, int dtype_s, const void* h, const void* w_in, const void* conv_w,
-                  const void* conv_b, const void* w_x, const void* w_dt, const void* b_dt, const float* A_log,
+                  const void* conv_b, const void* w_x, const void* w_dt, const void* b_dt, const float* A,
                   const float* D, const void* w_out, void* conv_state, float* ssm, void* out, int64_t b, int64_t H,
                   int64_t I, int64_t N, int64_t R, int64_t K, int threads, int quant, const void* s_in,
                   const void* s_x, const void* s_out, int64_t group) {
@@ -180,7 +180,7 @@ int bm_mamba_step(int dtype_h, int dtype_w, int dtype_s, const void* h, const vo
     ok = with_proj<TW>(quant, group, [&](auto make) {
       mamba_step<TH, TW, TS>(sh, static_cast<const TH*>(h), make(w_in, s_in, H), static_cast<const TW*>(conv_w),
                              static_cast<const TW*>(conv_b), make(w_x, s_x, I), static_cast<const TW*>(w_dt),
-                             static_cast<const TW*>(b_dt), A_log, D, make(w_out, s_out, I),
+                             static_cast<const TW*>(b_dt), A, D, make(w_out, s_out, I),
                              static_cast<TS*>(conv_state), ssm, static_cast<TH*>(out), threads);
     });
   };
