@@ -191,7 +191,8 @@ def test_linear_reference_is_f_linear_on_the_dequantized_weight(mode):
        zero_group=st.booleans(), seed=st.integers(0, 2**16))
 def test_quantize_activation_is_per_group_int8(i, group, rows, zero_group, seed):
     """Per group of the weight's inputs: values on the grid d · {-127..127} with d = max|x| / 127 (0 for an
-    all-zero group), each the nearest grid point to x (within d / 2; the group's max exactly), a fixed point, and the shape, dtype and gradient (straight through) kept."""
+    all-zero group), each the nearest grid point to x (within d / 2; the group's max exactly), a fixed point,
+    and the shape, dtype and gradient (straight through) kept."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, i, generator=g) * torch.exp(3 * torch.randn(rows, 1, generator=g))
     if zero_group:

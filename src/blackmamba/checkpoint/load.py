@@ -164,7 +164,8 @@ def load_pretrained(path_or_id, *, dtype: torch.dtype | str = torch.float32, dev
 
     ``quantize="int8" | "int4"`` (``group_size`` 32 or 64 for int4): quantize the linear layers after loading
     (``blackmamba.quantize``); a quantized checkpoint (``convert --quantize``) loads as stored, and asking for
-    another mode or group size than its own is a CheckpointError. ``dtype`` then applies to the weights left unquantized."""
+    another mode or group size than its own is a CheckpointError. ``dtype`` then applies to the weights left
+    unquantized."""
     from ..quantize import Quantization, quantize_model
 
     if quantize is not None:

@@ -14,7 +14,6 @@ call reading each weight matrix once; ``triton`` (``ops/triton/step.py``) fuses 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from . import registry

@@ -1,7 +1,8 @@
 """The CPU kernel for op ``linear`` on a quantized weight (csrc/qgemv.cpp) against ``F.linear`` on the dequantized
-weight (and, for int4, x quantized per group: ``quantize_activation``): shapes (odd widths, partial groups, several tasks and threads), group sizes, float32 and bfloat16 rows,
-bias; every row bit-identical whatever the batch; which calls reach the kernel; and the AVX2 build (and the
-AVX-512 code compiling) besides the native one."""
+weight (and, for int4, x quantized per group: ``quantize_activation``): shapes (odd widths, partial groups,
+several tasks and threads), group sizes, float32 and bfloat16 rows, bias; every row bit-identical whatever the
+batch; which calls reach the kernel; NaN; and the AVX2 build (and the AVX-512 code compiling) besides the
+native one."""
 
 import platform
 import shutil

@@ -35,9 +35,9 @@ def mamba_case(b, H, I_, N, R, K, mode, group, dtype, seed):
     def t(*shape, s=0.3):
         return (torch.randn(*shape, generator=g) * s).to(dtype)
 
+    A = -torch.exp(torch.randn(I_, N, generator=g) * 0.3)  # the mixer's -exp(A_log)
     weights = dict(in_proj=q(2 * I_, H), conv_w=t(I_, K), conv_b=t(I_, s=0.1), x_proj=q(R + 2 * N, I_), dt_w=t(I_, R),
-                   dt_b=t(I_, s=0.1), A=-torch.exp(torch.randn(I_, N, generator=g) * 0.3), D=torch.randn(I_, generator=g),
-                   out_proj=q(H, I_))
+                   dt_b=t(I_, s=0.1), A=A, D=torch.randn(I_, generator=g), out_proj=q(H, I_))
     h = t(b, H, s=1.0)
     conv_state, ssm_state = t(b, I_, K - 1, s=1.0), torch.randn(b, I_, N, generator=g)
     return weights, h, conv_state, ssm_state
