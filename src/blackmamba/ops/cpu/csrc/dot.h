@@ -141,6 +141,13 @@ struct Int8Rows {
   }
 };
 
+// the integer way of int4 products (below): AVX2's byte multiply-adds, F16C's float16 scales, FMA
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define BM_INT4_INT8_X 1
+#else
+#define BM_INT4_INT8_X 0
+#endif
+
 // The activations of an int4 product (ops/quant.py's quantize_activation): each group of `group` elements of a
 // row of x as int8 values xq and one float32 scale d = max|x| / 127, xq = round-half-even(x / d) (0 where d is
 // 0), so x ≈ xq · d; the same arithmetic as torch's, so kernel and reference quantize x identically.
@@ -211,7 +218,7 @@ struct Int4Rows {
   int64_t groups() const { return (len + group - 1) / group; }
   int64_t padded_groups() const { return (groups() + lanes<float> - 1) / lanes<float> * lanes<float>; }
   bool int8_x() const {
-#if defined(__AVX2__)
+#if BM_INT4_INT8_X
     return (group == 32 || group == 64) && len % kIntStep == 0;
 #else
     return false;
@@ -387,7 +394,7 @@ inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t ro
     for (int g = 0; g < G; ++g) y[q * ystride + row + g] = hsum(acc[q][g]);
 }
 
-#if defined(__AVX2__)
+#if BM_INT4_INT8_X
 // rows [row, row + G) of an int4 view the integer way (Int4Rows::int8_x(): group GS = 32 or 64); prepared x row q at
 // xp + q * xs floats. The groups are taken 8 at a time (a chunk: 4 steps of group 32, 8 of group 64): their
 // float16 scales converted and multiplied by x's d, c added times the scales, and the same bytes prefetched
@@ -467,11 +474,13 @@ inline void dot_block_int8_x(const Int4Rows& w, const float* xp, int64_t xs, int
 // vector code compiles slowly), any other case by the general loop
 template <int NX, int G>
 inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t row, float* y, int64_t ystride) {
-#if defined(__AVX2__)
+#if BM_INT4_INT8_X
   if (w.int8_x()) {
     if (w.group == 32) return dot_block_int8_x<NX, G, 32>(w, xp, xs, row, y, ystride);
     return dot_block_int8_x<NX, G, 64>(w, xp, xs, row, y, ystride);
   }
+#endif
+#if defined(__AVX2__)
   if constexpr (NX <= 2) {
     constexpr int S = Int4Rows::kStep;
     if (w.group == 32 && 32 % S == 0) return dot_block<NX, G, 32>(w, xp, xs, row, y, ystride);
