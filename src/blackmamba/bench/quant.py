@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from ..config import BlackMambaConfig, ConfigError
 from ..model import BlackMambaLM
 from ..ops.linear import linear
-from ..ops.quant import QuantizedWeight
 from ..quantize import quantize_model
 from .harness import decode_bytes_per_token, paired_ratio, row
 
@@ -70,7 +69,7 @@ def bench_decode(quick: bool) -> list:
         """The LM head alone (one matrix-vector product, vocab x hidden: the kernel without the rest of a
         step): its GB/s against the copy's."""
         w = model.output_layer.weight if model.output_layer is not None else model.embedding.word_embeddings.weight
-        nbytes = w.nbytes if isinstance(w, QuantizedWeight) else w.numel() * w.element_size()
+        nbytes = w.nbytes  # a tensor's, or a QuantizedWeight's bytes and scales
         x = torch.randn(1, hidden, generator=torch.Generator().manual_seed(1)).to(model.dtype)
         gemv = torch.no_grad()(lambda: linear(x, w))
         r = paired_ratio(gemv, lambda: dst.copy_(src), reps)

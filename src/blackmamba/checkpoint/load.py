@@ -174,7 +174,8 @@ def load_pretrained(path_or_id, *, dtype: torch.dtype | str = torch.float32, dev
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     model, _, directory = read_model(path_or_id, revision, **overrides)
-    differs = model.quantization.mismatch(quantize, group_size) if None not in (model.quantization, quantize) else None
+    stored = model.quantization
+    differs = stored.mismatch(quantize, group_size) if stored is not None and quantize is not None else None
     if differs:
         raise CheckpointError(f"{directory} holds {differs}: it loads as stored (drop the quantize option, or "
                               f"convert the full-precision checkpoint)")

@@ -4,8 +4,8 @@
 
 h (b, H). ``in_proj`` (2I, H), ``x_proj`` (R+2N, I), ``out_proj`` (H, I): linear operands (``ops.linear.operand``:
 a weight, or a module such as a LoRA wrapper, called as itself). conv_w (I, K), conv_b (I,); dt_w (I, R),
-dt_b (I,); A (I, N) float32, the mixer's -exp(A_log) (computed once by its ``step_args``, not every step: two
-exponentials a state fewer); D (I,); conv_state (b, I, K-1) and ssm_state (b, I, N) are updated in place; out (b, H).
+dt_b (I,); A (I, N) float32, the mixer's -exp(A_log) (computed once by its ``step_args``, not every step: one
+exponential a state fewer); D (I,); conv_state (b, I, K-1) and ssm_state (b, I, N) are updated in place; out (b, H).
 
 The reference is the mixer's step written with the other ops (linear, conv_step, scan_step) — what
 ``layers.MambaMixer.forward`` computes for one token. Backends: ``cpu`` (``ops/cpu/decode.py``) does it in one

@@ -6,7 +6,7 @@ batch; and the calls that still take the reference (a gradient, a wrapped projec
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -66,6 +66,10 @@ def _close(a, b, rel):
 @given(b=st.integers(1, cpu.MAX_ROWS), H=st.integers(1, 70), I_=st.integers(1, 80), N=st.integers(1, 17),
        R=st.integers(1, 5), K=st.integers(2, 4), mode=st.sampled_from(["int8", "int4"]), group=st.sampled_from(GROUPS),
        seed=st.integers(0, 2**16))
+# widths that are multiples of 64 (every BlackMamba projection): the fused kernels' int4 projections take the
+# integer path (csrc/dot.h int8_x); test_qgemv holds that path to F.linear
+@example(b=1, H=128, I_=192, N=16, R=4, K=4, mode="int4", group=32, seed=1)
+@example(b=3, H=128, I_=192, N=16, R=4, K=4, mode="int4", group=64, seed=2)
 def test_fused_quantized_mamba_step_matches_reference(b, H, I_, N, R, K, mode, group, seed):
     w, h, cs, ss = mamba_case(b, H, I_, N, R, K, mode, group, torch.float32, seed)
     cs_ref, ss_ref = cs.clone(), ss.clone()
@@ -103,6 +107,8 @@ def test_fused_quantized_mamba_step_bf16_model(mode, group, state_dtype):
 @given(b=st.integers(1, cpu.MAX_ROWS), H=st.integers(1, 70), F=st.integers(1, 40), E=st.integers(1, 9),
        mode=st.sampled_from(["int8", "int4"]), group=st.sampled_from(GROUPS), bf16=st.booleans(),
        activation=st.sampled_from(["silu", "gelu"]), same=st.booleans(), seed=st.integers(0, 2**16))
+@example(b=2, H=128, F=64, E=4, mode="int4", group=32, bf16=False, activation="silu", same=False, seed=1)  # (int8_x)
+@example(b=5, H=192, F=128, E=3, mode="int4", group=64, bf16=False, activation="gelu", same=True, seed=2)
 def test_fused_quantized_moe_step_matches_reference(b, H, F, E, mode, group, bf16, activation, same, seed):
     dtype = torch.bfloat16 if bf16 else torch.float32
     rw, rb, fc1, fc2, h = moe_case(b, H, F, E, mode, group, dtype, seed)

@@ -40,13 +40,10 @@ def _ready(dtype: torch.dtype, *tensors) -> bool:
     return True
 
 
-def _quantized_ready(qws, mode, group, shapes) -> bool:
-    """Every one of ``qws`` is a CPU ``QuantizedWeight`` of ``mode`` and ``group``, contiguous, of (out, in)
-    features ``shapes[j]`` (one shape for all where ``shapes`` is a tuple of two ints)."""
-    if type(shapes[0]) is int:
-        want = (mode, group, *shapes)
-        return all(type(w) is QuantizedWeight and w.kernel_key == want for w in qws)
-    return all(type(w) is QuantizedWeight and w.kernel_key == (mode, group, *shape) for w, shape in zip(qws, shapes))
+def _quantized_ready(qws, keys) -> bool:
+    """Every one of ``qws`` is a contiguous CPU ``QuantizedWeight`` whose ``kernel_key`` (mode, group size, out
+    and in features) is ``keys[j]``."""
+    return len(qws) == len(keys) and all(type(w) is QuantizedWeight and w.kernel_key == k for w, k in zip(qws, keys))
 
 
 def mamba_step_cpu(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj, conv_state, ssm_state):
@@ -57,7 +54,8 @@ def mamba_step_cpu(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_pro
     if type(in_proj) is QuantizedWeight:
         inner, P = conv_w.shape[0], A.shape[1] * 2 + dt_w.shape[1]
         mode, group = in_proj.mode, in_proj.group_size
-        ok = _quantized_ready((in_proj, x_proj, out_proj), mode, group, ((2 * inner, H), (P, inner), (H, inner)))
+        ok = _quantized_ready((in_proj, x_proj, out_proj),
+                              ((mode, group, 2 * inner, H), (mode, group, P, inner), (mode, group, H, inner)))
         quant, projections = STEP_QUANT_CODE[mode], ()
         w_in, w_x, w_out = in_proj.q, x_proj.q, out_proj.q
         scales = (in_proj.scales.data_ptr(), x_proj.scales.data_ptr(), out_proj.scales.data_ptr()) if ok else None
@@ -95,8 +93,8 @@ def moe_step_cpu(h, router_w, router_b, fc1, fc2, activation):
     if type(w0) is QuantizedWeight:
         F2 = w0.q.shape[0]
         mode, group = w0.mode, w0.group_size
-        ok = len(fc2) == E and _quantized_ready(fc1, mode, group, (F2, H)) and _quantized_ready(fc2, mode, group,
-                                                                                             (H, F2 // 2))
+        ok = (_quantized_ready(fc1, ((mode, group, F2, H),) * E)
+              and _quantized_ready(fc2, ((mode, group, H, F2 // 2),) * E))
         quant, experts = STEP_QUANT_CODE[mode], ()
     else:
         ok, quant, group, experts = True, 0, 0, (*fc1, *fc2)

@@ -148,9 +148,6 @@ struct Int8Rows {
 #define BM_INT4_INT8_X 0
 #endif
 
-// The activations of an int4 product (ops/quant.py's quantize_activation): each group of `group` elements of a
-// row of x as int8 values xq and one float32 scale d = max|x| / 127, xq = round-half-even(x / d) (0 where d is
-// 0), so x ≈ xq · d; the same arithmetic as torch's, so kernel and reference quantize x identically.
 inline vfloat vround_even(vfloat v) {  // to the nearest integer, ties to even (the default rounding mode)
 #if defined(__AVX512F__)
   return (vfloat)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -162,6 +159,9 @@ inline vfloat vround_even(vfloat v) {  // to the nearest integer, ties to even (
 #endif
 }
 
+// The activations of an int4 product (ops/quant.py's quantize_activation): each group of `group` elements of a
+// row of x as int8 values xq and one float32 scale d = max|x| / 127, xq = round-half-even(x / d) (0 where d is
+// 0), so x ≈ xq · d; the same arithmetic as torch's, so kernel and reference quantize x identically.
 inline void quantize_groups(const float* x, int64_t len, int64_t group, int8_t* xq, float* d) {
   constexpr int W = lanes<float>;
   for (int64_t g = 0, k0 = 0; k0 < len; ++g, k0 += group) {
