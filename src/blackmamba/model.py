@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from torch import nn
 from .config import BlackMambaConfig
 from .layers import Attention, GatedMLP, MambaMixer, MoE, RMSNorm
 from .ops.linear import linear
-from .ops.norm import add_rmsnorm
+from .ops.norm import bind_add_rmsnorm
 from .state import State
 
 
@@ -76,17 +77,21 @@ class Block(nn.Module):
         h, residual = self.norm(h, residual, self.residual_dtype)
         return self.mixer(h, state=state, mask=mask), residual
 
-    def step_args(self) -> tuple:
-        """What ``step`` reads from the block's own modules: the norm's weight and eps, the mixer's ``step_args``."""
-        return self.norm.weight, self.norm.eps, self.mixer.step_args()
+    def bind_step(self):
+        """``step`` with the block's weights bound (``RMSNorm.forward``'s op ``add_rmsnorm`` and the mixer's
+        ``bind_step``): a callable (h, residual, state) → the next block's (h, residual)."""
+        norm = bind_add_rmsnorm(self.norm.weight, self.norm.eps, self.residual_dtype)
+        mixer = self.mixer.bind_step()
 
-    def step(self, h: torch.Tensor, residual: torch.Tensor | None, state,
-             args: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per row: (h, residual) (b, H) → the next block's; ``state`` updated in place. ``args``:
-        ``step_args()`` fetched earlier (the block entry is ``RMSNorm.forward``'s op, called directly)."""
-        norm_weight, eps, mixer_args = args or self.step_args()
-        h, residual = add_rmsnorm(h, residual, norm_weight, eps, self.residual_dtype or h.dtype)
-        return self.mixer.step(h, state, mixer_args), residual
+        def step(h, residual, state):
+            h, residual = norm(h, residual)
+            return mixer(h, state), residual
+
+        return step
+
+    def step(self, h: torch.Tensor, residual: torch.Tensor | None, state) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row: (h, residual) (b, H) → the next block's; ``state`` updated in place."""
+        return self.bind_step()(h, residual, state)
 
 
 class Embedding(nn.Module):
@@ -253,25 +258,33 @@ class BlackMambaLM(nn.Module):
                                    ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss)
 
-    def step_args(self) -> list[tuple]:
-        """Every block's ``step_args()``: the weights ``step`` reads, as its ops take them. Fetching them is a
-        measurable part of a batch-1 CPU step, so a ``Stepper`` fetches them once per generation (the weights
-        cannot change while it runs) and passes them to every ``step``."""
-        return [blk.step_args() for blk in self.decoder.layers]
-
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, state: State, args: list[tuple] | None = None) -> torch.Tensor:
+    def bind_step(self) -> Callable[[torch.Tensor, State], torch.Tensor]:
+        """``step`` with every layer's weights bound: a callable (tokens, state) → logits, valid while no weight
+        is replaced, moved or changed — for one generation. Each layer's ops are bound once (ops/registry.py:
+        Binding; on CPU the kernels' operands checked and their addresses taken), which at batch 1 on a CPU is a
+        measurable part of a token; a ``Stepper`` and the serve engine bind once and step many times."""
+        blocks = [blk.bind_step() for blk in self.decoder.layers]
+        embed, head = self.embedding.word_embeddings, self._head
+
+        @torch.no_grad()
+        def step(tokens: torch.Tensor, state: State) -> torch.Tensor:
+            h = embed(tokens)  # (b, H)
+            residual = None
+            for blk, st in zip(blocks, state.layers):
+                h, residual = blk(h, residual, st)
+            state.seqlen += 1
+            return head(h, residual)
+
+        return step
+
+    def step(self, tokens: torch.Tensor, state: State) -> torch.Tensor:
         """One token per row: tokens (b,) → next-token logits (b, V); consumes them into ``state`` in place.
-        ``args``: ``step_args()`` fetched earlier (else fetched now).
+        Binds the weights for this one call (``bind_step``: bind once to decode many tokens).
 
         No input checks and nothing read back on the host (a CUDA graph can capture it; ``forward`` checks);
         inference only (MoE layers route as in eval mode)."""
-        h = self.embedding.word_embeddings(tokens)  # (b, H)
-        residual = None
-        for blk, st, a in zip(self.decoder.layers, state.layers, args or self.step_args()):
-            h, residual = blk.step(h, residual, st, a)
-        state.seqlen += 1
-        return self._head(h, residual)
+        return self.bind_step()(tokens, state)
 
     def _head(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """The last block's (h, residual) → logits: out = LayerNorm(h + residual), the (tied) LM head."""

@@ -204,7 +204,9 @@ def test_quantize_activation_is_per_group_int8(i, group, rows, zero_group, seed)
         d = xs.abs().amax(dim=1, keepdim=True) / 127
         n = qs / torch.where(d > 0, d, 1)
         assert (n - n.round()).abs().max() < 1e-4 and n.abs().max() <= 127 + 1e-4
-        assert ((qs - xs).abs() <= d / 2 * (1 + 1e-5) + 1e-30).all()
+        # d / 2, plus float32's rounding of d, of x / d (which may take a tie's other side) and of q · d: each
+        # within 2^-24 of |q| · d <= 127 d, so 1e-4 of d / 2 bounds them (a draw went just over 1e-5)
+        assert ((qs - xs).abs() <= d / 2 * (1 + 1e-4) + 1e-30).all()
         top = xs.abs().argmax(dim=1, keepdim=True)
         torch.testing.assert_close(qs.gather(1, top), xs.gather(1, top), rtol=1e-6, atol=0)
     torch.testing.assert_close(quantize_activation(xq, group), xq, rtol=1e-6, atol=0)  # a fixed point

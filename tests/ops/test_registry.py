@@ -70,3 +70,41 @@ def test_a_requested_backend_runs_where_it_has_a_kernel_and_the_reference_elsewh
         assert registry.resolve(op, CPU)[0] == "triton", op
     for op in ("conv", "linear"):
         assert registry.resolve(op, CPU)[0] == "reference", op
+
+
+@pytest.mark.skipif(not build.available(), reason="no C++ compiler: the cpu backend is unavailable")
+def test_binding_takes_the_chosen_backends_own_bind_where_it_has_one(request_from):
+    """The cpu backend prepares its decode ops once (``bind``); a backend without a bind (the reference) is the
+    op called with the fixed operands, and computes what the op computes."""
+    request_from(None)
+    from blackmamba.ops.cpu import decode
+    from blackmamba.ops.norm import add_rmsnorm, bind_add_rmsnorm
+
+    assert registry.binder("mamba_step", CPU) == ("cpu", decode.bind_mamba_step_cpu)
+    assert registry.binder("moe_step", CPU) == ("cpu", decode.bind_moe_step_cpu)
+    assert registry.binder("add_rmsnorm", CPU, "reference") == ("reference", None)
+    assert registry.binder("linear", CPU) == ("cpu", None)  # the head's one call a token is not worth one
+    w, h = torch.rand(6) + 0.5, torch.randn(2, 6)
+    for backend in ("cpu", "reference"):
+        out, res = bind_add_rmsnorm(w, 1e-6, backend=backend)(h, None)
+        want = add_rmsnorm(h, None, w, 1e-6, torch.float32, backend="reference")
+        torch.testing.assert_close(out, want[0], rtol=1e-6, atol=1e-6)
+        assert torch.equal(res, h)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_step_ops_name_a_state_of_another_shape(backend):
+    """conv_step and scan_step write their state in place: the op checks shapes before any backend runs."""
+    from blackmamba.ops import causal_conv1d_step, selective_scan_step
+
+    b, d, n, K = 2, 5, 3, 4
+    x, w = torch.randn(b, d), torch.randn(d, K)
+    with pytest.raises(ValueError, match=r"conv_step: .*state \(2, 5, 2\)"):
+        causal_conv1d_step(x, w, None, torch.zeros(b, d, K - 2), backend=backend)
+    A, B = -torch.rand(d, n), torch.randn(b, n)
+    with pytest.raises(ValueError, match=r"scan_step: .*state \(2, 5, 4\)"):
+        selective_scan_step(x, x.abs(), A, B, B, None, None, torch.zeros(b, d, n + 1), backend=backend)
+    with pytest.raises(ValueError, match=r"scan_step: .*B \(2, 4\)"):
+        selective_scan_step(x, x.abs(), A, torch.randn(b, n + 1), B, None, None, torch.zeros(b, d, n), backend=backend)
+    y = selective_scan_step(x, x.abs(), A, B, B, None, None, torch.zeros(b, d, n), backend=backend)
+    assert y.shape == (b, d)

@@ -232,7 +232,7 @@ def test_a_failing_step_ends_every_request_with_the_error_and_the_engine_serves_
     model, tok = model_tok
     with Engine(model, tok) as engine:
         calls = {"n": 0}
-        real_step = engine.model.step
+        real_step = engine.step  # the model's step, bound when the engine started
 
         def failing(*a, **k):
             calls["n"] += 1
@@ -240,7 +240,7 @@ def test_a_failing_step_ends_every_request_with_the_error_and_the_engine_serves_
                 raise RuntimeError("boom")
             return real_step(*a, **k)
 
-        monkeypatch.setattr(engine.model, "step", failing)
+        monkeypatch.setattr(engine, "step", failing)
         reqs = [engine.submit(tok.encode(p), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
                 for p in PROMPTS[:3]]
         with concurrent.futures.ThreadPoolExecutor(3) as pool:

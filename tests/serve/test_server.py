@@ -276,7 +276,7 @@ def test_a_failing_engine_answers_500_with_an_error_body_or_an_error_event(model
         def failing(*a, **k):
             raise RuntimeError("boom")
 
-        monkeypatch.setattr(engine.model, "step", failing)
+        monkeypatch.setattr(engine, "step", failing)
         app = create_app(engine, "m")
 
         async def ask():

@@ -4,7 +4,7 @@ Both at batch 1, fp32, on this machine, as inference runs them:
 
 - decode at context c: the model's state after a prefill of c tokens (an attention layer's keys and values, a
   Mamba layer's conv and SSM state), then a few untimed steps and ``steps`` timed calls of ``model.step`` with
-  the weights fetched once (``model.step_args()``, what ``generation.Stepper`` does off CUDA); ms per token =
+  the weights bound once (``model.bind_step()``, what ``generation.Stepper`` does off CUDA); ms per token =
   their time / ``steps``.
 - prefill of length L: one ``model(ids, state=...)`` forward of L tokens keeping only the last position's logits
   (what a generation's prefill computes).
@@ -34,7 +34,7 @@ def _prefilled(model, context: int, generator: torch.Generator):
     return state
 
 
-def _decode_ms(model, args, base_state, steps: int, generator: torch.Generator, warmup: int = 8) -> float:
+def _decode_ms(step, model, base_state, steps: int, generator: torch.Generator, warmup: int = 8) -> float:
     """ms per token of ``steps`` decode steps from a copy of ``base_state``, after ``warmup`` untimed ones: the
     model measured before this one (another's KV cache of thousands of tokens) may have evicted this one's
     weights from the caches, and a MoE step touches only the experts its token picks, so one step does not
@@ -42,10 +42,10 @@ def _decode_ms(model, args, base_state, steps: int, generator: torch.Generator, 
     state = base_state.clone()
     tokens = torch.randint(0, model.config.vocab_size, (warmup + steps, 1), generator=generator)
     for i in range(warmup):
-        model.step(tokens[i], state, args)
+        step(tokens[i], state)
     t0 = time.perf_counter()
     for i in range(warmup, warmup + steps):
-        model.step(tokens[i], state, args)
+        step(tokens[i], state)
     return (time.perf_counter() - t0) / steps * 1e3
 
 
@@ -65,20 +65,20 @@ def measure_latency(models: dict, contexts: list[int], reps: int = 5, steps: int
     interleaved repetitions (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)
     names = list(models)
-    args = {n: models[n].step_args() for n in names}
+    steps_of = {n: models[n].bind_step() for n in names}
     decode = {n: {c: [] for c in contexts} for n in names}
     prefill = {n: {c: [] for c in contexts} for n in names}
     log(f"latency: prefilling {', '.join(map(str, contexts))} tokens into each model's state")
     states = {(n, c): _prefilled(models[n], c, g) for n in names for c in contexts}  # each repetition decodes a copy
     for n in names:  # warm up: the first calls of a shape allocate and, on CPU, pick kernels
         for c in contexts:
-            _decode_ms(models[n], args[n], states[n, c], 2, g)
+            _decode_ms(steps_of[n], models[n], states[n, c], 2, g)
             _prefill_ms(models[n], c, g)
     for rep in range(reps):
         log(f"latency: repetition {rep + 1}/{reps}")
         for c in contexts:
             for n in names[rep % len(names):] + names[:rep % len(names)]:
-                decode[n][c].append(_decode_ms(models[n], args[n], states[n, c], steps, g))
+                decode[n][c].append(_decode_ms(steps_of[n], models[n], states[n, c], steps, g))
                 prefill[n][c].append(_prefill_ms(models[n], c, g))
     return {n: {"decode_ms_per_token": {str(c): round(statistics.median(decode[n][c]), 4) for c in contexts},
                 "prefill_ms": {str(c): round(statistics.median(prefill[n][c]), 3) for c in contexts}}

@@ -1,7 +1,8 @@
 """``Stepper``: ``model.step`` for a batch over a recurrent state of its own, captured in a CUDA graph where it can be.
 
-The weights each layer's step reads (``model.step_args()``) are fetched once, when the Stepper is made: they cannot
-change during a generation, and at batch 1 on a CPU looking them up for every token is a measurable part of a step.
+The weights each layer's step reads are bound once, when the Stepper is made (``model.bind_step()``): they cannot
+change during a generation, and at batch 1 on a CPU checking them and taking their addresses for every token is a
+measurable part of a step.
 
 On a GPU a decode step at batch 1 is a few hundred small kernels; launching them from Python costs more than
 running them.
@@ -44,7 +45,7 @@ class Stepper:
     def __init__(self, model, batch_size: int, graph: bool = False, warmup: int = 2):
         self.model = model
         self.state = model.new_state(batch_size)
-        self.args = model.step_args()  # the weights, fetched once: they cannot change during a generation
+        self.step = model.bind_step()  # the weights, bound once: they cannot change during a generation
         self.graph = None
         if graph:
             self.tokens = torch.zeros(batch_size, dtype=torch.long, device=model.device)
@@ -55,11 +56,11 @@ class Stepper:
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     for _ in range(warmup):
-                        model.step(self.tokens, self.state, self.args)
+                        self.step(self.tokens, self.state)
                 torch.cuda.current_stream().wait_stream(side)
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph):
-                    self.logits = model.step(self.tokens, self.state, self.args)  # (b, V), static
+                    self.logits = self.step(self.tokens, self.state)  # (b, V), static
         self.reset()
 
     @property
@@ -75,7 +76,7 @@ class Stepper:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (b,) → next-token logits (b, V), consuming the tokens into ``self.state``."""
         if self.graph is None:
-            return self.model.step(tokens, self.state, self.args)
+            return self.step(tokens, self.state)
         self.tokens.copy_(tokens)
         self.graph.replay()
         self.state.seqlen += 1  # the replayed step's own Python ran once, at capture
@@ -84,7 +85,7 @@ class Stepper:
     @classmethod
     def for_model(cls, model, batch_size: int) -> "Stepper":
         """A Stepper for generation: on CUDA the graph of ``model`` for ``batch_size`` (cached on the model and
-        captured again if a weight was replaced or changed in place — the graph reads what ``step_args``
+        captured again if a weight was replaced or changed in place — the graph reads what ``bind_step``
         computed from the weights at capture, such as A = -exp(A_log) —, or eager if the capture failed);
         elsewhere a plain one."""
         if not graphs_enabled(model):

@@ -83,9 +83,9 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return apply(y.transpose(1, 2).reshape(b, l, H), operand(self.out_proj))
 
-    def step_args(self) -> tuple:
-        return ()  # nothing to fetch ahead: the step is ``forward`` on one position
+    def bind_step(self):
+        return self.step  # nothing to fetch ahead: the step is ``forward`` on one position
 
-    def step(self, h: torch.Tensor, state: AttentionState, args: tuple | None = None) -> torch.Tensor:
+    def step(self, h: torch.Tensor, state: AttentionState) -> torch.Tensor:
         """One token per row: h (b, H) → (b, H), appending its key and value to ``state``."""
         return self.forward(h[:, None], state)[:, 0]

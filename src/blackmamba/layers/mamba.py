@@ -26,7 +26,7 @@ from torch import nn
 
 from ..ops.conv import causal_conv1d
 from ..ops.linear import apply, linear, operand
-from ..ops.mamba_step import mamba_step
+from ..ops.mamba_step import bind_mamba_step
 from ..ops.scan import selective_scan
 
 
@@ -92,13 +92,15 @@ class MambaMixer(nn.Module):
             state.ssm.copy_(ssm_final.detach())
         return apply(y, operand(self.out_proj))
 
-    def step_args(self) -> tuple:
-        """The layer's own arguments to op ``mamba_step`` (weights as linear operands), in its order."""
-        return (operand(self.in_proj), self.conv1d.weight[:, 0], self.conv1d.bias, operand(self.x_proj),
-                self.dt_proj.weight, self.dt_proj.bias, -torch.exp(self.A_log.float()), self.D,
-                operand(self.out_proj))
+    def bind_step(self):
+        """``step`` with the layer's weights bound (op ``mamba_step``'s ``bind``, weights as linear operands, A =
+        -exp(A_log) computed here once): a callable (h, state) → out, valid while no weight is replaced, moved or
+        changed (``BlackMambaLM.bind_step``)."""
+        op = bind_mamba_step(operand(self.in_proj), self.conv1d.weight[:, 0], self.conv1d.bias, operand(self.x_proj),
+                             self.dt_proj.weight, self.dt_proj.bias, -torch.exp(self.A_log.float()), self.D,
+                             operand(self.out_proj))
+        return lambda h, state: op(h, state.conv, state.ssm)
 
-    def step(self, h: torch.Tensor, state: MambaState, args: tuple | None = None) -> torch.Tensor:
-        """One token per row: h (b, H) → (b, H); updates ``state`` in place (op ``mamba_step``). ``args``:
-        ``step_args()`` fetched earlier (a ``Stepper`` fetches them once per generation)."""
-        return mamba_step(h, *(args or self.step_args()), state.conv, state.ssm)
+    def step(self, h: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """One token per row: h (b, H) → (b, H); updates ``state`` in place (op ``mamba_step``)."""
+        return self.bind_step()(h, state)

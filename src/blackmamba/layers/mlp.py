@@ -21,10 +21,12 @@ class GatedMLP(nn.Module):
         self.linear_fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, state=None, mask=None) -> torch.Tensor:
-        return gated_mlp(x, *self.step_args())
+        return gated_mlp(x, operand(self.linear_fc1), operand(self.linear_fc2), self.activation)
 
-    def step_args(self) -> tuple:
-        return operand(self.linear_fc1), operand(self.linear_fc2), self.activation
+    def bind_step(self):
+        """``step`` with the layer's linear operands fetched once: a callable (x, state=None) → out."""
+        fc1, fc2, activation = operand(self.linear_fc1), operand(self.linear_fc2), self.activation
+        return lambda x, state=None: gated_mlp(x, fc1, fc2, activation)
 
-    def step(self, x: torch.Tensor, state=None, args: tuple | None = None) -> torch.Tensor:
-        return gated_mlp(x, *(args or self.step_args()))
+    def step(self, x: torch.Tensor, state=None) -> torch.Tensor:
+        return self.forward(x)

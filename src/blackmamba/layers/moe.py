@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..ops.linear import apply, operand, operand_with_bias
-from ..ops.moe import moe_experts, moe_step, route_top1
+from ..ops.moe import bind_moe_step, moe_experts, route_top1
 from ..ops.sinkhorn import sinkhorn
 from .mlp import GatedMLP
 
@@ -86,11 +86,13 @@ class MoE(nn.Module):
                            "sinkhorn_iters": iters}
         return out.reshape(shape)
 
-    def step_args(self) -> tuple:
-        """The layer's own arguments to op ``moe_step``: router weight and bias, experts' fc1 and fc2, activation."""
-        return (*operand_with_bias(self.router), *self.experts(), self.activation)
+    def bind_step(self):
+        """``step`` with the layer's weights bound (op ``moe_step``'s ``bind``: router weight and bias, the
+        experts' fc1 and fc2 as linear operands): a callable (h, state=None) → out, valid while no weight is
+        replaced, moved or changed (``BlackMambaLM.bind_step``)."""
+        op = bind_moe_step(*operand_with_bias(self.router), *self.experts(), self.activation)
+        return lambda h, state=None: op(h)
 
-    def step(self, h: torch.Tensor, state=None, args: tuple | None = None) -> torch.Tensor:
-        """One token per row, h (b, H) → (b, H), with the inference routing (op ``moe_step``); ``args`` as
-        ``step_args()`` returns them, when fetched earlier."""
-        return moe_step(h, *(args or self.step_args()))
+    def step(self, h: torch.Tensor, state=None) -> torch.Tensor:
+        """One token per row, h (b, H) → (b, H), with the inference routing (op ``moe_step``)."""
+        return self.bind_step()(h)

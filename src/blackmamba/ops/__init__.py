@@ -5,16 +5,17 @@ their backends — ``cpu`` (C++ kernels, ``ops/cpu``) and ``triton`` (``ops/trit
 from .activations import ACTIVATIONS
 from .conv import causal_conv1d, causal_conv1d_step
 from .linear import linear
-from .mamba_step import mamba_step
-from .moe import moe_experts, moe_step
-from .norm import add_rmsnorm
+from .mamba_step import bind_mamba_step, mamba_step
+from .moe import bind_moe_step, moe_experts, moe_step
+from .norm import add_rmsnorm, bind_add_rmsnorm
 from .registry import available_backends, requested_backend, set_backend
 from .scan import selective_scan, selective_scan_reference, selective_scan_step
 from .sinkhorn import sinkhorn
 from . import cpu, triton  # noqa: E402,F401  (register the backends; nothing is compiled or imported yet)
 
 __all__ = [
-    "ACTIVATIONS", "add_rmsnorm", "available_backends", "causal_conv1d", "causal_conv1d_step", "linear", "mamba_step",
+    "ACTIVATIONS", "add_rmsnorm", "available_backends", "bind_add_rmsnorm", "bind_mamba_step", "bind_moe_step",
+    "causal_conv1d", "causal_conv1d_step", "linear", "mamba_step",
     "moe_experts", "moe_step", "requested_backend", "selective_scan", "selective_scan_reference",
     "selective_scan_step", "set_backend", "sinkhorn",
 ]

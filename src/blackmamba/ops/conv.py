@@ -55,6 +55,13 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        state: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """One token: x (b, d) → y (b, d); shifts ``state`` (b, d, K-1) in place (op ``conv_step``)."""
+    """One token: x (b, d) → y (b, d); shifts ``state`` (b, d, K-1) in place (op ``conv_step``). Shapes are
+    checked here, for every backend: a kernel writes the state in place."""
+    if (x.dim() != 2 or weight.dim() != 2 or weight.shape[0] != x.shape[1]
+            or (bias is not None and bias.shape != (x.shape[1],))
+            or state.shape != (x.shape[0], x.shape[1], weight.shape[1] - 1)):
+        raise ValueError(f"conv_step: x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)}, state {tuple(state.shape)}; need x (b, d), "
+                         f"weight (d, K), bias (d,) or None, state (b, d, K-1)")
     _, fn = registry.resolve("conv_step", x, backend)
     return fn(x, weight, bias, state)

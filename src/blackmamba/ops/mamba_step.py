@@ -4,7 +4,7 @@
 
 h (b, H). ``in_proj`` (2I, H), ``x_proj`` (R+2N, I), ``out_proj`` (H, I): linear operands (``ops.linear.operand``:
 a weight, or a module such as a LoRA wrapper, called as itself). conv_w (I, K), conv_b (I,); dt_w (I, R),
-dt_b (I,); A (I, N) float32, the mixer's -exp(A_log) (computed once by its ``step_args``, not every step: one
+dt_b (I,); A (I, N) float32, the mixer's -exp(A_log) (computed once by its ``bind_step``, not every step: one
 exponential a state fewer); D (I,); conv_state (b, I, K-1) and ssm_state (b, I, N) are updated in place; out (b, H).
 
 The reference is the mixer's step written with the other ops (linear, conv_step, scan_step) — what
@@ -40,3 +40,14 @@ def mamba_step(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj, c
     """One token per sequence through the Mamba mixer; see the module docstring."""
     _, fn = registry.resolve("mamba_step", h, backend)
     return fn(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj, conv_state, ssm_state)
+
+
+def bind_mamba_step(in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj, backend: str | None = None):
+    """``mamba_step`` with its weights fixed: a callable (h, conv_state, ssm_state) → out computing
+    ``mamba_step(h, in_proj, ..., out_proj, conv_state, ssm_state)``, valid while the weights are neither replaced
+    nor moved; the backend's own ``bind`` where it has one (ops/registry.py: Binding)."""
+    _, bind = registry.binder("mamba_step", conv_w, backend)
+    weights = (in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj)
+    if bind is not None:
+        return bind(*weights)
+    return lambda h, conv_state, ssm_state: mamba_step(h, *weights, conv_state, ssm_state, backend=backend)

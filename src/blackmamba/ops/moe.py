@@ -107,3 +107,19 @@ def moe_step(h: torch.Tensor, router_w, router_b, fc1, fc2, activation: str = "s
     _, fn = registry.resolve("moe_step", h, backend)
     return fn(h, router_w, router_b, fc1 if type(fc1) is list else list(fc1),
               fc2 if type(fc2) is list else list(fc2), activation)
+
+
+def bind_moe_step(router_w, router_b, fc1, fc2, activation: str = "silu", backend: str | None = None):
+    """``moe_step`` with its weights fixed: a callable h (b, H) → (b, H) computing
+    ``moe_step(h, router_w, router_b, fc1, fc2, activation)``, valid while the weights are neither replaced nor
+    moved; the backend's own ``bind`` where it has one (ops/registry.py: Binding)."""
+    fc1, fc2 = list(fc1), list(fc2)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+    if len(fc1) != len(fc2) or not fc1:
+        raise ValueError(f"moe: {len(fc1)} fc1 and {len(fc2)} fc2 operands: need one of each per expert")
+    # (a router that is a module, not a weight, is no kernel's: the op as it is)
+    bind = registry.binder("moe_step", router_w, backend)[1] if torch.is_tensor(router_w) else None
+    if bind is not None:
+        return bind(router_w, router_b, fc1, fc2, activation)
+    return lambda h: moe_step(h, router_w, router_b, fc1, fc2, activation, backend=backend)

@@ -40,3 +40,16 @@ def add_rmsnorm(h: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
                          f"{None if residual is None else tuple(residual.shape)}, weight {tuple(weight.shape)}")
     _, fn = registry.resolve("add_rmsnorm", h, backend)
     return fn(h, residual, weight, eps, residual_dtype)
+
+
+def bind_add_rmsnorm(weight: torch.Tensor, eps: float, residual_dtype: torch.dtype | None = None,
+                     backend: str | None = None):
+    """``add_rmsnorm`` with its weight fixed: a callable (h, residual) → (out, residual) computing
+    ``add_rmsnorm(h, residual, weight, eps, residual_dtype or h.dtype)``, valid while the weight is neither
+    replaced nor moved; the backend's own ``bind`` where it has one (ops/registry.py: Binding)."""
+    if weight.dim() != 1:
+        raise ValueError(f"add_rmsnorm: weight must be (H,), got {tuple(weight.shape)}")
+    _, bind = registry.binder("add_rmsnorm", weight, backend)
+    if bind is not None:
+        return bind(weight, eps, residual_dtype)
+    return lambda h, residual: add_rmsnorm(h, residual, weight, eps, residual_dtype or h.dtype, backend)

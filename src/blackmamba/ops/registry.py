@@ -16,6 +16,12 @@ when it implements the op for that device (else the reference); ``auto`` takes t
 it cannot take (a dtype or shape its kernel lacks, a gradient it does not compute, a LoRA-wrapped projection) to
 the reference: that is part of its contract, and its tests cover both. ``-v`` on the command line logs each choice
 once.
+
+Binding: a decode step calls a few ops per layer with the same weights token after token. An op that has a
+``bind_<op>(weights...)`` function returns its call with those operands fixed; a backend may register a ``bind``
+of its own that checks the fixed operands and prepares what its kernel takes from them once (the cpu backend:
+their addresses and dtype codes, the MoE experts' address tables), so that a call checks only what changes. A
+bound call is valid while its operands are neither replaced nor moved (a generation: ``model.bind_step``).
 """
 
 from __future__ import annotations
@@ -31,19 +37,20 @@ log = logging.getLogger("blackmamba")
 BACKENDS = ("reference", "cpu", "triton")
 PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
 
-# op → backend → (implementation, available(), device types)
-_registry: dict[str, dict[str, tuple[Callable, Callable[[], bool], tuple[str, ...]]]] = {}
+# op → backend → (implementation, available(), device types, bind or None)
+_registry: dict[str, dict[str, tuple[Callable, Callable[[], bool], tuple[str, ...], Callable | None]]] = {}
 _request: str | None = None  # the backend asked for; None until the first op reads the environment
 _logged: set[tuple[str, str, str]] = set()
 _resolved: dict[tuple[str, str, str], tuple[str, Callable]] = {}  # (op, device type, backend) → choice
 
 
 def register(op: str, backend: str, fn: Callable, available: Callable[[], bool] = lambda: True,
-             devices: tuple[str, ...] = ("cpu", "cuda")) -> None:
-    """Register ``fn`` as the ``backend`` implementation of ``op`` for the given device types."""
+             devices: tuple[str, ...] = ("cpu", "cuda"), bind: Callable | None = None) -> None:
+    """Register ``fn`` as the ``backend`` implementation of ``op`` for the given device types; ``bind``, if
+    given, takes the op's fixed operands and returns the call of ``fn`` with them fixed (see Binding above)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    _registry.setdefault(op, {})[backend] = (fn, available, devices)
+    _registry.setdefault(op, {})[backend] = (fn, available, devices, bind)
     _resolved.clear()
 
 
@@ -75,7 +82,7 @@ def requested_backend() -> str:
 
 def available_backends(op: str, device_type: str) -> list[str]:
     """The backends that implement ``op`` for ``device_type`` and can run on this machine."""
-    return [name for name, (_, available, devices) in _registry.get(op, {}).items()
+    return [name for name, (_, available, devices, _) in _registry.get(op, {}).items()
             if device_type in devices and available()]
 
 
@@ -91,6 +98,13 @@ def resolve(op: str, device: torch.device | torch.Tensor, backend: str | None = 
     if hit is None:
         hit = _resolved[op, dev, want] = _choose(op, dev, want)
     return hit
+
+
+def binder(op: str, device: torch.device | torch.Tensor,
+           backend: str | None = None) -> tuple[str, Callable | None]:
+    """(backend name, its ``bind`` or None) of ``op`` for tensors on ``device``, chosen as ``resolve`` chooses."""
+    name, _ = resolve(op, device, backend)
+    return name, _registry[op][name][3]
 
 
 def _choose(op: str, dev: str, want: str) -> tuple[str, Callable]:

@@ -97,6 +97,16 @@ def selective_scan(x, delta, A, B, C, D=None, z=None, initial_state=None, backen
 
 
 def selective_scan_step(x, delta, A, B, C, D, z, state, backend: str | None = None):
-    """One decode step; see the module docstring."""
+    """One decode step; see the module docstring. Shapes are checked here, for every backend: a kernel writes
+    the state in place."""
+    b, d = x.shape if x.dim() == 2 else (-1, -1)
+    n = A.shape[-1]
+    if (b < 0 or delta.shape != x.shape or A.shape != (d, n) or B.shape != (b, n) or C.shape != (b, n)
+            or (D is not None and D.shape != (d,)) or (z is not None and z.shape != x.shape)
+            or state.shape != (b, d, n)):
+        shapes = ", ".join(f"{k} {None if t is None else tuple(t.shape)}" for k, t in
+                           zip(("x", "delta", "A", "B", "C", "D", "z", "state"), (x, delta, A, B, C, D, z, state)))
+        raise ValueError(f"scan_step: {shapes}; need x, delta, z (b, d), A (d, n), B, C (b, n), D (d,), "
+                         f"state (b, d, n)")
     _, fn = registry.resolve("scan_step", x, backend)
     return fn(x, delta, A, B, C, D, z, state)

@@ -273,7 +273,7 @@ class Engine:
         self.metrics = metrics
         self.vocab = model.config.vocab_size
         self.eos = tokenizer.eos_id
-        self.args = model.step_args()  # the weights each step reads, fetched once: they do not change
+        self.step = model.bind_step()  # the weights each step reads, bound once: they do not change
 
         self.live: dict[int, Request] = {}  # taken from the inbox and not ended yet, by id
         self._running = 0
@@ -536,7 +536,7 @@ class Engine:
         logits = []
         for g in self.groups:
             tokens = torch.tensor([c.last for c in g.choices], device=self.model.device)
-            logits.append(self.model.step(tokens, g.state, self.args))  # (rows, V)
+            logits.append(self.step(tokens, g.state))  # (rows, V)
         choices = [c for g in self.groups for c in g.choices]
         alive = set(map(id, self._emit(choices, torch.cat(logits))))
         for g in list(self.groups):

@@ -10,7 +10,8 @@ from torch import nn
 
 from blackmamba import BlackMambaConfig, BlackMambaLM
 from blackmamba.layers import MambaMixer, MoE
-from blackmamba.ops import linear, mamba_step, moe_step
+from blackmamba.ops import (add_rmsnorm, bind_add_rmsnorm, bind_mamba_step, bind_moe_step, linear, mamba_step,
+                            moe_step)
 from blackmamba.ops.cpu import build as cpu
 from blackmamba.ops.linear import operand_with_bias
 
@@ -185,3 +186,58 @@ def test_bf16_weights_decode_close_to_float32():
             a = model(ids[:, t:t + 1], state=s32).logits.float()
             b = half(ids[:, t:t + 1], state=s16).logits.float()
             assert (a - b).abs().max() < 0.05 * a.std() + 0.02
+
+
+@settings(max_examples=10, deadline=None)
+@given(bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_bound_steps_equal_the_ops_call_after_call(bf16, seed):
+    """An op bound once (the cpu backend's ``bind``: weights checked, addresses taken) and called token after
+    token gives, bit for bit, what the op gives called with all its arguments every time; more rows than its
+    kernel takes, or a gradient to compute, go to the reference."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    m, e = mixer(32, 8, dtype, seed), moe(32, 24, 4, dtype, seed=seed)
+    weights = step_args(m, None, m.new_state(1, dtype, "cpu"))[1:-2]
+    mamba, experts = bind_mamba_step(*weights, backend="cpu"), bind_moe_step(*moe_args(e, None)[1:], backend="cpu")
+    norm_w = (1 + 0.1 * torch.randn(32, generator=g)).to(dtype)
+    norm = bind_add_rmsnorm(norm_w, 1e-5, torch.float32, backend="cpu")
+    s_bound, s_op = m.new_state(3, dtype, "cpu"), m.new_state(3, dtype, "cpu")
+    r_bound = r_op = None
+    with torch.no_grad():
+        for _ in range(4):
+            h = torch.randn(3, 32, generator=g).to(dtype)
+            a, b = mamba(h, s_bound.conv, s_bound.ssm), mamba_step(*step_args(m, h, s_op), backend="cpu")
+            assert torch.equal(a, b) and torch.equal(s_bound.ssm, s_op.ssm) and torch.equal(s_bound.conv, s_op.conv)
+            assert torch.equal(experts(a), moe_step(*moe_args(e, a), backend="cpu"))
+            (n1, r_bound), (n2, r_op) = norm(a, r_bound), add_rmsnorm(a, r_op, norm_w, 1e-5, torch.float32, "cpu")
+            assert torch.equal(n1, n2) and torch.equal(r_bound, r_op)
+        many = torch.randn(cpu.MAX_ROWS + 1, 32, generator=g).to(dtype)  # more rows than a kernel takes
+        s_many, s_ref = m.new_state(len(many), dtype, "cpu"), m.new_state(len(many), dtype, "cpu")
+        assert torch.equal(mamba(many, s_many.conv, s_many.ssm),
+                           mamba_step(*step_args(m, many, s_ref), backend="reference"))
+        assert torch.equal(experts(many), moe_step(*moe_args(e, many), backend="reference"))
+    h = torch.randn(2, 32, generator=g).to(dtype).requires_grad_()
+    out = experts(h)
+    out.sum().backward()
+    assert h.grad is not None and torch.equal(out.detach(), moe_step(*moe_args(e, h.detach()), backend="reference"))
+
+
+def test_a_bound_step_refuses_a_state_of_another_shape():
+    """The kernel writes the state in place, so a bound call checks its shape every call and hands another shape
+    to the reference, whose ops name it (ValueError) rather than write beyond it."""
+    m = mixer(32, 8)
+    op = bind_mamba_step(*step_args(m, None, m.new_state(1, torch.float32, "cpu"))[1:-2], backend="cpu")
+    small = m.new_state(2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="conv_step: .* state"), torch.no_grad():
+        op(torch.randn(2, 32), small.conv[:, :, :1].contiguous(), small.ssm)
+    with pytest.raises(ValueError, match="scan_step: .* state"), torch.no_grad():
+        op(torch.randn(2, 32), small.conv, small.ssm[:, :, :3].contiguous())
+
+
+def test_bind_refuses_what_the_op_refuses():
+    with pytest.raises(ValueError, match="activation"):
+        bind_moe_step(torch.zeros(2, 4), None, [torch.zeros(6, 4)] * 2, [torch.zeros(4, 3)] * 2, "relu6")
+    with pytest.raises(ValueError, match="one of each per expert"):
+        bind_moe_step(torch.zeros(2, 4), None, [torch.zeros(6, 4)] * 2, [torch.zeros(4, 3)], "silu")
+    with pytest.raises(ValueError, match="weight must be"):
+        bind_add_rmsnorm(torch.zeros(2, 4), 1e-5)

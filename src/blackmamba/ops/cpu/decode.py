@@ -46,77 +46,130 @@ def _quantized_ready(qws, keys) -> bool:
     return len(qws) == len(keys) and all(type(w) is QuantizedWeight and w.kernel_key == k for w, k in zip(qws, keys))
 
 
-def mamba_step_cpu(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj, conv_state, ssm_state):
-    """The whole mixer step in one call (csrc/mamba_step.cpp). The three projections are plain weights (the conv
-    weight's dtype) or all ``QuantizedWeight``s of one mode and group size (read as bm_qgemv reads them)."""
-    b, H = h.shape
+def _shaped(t, *shape) -> bool:
+    """``t`` is None or a tensor of exactly ``shape``."""
+    return t is None or (torch.is_tensor(t) and t.shape == shape)
+
+
+def _needs_grad(*tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def bind_mamba_step_cpu(in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj):
+    """Op ``mamba_step`` with its weights fixed, for csrc/mamba_step.cpp (the whole mixer step in one call): the
+    weights are checked and their addresses taken once; a call (h, conv_state, ssm_state) → out checks what
+    changes. The three projections are plain weights (the conv weight's dtype) or all ``QuantizedWeight``s of
+    one mode and group size (read as bm_qgemv reads them); other weights go to the reference, and so does a
+    call the kernel does not take (more rows, other dtypes or shapes, a gradient to compute)."""
+    weights = (in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj)
+
+    def reference(h, conv_state, ssm_state):
+        return mamba_step_reference(h, *weights, conv_state, ssm_state)
+
+    if not (torch.is_tensor(conv_w) and conv_w.dim() == 2 and torch.is_tensor(A) and A.dim() == 2
+            and torch.is_tensor(dt_w) and dt_w.dim() == 2):
+        return reference
     wdt = conv_w.dtype
+    (inner, K), N, R = conv_w.shape, A.shape[1], dt_w.shape[1]
     if type(in_proj) is QuantizedWeight:
-        inner, P = conv_w.shape[0], A.shape[1] * 2 + dt_w.shape[1]
-        mode, group = in_proj.mode, in_proj.group_size
+        H, mode, group = in_proj.in_features, in_proj.mode, in_proj.group_size
         ok = _quantized_ready((in_proj, x_proj, out_proj),
-                              ((mode, group, 2 * inner, H), (mode, group, P, inner), (mode, group, H, inner)))
-        quant, projections = STEP_QUANT_CODE[mode], ()
-        w_in, w_x, w_out = in_proj.q, x_proj.q, out_proj.q
-        scales = (in_proj.scales.data_ptr(), x_proj.scales.data_ptr(), out_proj.scales.data_ptr()) if ok else None
+                              ((mode, group, 2 * inner, H), (mode, group, R + 2 * N, inner), (mode, group, H, inner)))
+        quant, plain = STEP_QUANT_CODE[mode], ()
+        mats, scales = (in_proj.q, x_proj.q, out_proj.q), (in_proj.scales, x_proj.scales, out_proj.scales)
     else:
-        ok, quant, group, scales = True, 0, 0, (None, None, None)
-        w_in, w_x, w_out = projections = (in_proj, x_proj, out_proj)
-    if (not ok or b > MAX_ROWS or not b or h.dtype not in KERNEL_DTYPES or wdt not in KERNEL_DTYPES or dt_b is None
-            or not _ready(wdt, conv_w, conv_b, dt_w, dt_b, *projections)
-            or not (conv_state.dtype is wdt or conv_state.dtype is torch.float32) or not conv_state.is_contiguous()
-            or not _ready(torch.float32, A, D, ssm_state)
-            or (torch.is_grad_enabled() and grad_needed(h, conv_w, conv_b, dt_w, dt_b, A, D, *projections))):
-        return mamba_step_reference(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj, conv_state,
-                                    ssm_state)
-    h = h.contiguous()
-    inner, K = conv_w.shape
-    out = torch.empty(b, H, dtype=h.dtype)
-    rc = library().bm_mamba_step(DTYPE_CODE[h.dtype], DTYPE_CODE[wdt], DTYPE_CODE[conv_state.dtype], h.data_ptr(),
-                                 w_in.data_ptr(), conv_w.data_ptr(), ptr(conv_b), w_x.data_ptr(),
-                                 dt_w.data_ptr(), dt_b.data_ptr(), A.data_ptr(), ptr(D), w_out.data_ptr(),
-                                 conv_state.data_ptr(), ssm_state.data_ptr(), out.data_ptr(), b, H, inner,
-                                 A.shape[1], dt_w.shape[1], K, threads_for(b * 3 * inner * H), quant, *scales,
-                                 group)
-    if rc:
-        raise RuntimeError(f"blackmamba cpu mamba_step: unsupported inputs (code {rc})")
-    return out
+        H = in_proj.shape[1] if torch.is_tensor(in_proj) and in_proj.dim() == 2 else 0
+        ok = (H > 0 and _shaped(in_proj, 2 * inner, H) and _shaped(x_proj, R + 2 * N, inner)
+              and _shaped(out_proj, H, inner))
+        quant, group, plain = 0, 0, (in_proj, x_proj, out_proj)
+        mats, scales = plain, (None, None, None)
+    if not (ok and wdt in KERNEL_DTYPES and _ready(wdt, conv_w, conv_b, dt_w, dt_b, *plain)
+            and _ready(torch.float32, A, D) and dt_b is not None and _shaped(A, inner, N) and _shaped(dt_w, inner, R)
+            and _shaped(conv_b, inner) and _shaped(dt_b, inner) and _shaped(D, inner)):
+        return reference
+    grad = _needs_grad(conv_w, conv_b, dt_w, dt_b, A, D, *plain)
+    kernel, w_code, state_dtypes, work = library().bm_mamba_step, DTYPE_CODE[wdt], (wdt, torch.float32), 3 * inner * H
+    operands = (mats[0].data_ptr(), conv_w.data_ptr(), ptr(conv_b), mats[1].data_ptr(), dt_w.data_ptr(),
+                dt_b.data_ptr(), A.data_ptr(), ptr(D), mats[2].data_ptr())
+    sizes, quantization = (H, inner, N, R, K), (quant, *(ptr(s) for s in scales), group)
+
+    def step(h, conv_state, ssm_state):
+        b = h.shape[0] if h.dim() == 2 else 0
+        if (not 1 <= b <= MAX_ROWS or h.shape[1] != H or h.dtype not in KERNEL_DTYPES
+                or conv_state.dtype not in state_dtypes or conv_state.shape != (b, inner, K - 1)
+                or not conv_state.is_contiguous() or ssm_state.dtype is not torch.float32
+                or ssm_state.shape != (b, inner, N) or not ssm_state.is_contiguous()
+                or (torch.is_grad_enabled() and (grad or h.requires_grad))):
+            return reference(h, conv_state, ssm_state)  # (which also keeps the weights referenced)
+        h = h.contiguous()
+        out = torch.empty(b, H, dtype=h.dtype)
+        rc = kernel(DTYPE_CODE[h.dtype], w_code, DTYPE_CODE[conv_state.dtype], h.data_ptr(), *operands,
+                    conv_state.data_ptr(), ssm_state.data_ptr(), out.data_ptr(), b, *sizes, threads_for(b * work),
+                    *quantization)
+        if rc:
+            raise RuntimeError(f"blackmamba cpu mamba_step: unsupported inputs (code {rc})")
+        return out
+
+    return step
 
 
-def moe_step_cpu(h, router_w, router_b, fc1, fc2, activation):
-    """Routing and the chosen experts' gated MLPs in one call (csrc/moe_step.cpp). The experts' weights are plain
-    (the router's dtype) or all ``QuantizedWeight``s of one mode and group size (read as bm_qgemv reads them)."""
-    b, H = h.shape
-    wdt = router_w.dtype if torch.is_tensor(router_w) else None
+def mamba_step_cpu(h, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj, conv_state, ssm_state):
+    """One call: ``bind_mamba_step_cpu``'s, made for it."""
+    return bind_mamba_step_cpu(in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj)(h, conv_state, ssm_state)
+
+
+def bind_moe_step_cpu(router_w, router_b, fc1, fc2, activation):
+    """Op ``moe_step`` with its weights fixed, for csrc/moe_step.cpp (routing and the chosen experts' gated MLPs in
+    one call): the weights are checked and the experts' address tables built once; a call h → out checks h. The
+    experts' weights are plain (the router's dtype) or all ``QuantizedWeight``s of one mode and group size (read
+    as bm_qgemv reads them); other weights, and a call the kernel does not take, go to the reference."""
+    fc1, fc2 = list(fc1), list(fc2)
+
+    def reference(h):
+        return moe_step_reference(h, router_w, router_b, fc1, fc2, activation)
+
     E = len(fc1)
     w0 = fc1[0] if E else None
     if type(w0) is QuantizedWeight:
-        F2 = w0.q.shape[0]
-        mode, group = w0.mode, w0.group_size
+        (F2, H), mode, group = w0.shape, w0.mode, w0.group_size
         ok = (_quantized_ready(fc1, ((mode, group, F2, H),) * E)
               and _quantized_ready(fc2, ((mode, group, H, F2 // 2),) * E))
         quant, experts = STEP_QUANT_CODE[mode], ()
+        tables = ([w.q for w in fc1], [w.q for w in fc2], [w.scales for w in fc1], [w.scales for w in fc2])
     else:
-        ok, quant, group, experts = True, 0, 0, (*fc1, *fc2)
-        F2 = w0.shape[0] if torch.is_tensor(w0) else 0  # (a module operand: the reference, below)
-    if (not ok or not E or not 1 <= b <= MAX_ROWS or h.dtype not in KERNEL_DTYPES or wdt not in KERNEL_DTYPES
-            or not _ready(wdt, router_w, router_b, *experts)
-            or (torch.is_grad_enabled() and grad_needed(h, router_w, router_b, *experts))):
-        return moe_step_reference(h, router_w, router_b, fc1, fc2, activation)
-    h = h.contiguous()
-    out = torch.empty(b, H, dtype=h.dtype)
+        F2, H = w0.shape if torch.is_tensor(w0) and w0.dim() == 2 else (0, 0)  # (a module operand: the reference)
+        ok = bool(H) and all(_shaped(w, F2, H) for w in fc1) and all(_shaped(w, H, F2 // 2) for w in fc2)
+        quant, group, experts = 0, 0, (*fc1, *fc2)
+        tables = (fc1, fc2, None, None)
+    wdt = router_w.dtype if torch.is_tensor(router_w) else None
+    if not (ok and E and len(fc2) == E and wdt in KERNEL_DTYPES and activation in ACTIVATION_CODE
+            and _ready(wdt, router_w, router_b, *experts) and _shaped(router_w, E, H) and _shaped(router_b, E)):
+        return reference
+    grad = _needs_grad(router_w, router_b, *experts)
+    kernel, w_code, act, work = library().bm_moe_step, DTYPE_CODE[wdt], ACTIVATION_CODE[activation], 3 * F2 * H
     table = ctypes.c_void_p * E
-    if quant:
-        tables = (table(*[w.q.data_ptr() for w in fc1]), table(*[w.q.data_ptr() for w in fc2]),
-                  table(*[w.scales.data_ptr() for w in fc1]), table(*[w.scales.data_ptr() for w in fc2]))
-    else:
-        tables = (table(*[w.data_ptr() for w in fc1]), table(*[w.data_ptr() for w in fc2]), None, None)
-    rc = library().bm_moe_step(DTYPE_CODE[h.dtype], DTYPE_CODE[wdt], ACTIVATION_CODE[activation], h.data_ptr(),
-                               router_w.data_ptr(), ptr(router_b), tables[0], tables[1], out.data_ptr(), b, H,
-                               F2 // 2, E, threads_for(b * 3 * F2 * H), quant, tables[2], tables[3], group)
-    if rc:
-        raise RuntimeError(f"blackmamba cpu moe_step: unsupported inputs (code {rc})")
-    return out
+    fc1_t, fc2_t, fc1_s, fc2_s = (None if ts is None else table(*[t.data_ptr() for t in ts]) for ts in tables)
+    router = (router_w.data_ptr(), ptr(router_b), fc1_t, fc2_t)
+
+    def step(h):
+        b = h.shape[0] if h.dim() == 2 else 0
+        if (not 1 <= b <= MAX_ROWS or h.shape[1] != H or h.dtype not in KERNEL_DTYPES
+                or (torch.is_grad_enabled() and (grad or h.requires_grad))):
+            return reference(h)  # (which also keeps the weights referenced)
+        h = h.contiguous()
+        out = torch.empty(b, H, dtype=h.dtype)
+        rc = kernel(DTYPE_CODE[h.dtype], w_code, act, h.data_ptr(), *router, out.data_ptr(), b, H, F2 // 2, E,
+                    threads_for(b * work), quant, fc1_s, fc2_s, group)
+        if rc:
+            raise RuntimeError(f"blackmamba cpu moe_step: unsupported inputs (code {rc})")
+        return out
+
+    return step
+
+
+def moe_step_cpu(h, router_w, router_b, fc1, fc2, activation):
+    """One call: ``bind_moe_step_cpu``'s, made for it."""
+    return bind_moe_step_cpu(router_w, router_b, fc1, fc2, activation)(h)
 
 
 def linear_cpu(x, weight, bias=None):
@@ -161,24 +214,41 @@ def _quantized_linear_cpu(x, weight, bias):
     return y.reshape(*x.shape[:-1], o).to(x.dtype)
 
 
+def bind_add_rmsnorm_cpu(weight, eps, residual_dtype):
+    """Op ``add_rmsnorm`` with its weight fixed, for csrc/norm.cpp (the block entry in one call; see ops/norm.py):
+    a call (h, residual) → (out, residual). ``residual_dtype`` None: h's."""
+
+    def reference(h, residual):
+        return add_rmsnorm_reference(h, residual, weight, eps, residual_dtype or h.dtype)
+
+    if not (weight.dtype in KERNEL_DTYPES and weight.dim() == 1 and weight.is_contiguous()):
+        return reference
+    grad, H, kernel, w_code, w_ptr = weight.requires_grad, weight.shape[0], library().bm_add_rmsnorm, \
+        DTYPE_CODE[weight.dtype], weight.data_ptr()
+
+    def step(h, residual):
+        res_dtype = residual_dtype or h.dtype
+        if (h.dtype not in KERNEL_DTYPES or res_dtype not in KERNEL_DTYPES or h.shape[-1] != H
+                or (residual is not None and (residual.dtype is not res_dtype or residual.shape != h.shape))
+                or (torch.is_grad_enabled() and (grad or h.requires_grad
+                                                 or (residual is not None and residual.requires_grad)))):
+            return reference(h, residual)  # (which also keeps the weight referenced)
+        h = h.contiguous()
+        residual = residual.contiguous() if residual is not None else None  # kept referenced through the call
+        out = torch.empty(h.shape, dtype=weight.dtype)
+        res_out = torch.empty(h.shape, dtype=res_dtype)
+        rows = h.numel() // H if H else 0
+        if rows:
+            kernel(DTYPE_CODE[h.dtype], DTYPE_CODE[res_dtype], w_code, h.data_ptr(), ptr(residual), w_ptr,
+                   out.data_ptr(), res_out.data_ptr(), rows, H, eps, threads_for(rows * H * 8))
+        return out, res_out
+
+    return step
+
+
 def add_rmsnorm_cpu(h, residual, weight, eps, residual_dtype):
-    """The block entry in one call (csrc/norm.cpp; see ops/norm.py)."""
-    if (h.dtype not in KERNEL_DTYPES or weight.dtype not in KERNEL_DTYPES or residual_dtype not in KERNEL_DTYPES
-            or (residual is not None and residual.dtype is not residual_dtype) or not weight.is_contiguous()
-            or (torch.is_grad_enabled() and grad_needed(h, residual, weight))):
-        return add_rmsnorm_reference(h, residual, weight, eps, residual_dtype)
-    h = h.contiguous()
-    residual = residual.contiguous() if residual is not None else None  # kept referenced through the call
-    out = torch.empty(h.shape, dtype=weight.dtype)
-    res_out = torch.empty(h.shape, dtype=residual_dtype)
-    H = h.shape[-1]
-    rows = h.numel() // H if H else 0
-    if rows:
-        library().bm_add_rmsnorm(DTYPE_CODE[h.dtype], DTYPE_CODE[residual_dtype], DTYPE_CODE[weight.dtype],
-                                 h.data_ptr(), ptr(residual),
-                                 weight.data_ptr(), out.data_ptr(), res_out.data_ptr(), rows, H, eps,
-                                 threads_for(rows * H * 8))
-    return out, res_out
+    """One call: ``bind_add_rmsnorm_cpu``'s, made for it."""
+    return bind_add_rmsnorm_cpu(weight, eps, residual_dtype)(h, residual)
 
 
 def exp_approx(x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +259,7 @@ def exp_approx(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-registry.register("mamba_step", "cpu", mamba_step_cpu, available, devices=("cpu",))
-registry.register("moe_step", "cpu", moe_step_cpu, available, devices=("cpu",))
+registry.register("mamba_step", "cpu", mamba_step_cpu, available, devices=("cpu",), bind=bind_mamba_step_cpu)
+registry.register("moe_step", "cpu", moe_step_cpu, available, devices=("cpu",), bind=bind_moe_step_cpu)
 registry.register("linear", "cpu", linear_cpu, available, devices=("cpu",))
-registry.register("add_rmsnorm", "cpu", add_rmsnorm_cpu, available, devices=("cpu",))
+registry.register("add_rmsnorm", "cpu", add_rmsnorm_cpu, available, devices=("cpu",), bind=bind_add_rmsnorm_cpu)
