@@ -46,8 +46,8 @@ def bind_mamba_step(in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj,
     """``mamba_step`` with its weights fixed: a callable (h, conv_state, ssm_state) → out computing
     ``mamba_step(h, in_proj, ..., out_proj, conv_state, ssm_state)``, valid while the weights are neither replaced
     nor moved; the backend's own ``bind`` where it has one (ops/registry.py: Binding)."""
-    _, bind = registry.binder("mamba_step", conv_w, backend)
+    name, bind = registry.binder("mamba_step", conv_w, backend)
     weights = (in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj)
     if bind is not None:
         return bind(*weights)
-    return lambda h, conv_state, ssm_state: mamba_step(h, *weights, conv_state, ssm_state, backend=backend)
+    return lambda h, conv_state, ssm_state: mamba_step(h, *weights, conv_state, ssm_state, backend=name)

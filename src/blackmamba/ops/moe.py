@@ -119,7 +119,7 @@ def bind_moe_step(router_w, router_b, fc1, fc2, activation: str = "silu", backen
     if len(fc1) != len(fc2) or not fc1:
         raise ValueError(f"moe: {len(fc1)} fc1 and {len(fc2)} fc2 operands: need one of each per expert")
     # (a router that is a module, not a weight, is no kernel's: the op as it is)
-    bind = registry.binder("moe_step", router_w, backend)[1] if torch.is_tensor(router_w) else None
+    name, bind = registry.binder("moe_step", router_w, backend) if torch.is_tensor(router_w) else (backend, None)
     if bind is not None:
         return bind(router_w, router_b, fc1, fc2, activation)
-    return lambda h: moe_step(h, router_w, router_b, fc1, fc2, activation, backend=backend)
+    return lambda h: moe_step(h, router_w, router_b, fc1, fc2, activation, backend=name)

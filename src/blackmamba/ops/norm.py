@@ -49,7 +49,7 @@ def bind_add_rmsnorm(weight: torch.Tensor, eps: float, residual_dtype: torch.dty
     replaced nor moved; the backend's own ``bind`` where it has one (ops/registry.py: Binding)."""
     if weight.dim() != 1:
         raise ValueError(f"add_rmsnorm: weight must be (H,), got {tuple(weight.shape)}")
-    _, bind = registry.binder("add_rmsnorm", weight, backend)
+    name, bind = registry.binder("add_rmsnorm", weight, backend)
     if bind is not None:
         return bind(weight, eps, residual_dtype)
-    return lambda h, residual: add_rmsnorm(h, residual, weight, eps, residual_dtype or h.dtype, backend)
+    return lambda h, residual: add_rmsnorm(h, residual, weight, eps, residual_dtype or h.dtype, name)

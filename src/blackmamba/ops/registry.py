@@ -21,7 +21,11 @@ Binding: a decode step calls a few ops per layer with the same weights token aft
 ``bind_<op>(weights...)`` function returns its call with those operands fixed; a backend may register a ``bind``
 of its own that checks the fixed operands and prepares what its kernel takes from them once (the cpu backend:
 their addresses and dtype codes, the MoE experts' address tables), so that a call checks only what changes. A
-bound call is valid while its operands are neither replaced nor moved (a generation: ``model.bind_step``).
+binding keeps the backend chosen when it was made (a later ``set_backend`` applies to later bindings) and the
+memory of the tensors it took addresses of (a weight replaced under its Parameter, by ``module.to`` say, leaves
+it computing with the old values): make a new one when the weights change — once a generation
+(``model.bind_step``). ``share_memory_()`` moves a storage in place, which no binding can follow: not while one
+is in use.
 """
 
 from __future__ import annotations

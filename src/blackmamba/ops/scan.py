@@ -100,7 +100,7 @@ def selective_scan_step(x, delta, A, B, C, D, z, state, backend: str | None = No
     """One decode step; see the module docstring. Shapes are checked here, for every backend: a kernel writes
     the state in place."""
     b, d = x.shape if x.dim() == 2 else (-1, -1)
-    n = A.shape[-1]
+    n = A.shape[-1] if A.dim() else -1
     if (b < 0 or delta.shape != x.shape or A.shape != (d, n) or B.shape != (b, n) or C.shape != (b, n)
             or (D is not None and D.shape != (d,)) or (z is not None and z.shape != x.shape)
             or state.shape != (b, d, n)):

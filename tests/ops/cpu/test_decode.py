@@ -241,3 +241,35 @@ def test_bind_refuses_what_the_op_refuses():
         bind_moe_step(torch.zeros(2, 4), None, [torch.zeros(6, 4)] * 2, [torch.zeros(4, 3)], "silu")
     with pytest.raises(ValueError, match="weight must be"):
         bind_add_rmsnorm(torch.zeros(2, 4), 1e-5)
+
+
+def test_a_binding_keeps_the_memory_it_reads_when_the_weights_are_replaced():
+    """``module.to`` replaces the memory under each Parameter and frees the old: a binding keeps the old alive
+    (aliases), so it computes what it computed before rather than reading freed memory."""
+    m = mixer(32, 8)
+    step = m.bind_step()
+    norm_w = nn.Parameter(1 + 0.1 * torch.randn(32))
+    norm = bind_add_rmsnorm(norm_w, 1e-5, backend="cpu")
+    h = torch.randn(2, 32)
+    with torch.no_grad():
+        before = step(h, m.new_state(2, torch.float32, "cpu")), norm(h, None)[0]
+        m.to(torch.float64)
+        norm_w.data = norm_w.data.double()
+        for _ in range(3):  # fresh allocations that would reuse the freed memory
+            torch.randn(4096, 4096).zero_()
+        after = step(h, m.new_state(2, torch.float32, "cpu")), norm(h, None)[0]
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_a_binding_asks_about_gradients_at_each_call():
+    """A weight that needs a gradient after the binding was made sends the call to the reference (autograd)."""
+    e = moe(16, 8, 3)
+    for p in e.parameters():
+        p.requires_grad_(False)
+    step = bind_moe_step(*moe_args(e, None)[1:], backend="cpu")
+    h = torch.randn(2, 16)
+    with torch.no_grad():
+        assert not step(h).requires_grad
+    e.router.weight.requires_grad_(True)
+    out = step(h)
+    assert out.requires_grad and out.grad_fn is not None

@@ -33,9 +33,9 @@ STEP_QUANT_CODE = {"int8": 1, "int4": 2}  # bm_mamba_step / bm_moe_step projecti
 
 
 def _ready(dtype: torch.dtype, *tensors) -> bool:
-    """Every argument is None or a contiguous tensor of ``dtype`` (a module operand, such as LoRA, is not)."""
+    """Every argument is None or a contiguous CPU tensor of ``dtype`` (a module operand, such as LoRA, is not)."""
     for t in tensors:
-        if t is not None and (not torch.is_tensor(t) or t.dtype is not dtype or not t.is_contiguous()):
+        if t is not None and (not torch.is_tensor(t) or t.dtype is not dtype or not t.is_contiguous() or not t.is_cpu):
             return False
     return True
 
@@ -53,6 +53,13 @@ def _shaped(t, *shape) -> bool:
 
 def _needs_grad(*tensors) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _held(*tensors) -> tuple:
+    """Aliases of the tensors whose addresses a binding takes (None kept): they share the memory and keep it
+    alive, so that a weight replaced under its Parameter (``module.to``) leaves a binding computing with the old
+    values, not reading freed memory. (What no alias can hold: ``share_memory_()`` moving a storage in place.)"""
+    return tuple(None if t is None else t.detach() for t in tensors)
 
 
 def bind_mamba_step_cpu(in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj):
@@ -87,20 +94,20 @@ def bind_mamba_step_cpu(in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_p
             and _ready(torch.float32, A, D) and dt_b is not None and _shaped(A, inner, N) and _shaped(dt_w, inner, R)
             and _shaped(conv_b, inner) and _shaped(dt_b, inner) and _shaped(D, inner)):
         return reference
-    grad = _needs_grad(conv_w, conv_b, dt_w, dt_b, A, D, *plain)
+    grad_tensors = (conv_w, conv_b, dt_w, dt_b, A, D, *plain)  # whether one needs a gradient: asked at each call
     kernel, w_code, state_dtypes, work = library().bm_mamba_step, DTYPE_CODE[wdt], (wdt, torch.float32), 3 * inner * H
-    operands = (mats[0].data_ptr(), conv_w.data_ptr(), ptr(conv_b), mats[1].data_ptr(), dt_w.data_ptr(),
-                dt_b.data_ptr(), A.data_ptr(), ptr(D), mats[2].data_ptr())
-    sizes, quantization = (H, inner, N, R, K), (quant, *(ptr(s) for s in scales), group)
+    held = _held(mats[0], conv_w, conv_b, mats[1], dt_w, dt_b, A, D, mats[2], *scales)
+    operands = tuple(ptr(t) for t in held[:9])
+    sizes, quantization = (H, inner, N, R, K), (quant, *(ptr(s) for s in held[9:]), group)
 
-    def step(h, conv_state, ssm_state):
+    def step(h, conv_state, ssm_state, _keep=held):  # (_keep: the memory the addresses point to, kept alive)
         b = h.shape[0] if h.dim() == 2 else 0
-        if (not 1 <= b <= MAX_ROWS or h.shape[1] != H or h.dtype not in KERNEL_DTYPES
+        if (not 1 <= b <= MAX_ROWS or h.shape[1] != H or h.dtype not in KERNEL_DTYPES or not h.is_cpu
                 or conv_state.dtype not in state_dtypes or conv_state.shape != (b, inner, K - 1)
-                or not conv_state.is_contiguous() or ssm_state.dtype is not torch.float32
-                or ssm_state.shape != (b, inner, N) or not ssm_state.is_contiguous()
-                or (torch.is_grad_enabled() and (grad or h.requires_grad))):
-            return reference(h, conv_state, ssm_state)  # (which also keeps the weights referenced)
+                or not conv_state.is_contiguous() or not conv_state.is_cpu or ssm_state.dtype is not torch.float32
+                or ssm_state.shape != (b, inner, N) or not ssm_state.is_contiguous() or not ssm_state.is_cpu
+                or (torch.is_grad_enabled() and (h.requires_grad or _needs_grad(*grad_tensors)))):
+            return reference(h, conv_state, ssm_state)
         h = h.contiguous()
         out = torch.empty(b, H, dtype=h.dtype)
         rc = kernel(DTYPE_CODE[h.dtype], w_code, DTYPE_CODE[conv_state.dtype], h.data_ptr(), *operands,
@@ -145,17 +152,18 @@ def bind_moe_step_cpu(router_w, router_b, fc1, fc2, activation):
     if not (ok and E and len(fc2) == E and wdt in KERNEL_DTYPES and activation in ACTIVATION_CODE
             and _ready(wdt, router_w, router_b, *experts) and _shaped(router_w, E, H) and _shaped(router_b, E)):
         return reference
-    grad = _needs_grad(router_w, router_b, *experts)
+    grad_tensors = (router_w, router_b, *experts)  # whether one needs a gradient: asked at each call
     kernel, w_code, act, work = library().bm_moe_step, DTYPE_CODE[wdt], ACTIVATION_CODE[activation], 3 * F2 * H
     table = ctypes.c_void_p * E
-    fc1_t, fc2_t, fc1_s, fc2_s = (None if ts is None else table(*[t.data_ptr() for t in ts]) for ts in tables)
-    router = (router_w.data_ptr(), ptr(router_b), fc1_t, fc2_t)
+    held = (_held(router_w, router_b), *(None if ts is None else _held(*ts) for ts in tables))
+    fc1_t, fc2_t, fc1_s, fc2_s = (None if ts is None else table(*[t.data_ptr() for t in ts]) for ts in held[1:])
+    router = (held[0][0].data_ptr(), ptr(held[0][1]), fc1_t, fc2_t)
 
-    def step(h):
+    def step(h, _keep=held):  # (_keep: the memory the addresses point to, kept alive)
         b = h.shape[0] if h.dim() == 2 else 0
-        if (not 1 <= b <= MAX_ROWS or h.shape[1] != H or h.dtype not in KERNEL_DTYPES
-                or (torch.is_grad_enabled() and (grad or h.requires_grad))):
-            return reference(h)  # (which also keeps the weights referenced)
+        if (not 1 <= b <= MAX_ROWS or h.shape[1] != H or h.dtype not in KERNEL_DTYPES or not h.is_cpu
+                or (torch.is_grad_enabled() and (h.requires_grad or _needs_grad(*grad_tensors)))):
+            return reference(h)
         h = h.contiguous()
         out = torch.empty(b, H, dtype=h.dtype)
         rc = kernel(DTYPE_CODE[h.dtype], w_code, act, h.data_ptr(), *router, out.data_ptr(), b, H, F2 // 2, E,
@@ -221,25 +229,26 @@ def bind_add_rmsnorm_cpu(weight, eps, residual_dtype):
     def reference(h, residual):
         return add_rmsnorm_reference(h, residual, weight, eps, residual_dtype or h.dtype)
 
-    if not (weight.dtype in KERNEL_DTYPES and weight.dim() == 1 and weight.is_contiguous()):
+    if not (weight.dtype in KERNEL_DTYPES and weight.dim() == 1 and _ready(weight.dtype, weight)):
         return reference
-    grad, H, kernel, w_code, w_ptr = weight.requires_grad, weight.shape[0], library().bm_add_rmsnorm, \
-        DTYPE_CODE[weight.dtype], weight.data_ptr()
+    held = _held(weight)
+    H, kernel, w_dtype, w_ptr = weight.shape[0], library().bm_add_rmsnorm, weight.dtype, held[0].data_ptr()
 
-    def step(h, residual):
+    def step(h, residual, _keep=held):  # (_keep: the memory the address points to, kept alive)
         res_dtype = residual_dtype or h.dtype
-        if (h.dtype not in KERNEL_DTYPES or res_dtype not in KERNEL_DTYPES or h.shape[-1] != H
-                or (residual is not None and (residual.dtype is not res_dtype or residual.shape != h.shape))
-                or (torch.is_grad_enabled() and (grad or h.requires_grad
+        if (h.dtype not in KERNEL_DTYPES or res_dtype not in KERNEL_DTYPES or h.dim() == 0 or h.shape[-1] != H
+                or not h.is_cpu or (residual is not None and (residual.dtype is not res_dtype
+                                                              or residual.shape != h.shape or not residual.is_cpu))
+                or (torch.is_grad_enabled() and (weight.requires_grad or h.requires_grad
                                                  or (residual is not None and residual.requires_grad)))):
-            return reference(h, residual)  # (which also keeps the weight referenced)
+            return reference(h, residual)
         h = h.contiguous()
         residual = residual.contiguous() if residual is not None else None  # kept referenced through the call
-        out = torch.empty(h.shape, dtype=weight.dtype)
+        out = torch.empty(h.shape, dtype=w_dtype)
         res_out = torch.empty(h.shape, dtype=res_dtype)
         rows = h.numel() // H if H else 0
         if rows:
-            kernel(DTYPE_CODE[h.dtype], DTYPE_CODE[res_dtype], w_code, h.data_ptr(), ptr(residual), w_ptr,
+            kernel(DTYPE_CODE[h.dtype], DTYPE_CODE[res_dtype], DTYPE_CODE[w_dtype], h.data_ptr(), ptr(residual), w_ptr,
                    out.data_ptr(), res_out.data_ptr(), rows, H, eps, threads_for(rows * H * 8))
         return out, res_out
 
