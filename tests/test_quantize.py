@@ -40,21 +40,25 @@ class Dequantized(torch.nn.Module):
 
 
 def product_input(x, mode: str, group_size: int = 32):
-    """x as an int8 / int4 product multiplies it (ops/quant.py): int4 quantizes it per group."""
-    return quantize_activation(x, group_size) if mode == "int4" else x
+    """x as an int8 / int4 product multiplies it (ops/quant.py): int4 quantizes it to int8 per weight group, int8
+    to int16 per 128 inputs."""
+    return quantize_activation(x, group_size) if mode == "int4" else quantize_activation(x, 128, 32767)
+
+
+# (max, mean) of |step - forward| as fractions of the largest logit
+STEP_TOLERANCE = {"int8": (1e-3, 2e-4), "int4": (0.05, 0.01)}
 
 
 def assert_step_matches(step_logits, forward_logits, mode: str):
-    """A decode step's logits against the forward's. int8: float32 rounding apart. int4 quantizes each product's
-    input to int8 (ops/quant.py), and the two paths' float32 roundings differ upstream: where an input sits on
-    a rounding boundary, one path's rounds up and the other's down, one step of that group's scale
-    (max|x| / 127) apart, which the layers after carry on (seen: up to 1.5 % of the largest logit, 0.2 % on
-    average, over 144 random models); a wrong scale or group would be of the logits' own size."""
-    if mode == "int8":
-        torch.testing.assert_close(step_logits, forward_logits, rtol=1e-4, atol=1e-4)
-        return
+    """A decode step's logits against the forward's. Each product quantizes its input (ops/quant.py: int8 to
+    int16, int4 to int8), and the two paths' float32 roundings differ upstream: where an input sits on a rounding
+    boundary, one path's rounds up and the other's down, one step of that group's scale (max|x| / 32767 or / 127)
+    apart, which the layers after carry on. Seen, as fractions of the largest logit: int8 up to 1.9e-4 (max) and
+    2.9e-5 (mean) over 240 random models, int4 1.5 % and 0.2 % over 144; a wrong scale or group would be of the
+    logits' own size."""
     scale, err = forward_logits.abs().max().item(), (step_logits - forward_logits).abs()
-    assert err.max().item() <= 0.05 * scale and err.mean().item() <= 0.01 * scale, (err.max().item(), scale)
+    worst, mean = STEP_TOLERANCE[mode]
+    assert err.max().item() <= worst * scale and err.mean().item() <= mean * scale, (err.max().item(), scale)
 
 
 def dequantized_copy(model, mode: str, group_size: int = 32):

@@ -179,7 +179,9 @@ def test_linear_reference_is_f_linear_on_the_dequantized_weight(mode):
     qw = quantize_weight(w, mode)
     x = torch.randn(3, 5, 50)
     y = linear(x, qw, bias, backend="reference")
-    act = (lambda v: quantize_activation(v, qw.group_size)) if mode == "int4" else (lambda v: v)
+    # x as the product defines it: int4 quantizes it to int8 per weight group, int8 to int16 per 128 inputs
+    act = (lambda v: quantize_activation(v, qw.group_size)) if mode == "int4" else (
+        lambda v: quantize_activation(v, 128, 32767))
     assert torch.equal(y, F.linear(act(x), qw.dequantize(), bias))
     xb = x.to(torch.bfloat16)
     yb = linear(xb, qw, backend="reference")

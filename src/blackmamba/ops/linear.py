@@ -22,16 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import registry
-from .quant import QuantizedWeight, quantize_activation
+from .quant import QuantizedWeight, product_input
 
 
 def linear_reference(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``; a ``QuantizedWeight`` is dequantized first, to x's dtype (float32 for an integer x), and an int4
-    one's x quantized per group (ops/quant.py: the product is defined so)."""
+    """``F.linear``; a ``QuantizedWeight`` is dequantized first, to x's dtype (float32 for an integer x), and x
+    quantized per group (ops/quant.py ``product_input``: the product is defined so)."""
     if isinstance(weight, QuantizedWeight):
-        if weight.mode == "int4":
-            x = quantize_activation(x if x.is_floating_point() else x.float(), weight.group_size)
-        weight = weight.dequantize(x.dtype if x.is_floating_point() else torch.float32)
+        x = product_input(x if x.is_floating_point() else x.float(), weight)
+        weight = weight.dequantize(x.dtype)
     return F.linear(x, weight, bias)
 
 

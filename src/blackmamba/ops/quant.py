@@ -18,12 +18,15 @@ Symmetric round-to-nearest, no zero point:
 
 An all-zero row or group has scale 0 and values 0.
 
-The product: ``linear(x, qw)`` is ``F.linear(x', qw.dequantize())``, where x' is x itself for ``int8`` and, for
-``int4``, x quantized by ``quantize_activation`` to int8 per group of the weight's ``group_size`` inputs (one
-float32 scale ``max|group| / 127`` each; llama.cpp's Q4_0 · Q8_0, what makes 4-bit decoding fast on CPUs without
-float16 arithmetic: the products become exact integer multiply-adds, csrc/dot.h). A QuantizedWeight is not a
-tensor: the ``cpu`` backend of ``linear`` multiplies by it directly (csrc/qgemv.cpp, the weights dequantized in
-registers); every other backend computes that ``F.linear``.
+The product: ``linear(x, qw)`` is ``F.linear(x', qw.dequantize())``, where x' = ``product_input(x, qw)`` is x
+quantized by ``quantize_activation``: for ``int4`` to int8 per group of the weight's ``group_size`` inputs (one
+float32 scale ``max|group| / 127`` each; llama.cpp's Q4_0 · Q8_0), for ``int8`` to int16 per group of
+``INT8_X_GROUP`` inputs (scale ``max|group| / 32767``: a rounding 256 times finer than the weights' own). Integer
+x is what makes quantized decoding fast on CPUs without float16 arithmetic: the products become exact integer
+multiply-adds (csrc/dot.h: int4 · int8 bytes with ``vpmaddubsw``, int8 · int16 with ``vpmaddwd``), a third of the
+instructions of widening every weight to float32. A QuantizedWeight is not a tensor: the ``cpu`` backend of
+``linear`` multiplies by it directly (csrc/qgemv.cpp, the weights read as stored); every other backend computes
+that ``F.linear``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("int8", "int4")
+INT8_X_GROUP = 128  # an int8 product's x is quantized to int16 per this many inputs (csrc/dot.h kInt8XGroup)
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,16 +173,25 @@ def quantize_weight(weight: torch.Tensor, mode: str, group_size: int = 32) -> Qu
     return QuantizedWeight("int4", q.contiguous(), scale.contiguous(), i, group_size)
 
 
-def quantize_activation(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x (..., i) quantized as an int4 product quantizes it (csrc/dot.h's quantize_groups, the same arithmetic):
-    per group of ``group_size`` consecutive inputs (the last may be partial) a float32 scale d = max|x| / 127 and
-    values round-half-even(x / d) in [-127, 127] (0 where d is 0); returns those values times d, in x's dtype.
+def quantize_activation(x: torch.Tensor, group_size: int, levels: int = 127) -> torch.Tensor:
+    """x (..., i) quantized as a quantized product quantizes it (csrc/dot.h's quantize_groups, the same
+    arithmetic): per group of ``group_size`` consecutive inputs (the last may be partial) a float32 scale
+    d = max|x| / levels and values round-half-even(x / d) in [-levels, levels] (0 where d is 0); returns those
+    values times d, in x's dtype. ``levels``: 127 (int8 values, int4 products) or 32767 (int16, int8 products).
     The gradient passes through unchanged (a straight-through estimator: rounding would zero it)."""
     xf = x.float()
     i = xf.shape[-1]
     groups = -(-i // group_size)
     padded = F.pad(xf, (0, groups * group_size - i)).unflatten(-1, (groups, group_size))
-    d = padded.abs().amax(dim=-1, keepdim=True) / 127
-    q = torch.round(padded / torch.where(d > 0, d, 1)).clamp_(-127, 127)
+    d = padded.abs().amax(dim=-1, keepdim=True) / levels
+    q = torch.round(padded / torch.where(d > 0, d, 1)).clamp_(-levels, levels)
     xq = (q * d).flatten(-2)[..., :i].to(x.dtype)
     return x + (xq - x).detach() if x.requires_grad else xq
+
+
+def product_input(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """x as a product with ``weight`` multiplies it (see the module docstring): int4: quantized to int8 per
+    weight group; int8: to int16 per ``INT8_X_GROUP`` inputs."""
+    if weight.mode == "int4":
+        return quantize_activation(x, weight.group_size)
+    return quantize_activation(x, INT8_X_GROUP, 32767)

@@ -1,5 +1,5 @@
 """The CPU kernel for op ``linear`` on a quantized weight (csrc/qgemv.cpp) against ``F.linear`` on the dequantized
-weight (and, for int4, x quantized per group: ``quantize_activation``): shapes (odd widths, partial groups,
+weight and x quantized as the product defines (``quantize_activation``): shapes (odd widths, partial groups,
 several tasks and threads), group sizes, float32 and bfloat16 rows, bias; every row bit-identical whatever the
 batch; which calls reach the kernel; NaN; and the AVX2 build (and the AVX-512 code compiling) besides the
 native one."""
@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from blackmamba.ops import linear, registry
@@ -31,8 +31,9 @@ def case(o, i, rows, mode, group, seed, bias=True):
 
 
 def product_input(x, qw):
-    """What the product multiplies W by: x, or for int4 x quantized per group (ops/quant.py)."""
-    return quantize_activation(x, qw.group_size) if qw.mode == "int4" else x
+    """What the product multiplies W by (ops/quant.py): x quantized, for int4 to int8 per weight group, for int8
+    to int16 per 128 inputs."""
+    return quantize_activation(x, qw.group_size) if qw.mode == "int4" else quantize_activation(x, 128, 32767)
 
 
 def check_close(y, x, qw, bias, rel=1e-5):
@@ -50,6 +51,12 @@ def check_close(y, x, qw, bias, rel=1e-5):
 @given(o=st.integers(1, 90), i=st.integers(1, 300), rows=st.integers(1, cpu.MAX_ROWS),
        mode=st.sampled_from(["int8", "int4"]), group=st.sampled_from([32, 64, 2, 6, 34]), bf16=st.booleans(),
        bias=st.booleans(), seed=st.integers(0, 2**16))
+# widths the integer ways take (int8: a multiple of 16, one group of 128, several and a partial one; int4: a
+# multiple of 64, groups of 32 and 64), at a batch of 1 and of several rows
+@example(o=40, i=128, rows=1, mode="int8", group=32, bf16=False, bias=True, seed=1)
+@example(o=37, i=784, rows=3, mode="int8", group=32, bf16=False, bias=False, seed=2)
+@example(o=9, i=48, rows=8, mode="int8", group=32, bf16=True, bias=True, seed=3)
+@example(o=40, i=256, rows=1, mode="int4", group=64, bf16=False, bias=True, seed=4)
 def test_kernel_matches_f_linear_on_the_dequantized_weight(o, i, rows, mode, group, bf16, bias, seed):
     qw, x, b = case(o, i, rows, mode, group, seed, bias)
     if bf16:
@@ -68,10 +75,11 @@ def test_kernel_matches_f_linear_on_the_dequantized_weight(o, i, rows, mode, gro
                                    atol=1e-5 * F.linear(xq.abs(), qw.dequantize().abs()).max().item())
 
 
-@pytest.mark.parametrize("i,group", [(64, 32), (77, 64), (33, 6)])
+@pytest.mark.parametrize("i,group", [(64, 32), (77, 64), (33, 6), (4096, 32)])
 def test_any_stored_bytes(i, group):
     """Every byte value (int4: nibble 0, value -8, too, which quantize_weight does not write; int8: -128), odd
-    widths' unused nibbles not 8, negative and zero scales: the kernel computes what dequantize says."""
+    widths' unused nibbles not 8, negative and zero scales: the kernel computes what dequantize says (4096 inputs
+    of -128 · ±32767 stay within the integer sums)."""
     g = torch.Generator().manual_seed(i)
     o, rows = 50, 3
     x = torch.randn(rows, i, generator=g)
@@ -87,6 +95,8 @@ def test_any_stored_bytes(i, group):
 @settings(max_examples=30, deadline=None)
 @given(o=st.integers(1, 90), i=st.integers(1, 200), mode=st.sampled_from(["int8", "int4"]),
        group=st.sampled_from([32, 64, 6]), bias=st.booleans(), seed=st.integers(0, 2**16))
+@example(o=21, i=160, mode="int8", group=32, bias=True, seed=1)  # the integer ways (x rows four at a time: int8)
+@example(o=21, i=192, mode="int4", group=64, bias=False, seed=2)
 def test_rows_are_batch_invariant(o, i, mode, group, bias, seed):
     """Each row of a few-row product is bit-identical to that row alone and to it within any other batch."""
     qw, x, b = case(o, i, cpu.MAX_ROWS, mode, group, seed, bias)
@@ -201,10 +211,10 @@ def test_the_avx512_and_the_generic_code_compile(arch, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("group,i", [(32, 128), (6, 30)])
-def test_a_nan_in_x_gives_nan_as_the_reference_does(group, i):
-    """int4 quantizes x per group: a NaN must not vanish into an int8 value (the integer and the float way)."""
-    qw, x, _ = case(20, i, 3, "int4", group, 0)
+@pytest.mark.parametrize("mode,group,i", [("int4", 32, 128), ("int4", 6, 30), ("int8", 0, 160), ("int8", 0, 30)])
+def test_a_nan_in_x_gives_nan_as_the_reference_does(mode, group, i):
+    """The products quantize x per group: a NaN must not vanish into an integer (the integer and the float way)."""
+    qw, x, _ = case(20, i, 3, mode, group or 32, 0)
     x[1, 5] = float("nan")
     with torch.no_grad():
         y = decode.linear_cpu(x, qw)

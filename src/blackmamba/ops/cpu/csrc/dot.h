@@ -7,6 +7,7 @@
 #include "simd.h"
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 // Each product is rounded before it is added (no fused multiply-add here): with -ffp-contract=fast the compiler
@@ -96,7 +97,7 @@ inline void dot_rows(const TW* w, const float* x, int64_t xstride, int64_t len, 
 // templated on its weight type (a pointer or a view) can take either. The values become float32 in registers and
 // are multiplied by x with fused multiply-adds where the CPU has them (explicit instructions, so every row gets
 // the same ones; else products rounded before the add, as above); the scales are applied to the sums. A view's x
-// is *prepared* once per matrix (prepare_x: xlen() floats a row of x; Int8Rows reads x as it is) and dot_rows
+// is *prepared* once per matrix (prepare_x: xlen() floats a row of x, quantized as the product defines) and dot_rows
 // reads the prepared rows. Every row is summed in the same order whatever the number of rows (nx) or the rows
 // computed with it. Quantized rows are short (768 bytes for int8 at i = 768, 384 for int4), so the prefetch runs
 // kQuantAheadRows rows ahead rather than one block of rows, into L2 (prefetcht1): on the 2-core Zen 4 VM this was
@@ -129,25 +130,6 @@ inline vfloat bcast(float a) {
 #endif
 }
 
-// int8, one float32 scale a row: y[q, row] = scale[row] * sum_k float(q[row, k]) x[q, k].
-struct Int8Rows {
-  static constexpr bool kPrepared = false;  // x is read as it is: xlen() == len
-  const int8_t* q;                          // (o, len)
-  const float* scales;                      // (o,)
-  int64_t len;
-  int64_t xlen() const { return len; }
-  void prepare_x(const float* x, int64_t xstride, int64_t nx, float* xp) const {
-    for (int64_t r = 0; r < nx; ++r) std::copy(x + r * xstride, x + r * xstride + len, xp + r * len);
-  }
-};
-
-// the integer way of int4 products (below): AVX2's byte multiply-adds, F16C's float16 scales, FMA
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-#define BM_INT4_INT8_X 1
-#else
-#define BM_INT4_INT8_X 0
-#endif
-
 inline vfloat vround_even(vfloat v) {  // to the nearest integer, ties to even (the default rounding mode)
 #if defined(__AVX512F__)
   return (vfloat)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -159,10 +141,12 @@ inline vfloat vround_even(vfloat v) {  // to the nearest integer, ties to even (
 #endif
 }
 
-// The activations of an int4 product (ops/quant.py's quantize_activation): each group of `group` elements of a
-// row of x as int8 values xq and one float32 scale d = max|x| / 127, xq = round-half-even(x / d) (0 where d is
-// 0), so x ≈ xq · d; the same arithmetic as torch's, so kernel and reference quantize x identically.
-inline void quantize_groups(const float* x, int64_t len, int64_t group, int8_t* xq, float* d) {
+// The activations of a quantized product (ops/quant.py's quantize_activation): each group of `group` elements of
+// a row of x as integers xq (int8: kLevels 127, int4 products; int16: 32767, int8 products) and one float32 scale
+// d = max|x| / kLevels, xq = round-half-even(x / d) (0 where d is 0), so x ≈ xq · d; the same arithmetic as
+// torch's, so kernel and reference quantize x identically.
+template <typename TQ, int kLevels>
+inline void quantize_groups(const float* x, int64_t len, int64_t group, TQ* xq, float* d) {
   constexpr int W = lanes<float>;
   for (int64_t g = 0, k0 = 0; k0 < len; ++g, k0 += group) {
     const int64_t n = std::min(len, k0 + group) - k0;
@@ -175,18 +159,67 @@ inline void quantize_groups(const float* x, int64_t len, int64_t group, int8_t* 
     }
     float amax = 0;
     for (int l = 0; l < W; ++l) amax = m[l] != m[l] || m[l] > amax ? m[l] : amax;
-    const float s = amax / 127.0f, div = s > 0 ? s : 1.0f;
+    constexpr float kMax = static_cast<float>(kLevels);
+    const float s = amax / kMax, div = s > 0 ? s : 1.0f;
     for (int64_t k = 0; k < n; k += W) {
       const int cnt = static_cast<int>(std::min<int64_t>(W, n - k));
       vfloat r = vround_even(vload<float>(xg + k, cnt) / div);
-      r = r > 127.0f ? splat<float>(127.0f) : r;
-      r = r < -127.0f ? splat<float>(-127.0f) : r;
+      r = r > kMax ? splat<float>(kMax) : r;
+      r = r < -kMax ? splat<float>(-kMax) : r;
       const vint qi = __builtin_convertvector(r, vint);
-      for (int l = 0; l < cnt; ++l) xq[k0 + k + l] = static_cast<int8_t>(qi[l]);
+      for (int l = 0; l < cnt; ++l) xq[k0 + k + l] = static_cast<TQ>(qi[l]);
     }
     d[g] = s;
   }
 }
+
+// the integer ways of quantized products (below): AVX2's integer multiply-adds, FMA (int4: F16C's float16 scales)
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define BM_INT4_INT8_X 1
+#else
+#define BM_INT4_INT8_X 0
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define BM_INT8_INT16_X 1
+#else
+#define BM_INT8_INT16_X 0
+#endif
+
+// int8, one float32 scale a row, times x quantized to int16 per kInt8XGroup elements (quantize_groups):
+//   y[q, row] = scale[row] * sum over the groups g of d[q, g] * sum_{k in g} q[row, k] xq[q, k].
+// Two ways, one result (up to float32 rounding):
+// - integer (int16_x(): AVX2 and FMA, len a multiple of 16): a step is 16 weight bytes, sign-extended to int16
+//   (vpmovsxbw) and multiplied by x's int16 values with vpmaddwd (pairs summed into int32, exactly: at most
+//   2 · 128 · 32767 a lane a step, so a group's 8 steps fit with room to spare), the group's int32 lanes then
+//   converted to float and multiplied by d[g]. prepare_x stores a row's xq (len / 2 floats' bytes), then d.
+// - float (any other case): x's dequantized values xq · d, len floats, times the weights widened to float32.
+constexpr int64_t kInt8XGroup = 128;  // ops/quant.py INT8_X_GROUP
+
+struct Int8Rows {
+  static constexpr bool kPrepared = true;
+  static constexpr int kIntStep = 16;  // elements a step (the integer way)
+  const int8_t* q;                     // (o, len)
+  const float* scales;                 // (o,)
+  int64_t len;
+  int64_t groups() const { return (len + kInt8XGroup - 1) / kInt8XGroup; }
+  bool int16_x() const { return BM_INT8_INT16_X && len % kIntStep == 0; }
+  int64_t xlen() const { return int16_x() ? len / 2 + groups() : len; }  // floats a prepared row
+  void prepare_x(const float* x, int64_t xstride, int64_t nx, float* xp) const {
+    const int64_t n = xlen(), ng = groups();
+    std::vector<int16_t> xq(len);
+    std::vector<float> d(ng);
+    for (int64_t r = 0; r < nx; ++r) {
+      quantize_groups<int16_t, 32767>(x + r * xstride, len, kInt8XGroup, xq.data(), d.data());
+      float* out = xp + r * n;
+      if (int16_x()) {
+        std::memcpy(out, xq.data(), len * sizeof(int16_t));
+        std::copy(d.begin(), d.end(), out + len / 2);
+      } else {
+        for (int64_t k = 0; k < len; ++k) out[k] = static_cast<float>(xq[k]) * d[k / kInt8XGroup];
+      }
+    }
+  }
+};
 
 // int4, two values a byte (element k in byte k / 2, the low nibble for even k, stored as n = value + 8), one
 // float16 scale per `group` (even) elements of a row, times x quantized per group (quantize_groups):
@@ -235,7 +268,7 @@ struct Int4Rows {
     std::vector<int8_t> xq(len);
     std::vector<float> d(ng);
     for (int64_t r = 0; r < nx; ++r) {
-      quantize_groups(x + r * xstride, len, group, xq.data(), d.data());
+      quantize_groups<int8_t, 127>(x + r * xstride, len, group, xq.data(), d.data());
       float* out = xp + r * n;
       std::fill(out, out + n, 0.0f);
       if (int8_x()) {
@@ -295,12 +328,63 @@ inline void int4_scales(const uint16_t* sr, int64_t ng, int64_t g0, int cnt, flo
   }
 }
 
-// rows [row, row + G) of an int8 view; x row q at x + q * xs; y[q * ystride + row].
+#if BM_INT8_INT16_X
+// the integer way of rows [row, row + G) of an int8 view (see Int8Rows); prepared x row q at xp + q * xs
 template <int NX, int G>
-inline void dot_block(const Int8Rows& w, const float* x, int64_t xs, int64_t row, float* y, int64_t ystride) {
+inline void dot_block_int16_x(const Int8Rows& w, const float* xp, int64_t xs, int64_t row, float* y,
+                              int64_t ystride) {
+  if constexpr (NX > 4) {  // x rows four at a time (registers), the weight rows read again from L1
+    dot_block_int16_x<4, G>(w, xp, xs, row, y, ystride);
+    return dot_block_int16_x<NX - 4, G>(w, xp + 4 * xs, xs, row, y + 4 * ystride, ystride);
+  }
+  constexpr int S = Int8Rows::kIntStep;
+  const int64_t len = w.len, ng = w.groups();
+  const int8_t* wr = w.q + row * len;
+  __m256 acc[NX][G];
+  for (int q = 0; q < NX; ++q)
+    for (int g = 0; g < G; ++g) acc[q][g] = _mm256_setzero_ps();
+  for (int64_t gi = 0; gi < ng; ++gi) {
+    const int64_t k0 = gi * kInt8XGroup, k1 = std::min(len, k0 + kInt8XGroup);
+    __m256i sum[NX][G];
+    for (int q = 0; q < NX; ++q)
+      for (int g = 0; g < G; ++g) sum[q][g] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += S) {
+      if (k % 64 == 0)
+        for (int g = 0; g < G; ++g) __builtin_prefetch(wr + (kQuantAheadRows + g) * len + k, 0, 2);  // never faults
+      __m256i xv[NX];
+      for (int q = 0; q < NX; ++q)
+        xv[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const int16_t*>(xp + q * xs) + k));
+      for (int g = 0; g < G; ++g) {
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + g * len + k)));
+        for (int q = 0; q < NX; ++q) sum[q][g] = _mm256_add_epi32(sum[q][g], _mm256_madd_epi16(wv, xv[q]));
+      }
+    }
+    for (int q = 0; q < NX; ++q) {
+      const __m256 d = _mm256_set1_ps(xp[q * xs + len / 2 + gi]);
+      for (int g = 0; g < G; ++g) acc[q][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[q][g]), d, acc[q][g]);
+    }
+  }
+  for (int q = 0; q < NX; ++q)
+    for (int g = 0; g < G; ++g) {
+      alignas(32) float l[8];
+      _mm256_store_ps(l, acc[q][g]);
+      float s = 0;
+      for (int j = 0; j < 8; ++j) s += l[j];
+      y[q * ystride + row + g] = s * w.scales[row + g];
+    }
+}
+#endif
+
+// rows [row, row + G) of an int8 view; prepared x row q at xp + q * xs; y[q * ystride + row].
+template <int NX, int G>
+inline void dot_block(const Int8Rows& w, const float* xp, int64_t xs, int64_t row, float* y, int64_t ystride) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
+#if BM_INT8_INT16_X
+  if (w.int16_x()) return dot_block_int16_x<NX, G>(w, xp, xs, row, y, ystride);
+#endif
+  const float* x = xp;  // the float way: x's dequantized values, len a row
   constexpr int W = lanes<float>;
   constexpr int kLine = 64;  // bytes = elements
   const int64_t len = w.len;
@@ -493,7 +577,7 @@ inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t ro
 // weight rows a block: int4 at batch 1 takes 8 (its sums are bound by the latency of the multiply-adds: more rows,
 // more independent chains), int8 and a batch of 2 take 4, larger batches 2 (registers)
 template <int NX, typename View>
-constexpr int kQuantBlock = NX == 1 && View::kPrepared ? 8 : NX <= 2 ? 4 : 2;
+constexpr int kQuantBlock = NX == 1 && std::is_same_v<View, Int4Rows> ? 8 : NX <= 2 ? 4 : 2;
 
 // rows [r0, r1) of a quantized view, for nx rows of (prepared, if View::kPrepared) x, xs floats apart.
 template <int NX, typename View>
@@ -524,7 +608,7 @@ inline void dot_rows(const View& w, const float* x, int64_t xs, int64_t nx, int6
 // ---- a fused kernel's projection (csrc/mamba_step.cpp, moe_step.cpp): a plain float32 / bfloat16 matrix
 // (PlainRows) or a quantized view, through one interface, so that a kernel templated on it computes exactly what
 // bm_gemv / bm_qgemv do for the same rows. ProjInput holds the x rows as the projection reads them: x itself
-// (plain, int8), or x prepared once (int4) by prepare(), which a kernel calls once all of x is written and
+// (plain), or x prepared once (quantized) by prepare(), which a kernel calls once all of x is written and
 // before any thread reads it.
 template <typename TW>
 struct PlainRows {

@@ -69,7 +69,7 @@ void mamba_step(const StepShape& sh, const TH* h_in, const P& w_in, const TW* co
     out = obuf.data();
   }
   constexpr int W = lanes<float>;
-  ProjInput<P> in_h, in_xs, in_y;  // the projections' inputs (int4: prepared, the last two between barriers)
+  ProjInput<P> in_h, in_xs, in_y;  // the projections' inputs (quantized: prepared, the last two between barriers)
   in_h.prepare(w_in, h, H, b);
   if constexpr (!ProjInput<P>::kPrepared) {  // x read where it is: only the pointers to set
     in_xs.prepare(w_x, xs.data(), I, b);

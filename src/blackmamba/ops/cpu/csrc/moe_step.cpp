@@ -52,7 +52,7 @@ void moe_step(const TH* x_in, const TW* router_w, const TW* router_b, const Fc1&
   std::vector<int64_t> order(b);
   for (int64_t q = 0; q < b; ++q) order[q] = q;
   std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return expert[p] < expert[q]; });
-  ProjInput<P> in1, in2;  // fc1's and fc2's inputs (int4: prepared by the single threads that write them)
+  ProjInput<P> in1, in2;  // fc1's and fc2's inputs (quantized: prepared by the single threads that write them)
   if constexpr (!ProjInput<P>::kPrepared) {  // read where they are
     in1.prepare(fc1(0), xg.data(), H, b);
     in2.prepare(fc2(0), hg.data(), 2 * F, b);
