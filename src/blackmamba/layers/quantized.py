@@ -3,7 +3,7 @@ scale per output row, or int4 with a scale per group of inputs), for inference.
 
 Its ``weight`` is a ``QuantizedWeight`` (not a tensor) built on the module's two buffers, ``weight_q`` and
 ``weight_scales`` (the names its checkpoint tensors take); ``forward`` is op ``linear`` on it, whose ``cpu``
-backend reads the quantized bytes directly (the weights dequantized in registers). The layers that take linear
+backend reads the quantized bytes directly (the weights never dequantized in memory). The layers that take linear
 operands (``ops.linear.operand``) hand the ``QuantizedWeight`` itself to their ops, as they hand a plain
 ``nn.Linear``'s weight tensor.
 """

@@ -3,10 +3,10 @@
 Decoding a token reads every active weight once, so its speed is the memory bandwidth; these kernels
 (csrc/mamba_step.cpp, moe_step.cpp, gemv.cpp, qgemv.cpp, norm.cpp) read each weight matrix once, prefetching the
 next rows, for up to ``MAX_ROWS`` sequences, with bfloat16 weights read directly (half the bytes; int8 / int4 ones,
-``ops/quant.py``, dequantized in registers: a quarter, an eighth; an int4 product's x quantized to int8 per group,
-as the op defines it). Each row's dot products
-are summed in the same order whatever the number of rows, so a row's result does not depend on the others in
-its batch (what a server's batch invariance rests on). Each wrapper checks its
+``ops/quant.py``, read as stored: a quarter, an eighth; each product's x quantized per group as the op defines it,
+int16 for int8 weights and int8 for int4 ones, and multiplied in integers where the CPU has AVX2). Each row's dot
+products are summed in the same order whatever the number of rows, so a row's result does not depend on the
+others in its batch (what a server's batch invariance rests on). Each wrapper checks its
 inputs and hands what its kernel does not take to the op's reference: more rows, other dtypes, a gradient to
 compute, a projection that is not a plain weight (a LoRA wrapper). The checks are a few attribute reads: at
 batch 1 the Python around the kernels is a measurable part of a token.
@@ -201,10 +201,10 @@ def linear_cpu(x, weight, bias=None):
 
 
 def _quantized_linear_cpu(x, weight, bias):
-    """int8 / int4 weights (ops/quant.py) times a few float32 or bfloat16 rows (int4: quantized per group),
-    dequantized in registers and summed in float32 (csrc/qgemv.cpp); the reference (dequantize, then
-    ``F.linear``) otherwise: more rows (a prefill dequantizes once a call), a gradient to compute, tensors
-    elsewhere than the CPU."""
+    """int8 / int4 weights (ops/quant.py) times a few float32 or bfloat16 rows (quantized per group as the product
+    defines), read as stored and summed exactly in integers or in float32 (csrc/qgemv.cpp); the reference
+    (dequantize, then ``F.linear``) otherwise: more rows (a prefill dequantizes once a call), a gradient to
+    compute, tensors elsewhere than the CPU."""
     i, o = weight.in_features, weight.q.shape[0]
     rows = x.numel() // i if x.shape[-1] == i else 0
     q, scales = weight.q, weight.scales

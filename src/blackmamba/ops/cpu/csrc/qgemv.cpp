@@ -1,8 +1,9 @@
 // y = x W^T (+ bias) for a few rows of x with W stored quantized (ops/quant.py: int8 with a float32 scale a row,
 // or int4 two a byte with a float16 scale a group): the decode-time linear layer, reading W once, a quarter or an
-// eighth of float32's bytes. The values are dequantized in registers (dot.h's Int8Rows / Int4Rows views; int4
-// times x quantized to int8 per group, as integer multiply-adds on AVX2) and summed in float32; x (r, i) and
-// y (r, o) float32. Parallel over blocks of output rows.
+// eighth of float32's bytes. The values are read as stored (dot.h's Int8Rows / Int4Rows views) and multiplied by
+// x quantized per group as the product defines it (int8 weights: x as int16; int4: x as int8), as exact integer
+// multiply-adds on AVX2 (each group's sum then scaled in float32), in float32 elsewhere; x (r, i) and y (r, o)
+// float32. Parallel over blocks of output rows.
 #include "dot.h"
 
 #include <algorithm>
