@@ -185,6 +185,17 @@ inline void quantize_groups(const float* x, int64_t len, int64_t group, TQ* xq, 
 #define BM_INT8_INT16_X 0
 #endif
 
+#if BM_INT8_INT16_X || BM_INT4_INT8_X
+// v's lanes summed in lane order: one order for every row whatever the batch (batch invariance)
+inline float sum_lanes(__m256 v) {
+  alignas(32) float l[8];
+  _mm256_store_ps(l, v);
+  float s = 0;
+  for (int j = 0; j < 8; ++j) s += l[j];
+  return s;
+}
+#endif
+
 // int8, one float32 scale a row, times x quantized to int16 per kInt8XGroup elements (quantize_groups):
 //   y[q, row] = scale[row] * sum over the groups g of d[q, g] * sum_{k in g} q[row, k] xq[q, k].
 // Two ways, one result (up to float32 rounding):
@@ -365,13 +376,7 @@ inline void dot_block_int16_x(const Int8Rows& w, const float* xp, int64_t xs, in
     }
   }
   for (int q = 0; q < NX; ++q)
-    for (int g = 0; g < G; ++g) {
-      alignas(32) float l[8];
-      _mm256_store_ps(l, acc[q][g]);
-      float s = 0;
-      for (int j = 0; j < 8; ++j) s += l[j];
-      y[q * ystride + row + g] = s * w.scales[row + g];
-    }
+    for (int g = 0; g < G; ++g) y[q * ystride + row + g] = sum_lanes(acc[q][g]) * w.scales[row + g];
 }
 #endif
 
@@ -544,13 +549,7 @@ inline void dot_block_int8_x(const Int4Rows& w, const float* xp, int64_t xs, int
     }
   }
   for (int q = 0; q < NX; ++q)
-    for (int g = 0; g < G; ++g) {
-      alignas(32) float l[8];
-      _mm256_store_ps(l, acc[q][g]);
-      float s = 0;
-      for (int j = 0; j < 8; ++j) s += l[j];
-      y[q * ystride + row + g] = s;
-    }
+    for (int g = 0; g < G; ++g) y[q * ystride + row + g] = sum_lanes(acc[q][g]);
 }
 #endif
 
