@@ -189,31 +189,30 @@ def test_linear_reference_is_f_linear_on_the_dequantized_weight(mode):
 
 
 @settings(max_examples=60, deadline=None)
-@given(i=st.integers(1, 200), group=st.sampled_from([2, 6, 32, 34, 64]), rows=st.integers(1, 4),
-       zero_group=st.booleans(), seed=st.integers(0, 2**16))
-def test_quantize_activation_is_per_group_int8(i, group, rows, zero_group, seed):
-    """Per group of the weight's inputs: values on the grid d · {-127..127} with d = max|x| / 127 (0 for an
-    all-zero group), each the nearest grid point to x (within d / 2; the group's max exactly), a fixed point,
-    and the shape, dtype and gradient (straight through) kept."""
+@given(i=st.integers(1, 200), group=st.sampled_from([2, 6, 32, 34, 64, 128]), rows=st.integers(1, 4),
+       levels=st.sampled_from([127, 32767]), zero_group=st.booleans(), seed=st.integers(0, 2**16))
+def test_quantize_activation_is_on_a_per_group_grid(i, group, rows, levels, zero_group, seed):
+    """Per group of inputs: values on the grid d · {-L..L} with d = max|x| / L (0 for an all-zero group; L 127
+    for int4 products, 32767 for int8 ones), each the nearest grid point to x (within d / 2; the group's max
+    exactly), a fixed point, and the shape, dtype and gradient (straight through) kept."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, i, generator=g) * torch.exp(3 * torch.randn(rows, 1, generator=g))
     if zero_group:
         x[:, :group] = 0
-    xq = quantize_activation(x, group)
+    xq = quantize_activation(x, group, levels)
     assert xq.shape == x.shape and xq.dtype == x.dtype
-    for k0 in range(0, i, group):
+    slack = levels * 2.0 ** -22  # float32's rounding of d, of x / d (a tie's other side) and of q · d, in d's:
+    for k0 in range(0, i, group):  # each within 2^-24 of |q| d <= L d (a draw went just over 1e-5 d / 2)
         xs, qs = x[:, k0:k0 + group].double(), xq[:, k0:k0 + group].double()
-        d = xs.abs().amax(dim=1, keepdim=True) / 127
+        d = xs.abs().amax(dim=1, keepdim=True) / levels
         n = qs / torch.where(d > 0, d, 1)
-        assert (n - n.round()).abs().max() < 1e-4 and n.abs().max() <= 127 + 1e-4
-        # d / 2, plus float32's rounding of d, of x / d (which may take a tie's other side) and of q · d: each
-        # within 2^-24 of |q| · d <= 127 d, so 1e-4 of d / 2 bounds them (a draw went just over 1e-5)
-        assert ((qs - xs).abs() <= d / 2 * (1 + 1e-4) + 1e-30).all()
+        assert (n - n.round()).abs().max() < slack and n.abs().max() <= levels + slack
+        assert ((qs - xs).abs() <= d * (0.5 + slack) + 1e-30).all()
         top = xs.abs().argmax(dim=1, keepdim=True)
         torch.testing.assert_close(qs.gather(1, top), xs.gather(1, top), rtol=1e-6, atol=0)
-    torch.testing.assert_close(quantize_activation(xq, group), xq, rtol=1e-6, atol=0)  # a fixed point
+    torch.testing.assert_close(quantize_activation(xq, group, levels), xq, rtol=1e-6, atol=0)  # a fixed point
     xb = x.to(torch.bfloat16)
-    assert quantize_activation(xb, group).dtype == torch.bfloat16
+    assert quantize_activation(xb, group, levels).dtype == torch.bfloat16
     xg = x.clone().requires_grad_()
-    quantize_activation(xg, group).mul(torch.arange(i)).sum().backward()
+    quantize_activation(xg, group, levels).mul(torch.arange(i)).sum().backward()
     assert torch.equal(xg.grad, torch.arange(i, dtype=torch.float32).expand(rows, i))
