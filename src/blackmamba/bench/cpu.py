@@ -313,13 +313,16 @@ def _accuracy(fp32: BlackMambaLM, bf16: BlackMambaLM, ids: torch.Tensor) -> dict
     return {"top1_agreement": agree / n, "mean_kl_nats": kl / n, "max_abs_logit_error_over_std": err}
 
 
-def _decode_tokens(model: BlackMambaLM, prompt: torch.Tensor, tokens: int) -> Callable[[], None]:
+def _decode_tokens(model: BlackMambaLM, prompt: torch.Tensor, tokens: int,
+                   bind_once: bool = True) -> Callable[[], None]:
     """``fn()`` greedily decodes ``tokens`` more tokens, one step at a time as ``generate`` does (its
     ``Stepper``, then argmax), continuing the same sequence from call to call: the per-token cost does not
-    depend on the context (measured below), so every call costs the same."""
+    depend on the context (measured below), so every call costs the same. ``bind_once=False``: each token
+    through ``model.step`` instead, its weights bound for that one call (what binding once saves)."""
     with torch.no_grad():
-        step = Stepper.for_model(model, prompt.shape[0])
-        last = [model(prompt, state=step.state).logits[:, -1].argmax(-1)]
+        stepper = Stepper.for_model(model, prompt.shape[0])
+        last = [model(prompt, state=stepper.state).logits[:, -1].argmax(-1)]
+    step = stepper if bind_once else (lambda tok: model.step(tok, stepper.state))
 
     def run():
         with torch.no_grad():

@@ -18,6 +18,7 @@ import ctypes
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import registry
 from ..linear import linear_reference
@@ -56,10 +57,12 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _held(*tensors) -> tuple:
-    """Aliases of the tensors whose addresses a binding takes (None kept): they share the memory and keep it
-    alive, so that a weight replaced under its Parameter (``module.to``) leaves a binding computing with the old
-    values, not reading freed memory. (What no alias can hold: ``share_memory_()`` moving a storage in place.)"""
-    return tuple(None if t is None else t.detach() for t in tensors)
+    """What a binding keeps of the tensors whose addresses it takes, so that their memory stays alive: a
+    Parameter's alias (``module.to`` replaces the memory under a Parameter and frees the old: the alias keeps it,
+    and the binding computes with the old values rather than reading freed memory); any other tensor itself
+    (a replaced buffer or a view keeps its own memory). What nothing can hold: ``share_memory_()`` moving a
+    storage in place."""
+    return tuple(t.detach() if isinstance(t, nn.Parameter) else t for t in tensors)
 
 
 def bind_mamba_step_cpu(in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_proj):
