@@ -83,11 +83,15 @@ registry.register("moe_experts", "reference", moe_experts_reference)
 registry.register("moe_step", "reference", moe_step_reference)
 
 
-def _check(x, fc1, fc2, activation) -> None:
+def _check_experts(fc1, fc2, activation) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
     if len(fc1) != len(fc2) or not fc1:
         raise ValueError(f"moe: {len(fc1)} fc1 and {len(fc2)} fc2 operands: need one of each per expert")
+
+
+def _check(x, fc1, fc2, activation) -> None:
+    _check_experts(fc1, fc2, activation)
     if x.dim() != 2:
         raise ValueError(f"moe: x must be (tokens, hidden), got {tuple(x.shape)}")
 
@@ -114,10 +118,7 @@ def bind_moe_step(router_w, router_b, fc1, fc2, activation: str = "silu", backen
     ``moe_step(h, router_w, router_b, fc1, fc2, activation)``, valid while the weights are neither replaced nor
     moved; the backend's own ``bind`` where it has one (ops/registry.py: Binding)."""
     fc1, fc2 = list(fc1), list(fc2)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
-    if len(fc1) != len(fc2) or not fc1:
-        raise ValueError(f"moe: {len(fc1)} fc1 and {len(fc2)} fc2 operands: need one of each per expert")
+    _check_experts(fc1, fc2, activation)
     # (a router that is a module, not a weight, is no kernel's: the op as it is)
     name, bind = registry.binder("moe_step", router_w, backend) if torch.is_tensor(router_w) else (backend, None)
     if bind is not None:
