@@ -573,10 +573,10 @@ inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t ro
   dot_block<NX, G, 0>(w, xp, xs, row, y, ystride);
 }
 
-// weight rows a block: int4 at batch 1 takes 8 (its sums are bound by the latency of the multiply-adds: more rows,
-// more independent chains), int8 and a batch of 2 take 4, larger batches 2 (registers)
+// weight rows a block: 4 at a batch of 1 or 2, 2 beyond (registers). Eight int4 rows at batch 1 (more independent
+// chains) need 8 scale and 8 accumulator registers of AVX2's 16, and spill: 7-15 % slower than four (docs/kernels.md)
 template <int NX, typename View>
-constexpr int kQuantBlock = NX == 1 && std::is_same_v<View, Int4Rows> ? 8 : NX <= 2 ? 4 : 2;
+constexpr int kQuantBlock = NX <= 2 ? 4 : 2;
 
 // rows [r0, r1) of a quantized view, for nx rows of (prepared, if View::kPrepared) x, xs floats apart.
 template <int NX, typename View>
