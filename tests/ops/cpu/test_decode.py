@@ -18,9 +18,9 @@ from blackmamba.ops.linear import operand_with_bias
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the cpu backend is unavailable")
 
 
-def mixer(hidden, state=16, dtype=torch.float32, seed=0):
+def mixer(hidden, state=16, dtype=torch.float32, seed=0, conv_width=4):
     torch.manual_seed(seed)
-    m = MambaMixer(hidden, state).eval()
+    m = MambaMixer(hidden, state, conv_width).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -34,13 +34,14 @@ def step_args(m, h, s):
             m.dt_proj.bias, -torch.exp(m.A_log.float()), m.D, m.out_proj.weight, s.conv, s.ssm)
 
 
-@pytest.mark.parametrize("dtype,b,hidden,state,h_dtype,state_dtype", [
-    (torch.float32, 1, 48, 16, None, None), (torch.float32, 3, 40, 5, None, None),
-    (torch.bfloat16, 2, 48, 16, None, None), (torch.bfloat16, 1, 48, 16, torch.float32, None),
-    (torch.bfloat16, 8, 48, 16, None, torch.float32)])  # a float32 conv state with bfloat16 weights
-def test_fused_mamba_step_matches_reference(dtype, b, hidden, state, h_dtype, state_dtype):
+@pytest.mark.parametrize("dtype,b,hidden,state,h_dtype,state_dtype,width", [
+    (torch.float32, 1, 48, 16, None, None, 4), (torch.float32, 3, 40, 5, None, None, 4),
+    (torch.bfloat16, 2, 48, 16, None, None, 4), (torch.bfloat16, 1, 48, 16, torch.float32, None, 4),
+    (torch.bfloat16, 8, 48, 16, None, torch.float32, 4),  # a float32 conv state with bfloat16 weights
+    (torch.float32, 2, 40, 16, None, None, 3), (torch.float32, 1, 48, 16, None, None, 6)])  # conv widths besides 4
+def test_fused_mamba_step_matches_reference(dtype, b, hidden, state, h_dtype, state_dtype, width):
     h_dtype = h_dtype or dtype  # the activations' dtype may differ from the weights'
-    m = mixer(hidden, state, dtype)
+    m = mixer(hidden, state, dtype, conv_width=width)
     s_cpu, s_ref = m.new_state(b, state_dtype or dtype, "cpu"), m.new_state(b, state_dtype or dtype, "cpu")
     tol = dict(rtol=1e-5, atol=1e-5) if torch.bfloat16 not in (dtype, h_dtype) else dict(rtol=3e-2, atol=3e-2)
     with torch.no_grad():

@@ -44,6 +44,33 @@ inline vfloat vsoftplus(vfloat v) {
   return (v > zero ? v : zero) + 2.0f * t * p;
 }
 
+// one channel's causal conv step: acc = bias + sum_k w[k] s[k] (k < K-1, in order) + w[K-1] xin; the state (K-1
+// values) shifted by one and xin appended. KC: the width known at compile time, or 0 (K given)
+template <int KC, typename TW, typename TS>
+inline float conv_channel(const TW* w, float bias, TS* s, float xin, int64_t K = KC) {
+  if constexpr (KC > 0) K = KC;
+  float acc = bias;
+  for (int64_t k = 0; k < K - 1; ++k) acc += to_float(w[k]) * to_float(s[k]);
+  acc += to_float(w[K - 1]) * xin;
+  for (int64_t k = 0; k + 1 < K - 1; ++k) s[k] = s[k + 1];
+  if (K > 1) s[K - 2] = from_float<TS>(xin);
+  return acc;
+}
+
+// out[i] = hsum(v[i]) for i < n (dot.h's order: lane 0 first), for a block of channels at once: their sums
+// interleaved rather than each a chain of dependent additions
+inline void hsums(const vfloat* v, int n, float* out) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  constexpr int W = lanes<float>;
+  float t[W][W], s[W] = {};
+  for (int i = 0; i < W; ++i) vstore_as<float>(t[i], i < n ? v[i] : vfloat{}, W);
+  for (int lane = 0; lane < W; ++lane)
+    for (int i = 0; i < W; ++i) s[i] += t[i][lane];
+  std::copy(s, s + n, out);
+}
+
 constexpr int64_t kRowBlock = 16;  // weight rows per OpenMP work item in the projections
 
 struct StepShape {
@@ -86,14 +113,10 @@ void mamba_step(const StepShape& sh, const TH* h_in, const P& w_in, const TW* co
     proj_rows(w_in, in_h, b, I + c0, I + c1, xz.data(), 2 * I);
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t q = 0; q < b; ++q) {
+        const float bias = conv_b ? val(conv_b, c) : 0.0f, xin = xz[q * 2 * I + c];
         TS* s = conv_state + (q * I + c) * (K - 1);
-        const float xin = xz[q * 2 * I + c];
-        float acc = conv_b ? val(conv_b, c) : 0.0f;
-        for (int64_t k = 0; k < K - 1; ++k) acc += val(conv_w, c * K + k) * to_float(s[k]);
-        acc += val(conv_w, c * K + K - 1) * xin;
-        for (int64_t k = 0; k + 1 < K - 1; ++k) s[k] = s[k + 1];
-        if (K > 1) s[K - 2] = from_float<TS>(xin);
-        xs[q * I + c] = acc;
+        xs[q * I + c] = K == 4 ? conv_channel<4>(conv_w + c * K, bias, s, xin)  // Mamba's width, unrolled
+                               : conv_channel<0>(conv_w + c * K, bias, s, xin, K);
       }
     }
     for (int64_t q = 0; q < b; ++q)  // silu, a vector of channels at a time
@@ -123,19 +146,26 @@ void mamba_step(const StepShape& sh, const TH* h_in, const P& w_in, const TW* co
         vstore_as<float>(gate, zv * vsigmoid(zv), cnt);
         const float* Bq = dbc.data() + q * Pr + R;
         const float* Cq = Bq + N;
+        vfloat acc[W];
         for (int i = 0; i < cnt; ++i) {
           const int64_t c = c0 + i;
           const float xv = xs[q * I + c];
           float* s = ssm + (q * I + c) * N;
-          vfloat acc = {};
+          acc[i] = vfloat{};
           for (int64_t k = 0; k < N; k += W) {
             const int kc = static_cast<int>(std::min<int64_t>(W, N - k));
             const vfloat a = vexp(dl[i] * vload<float>(A + c * N + k, kc));
             const vfloat sv = a * vload<float>(s + k, kc) + (dl[i] * xv) * vload<float>(Bq + k, kc);
             vstore_as<float>(s + k, sv, kc);
-            acc += sv * vload<float>(Cq + k, kc);
+            acc[i] += sv * vload<float>(Cq + k, kc);
           }
-          y[q * I + c] = (hsum(acc) + (D ? D[c] * xv : 0.0f)) * gate[i];
+        }
+        float sums[W];
+        hsums(acc, cnt, sums);
+        for (int i = 0; i < cnt; ++i) {
+          const int64_t c = c0 + i;
+          const float xv = xs[q * I + c];
+          y[q * I + c] = (sums[i] + (D ? D[c] * xv : 0.0f)) * gate[i];
         }
       }
     }
