@@ -175,12 +175,12 @@ def _activations(cfg: BlackMambaConfig, b: int, seq: int, dtype: str, checkpoint
     """(saved activation bytes, the sizes of each working set but AdamW's) of one rank's b windows (``train.memory``);
     under bf16 the copies of ``weights`` elements replace its copies of the whole model's."""
     from ..train.config import RunConfig
-    from ..train.memory import _tensors
+    from ..train.memory import tensor_sizes
 
     rc = RunConfig(preset="tiny", model=cfg.to_dict())  # every field overridden: exactly ``cfg``
     rc.data.seq_len, rc.optim.batch_size = seq, b
     rc.train.precision, rc.train.activation_checkpointing, rc.train.threads = dtype, checkpointing, 1
-    saved_by_kind, phases, params = _tensors(rc, None, device)
+    saved_by_kind, phases, params = tensor_sizes(rc, None, device)
     saved = sum(sum(v) for k, v in saved_by_kind.items() if k != "bf16 copies")
     if dtype == "bf16":
         saved += saved // 2 + 2 * weights

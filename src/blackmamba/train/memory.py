@@ -176,9 +176,10 @@ def _device_type(run_config, device) -> str:
     return want
 
 
-def _tensors(run_config, vocab_size, device) -> tuple[dict[str, list[int]], list[list[int]], list[int]]:
-    """Tensor sizes in bytes: (saved for the backward, by layer kind; the working sets that come on top of
-    them one at a time: each layer's backward, the head's forward and backward, AdamW's step; parameters)."""
+def tensor_sizes(run_config, vocab_size, device) -> tuple[dict[str, list[int]], list[list[int]], list[int]]:
+    """Tensor sizes in bytes of one training step: (saved for the backward, by layer kind; the working sets that
+    come on top of them one at a time: each layer's backward, the head's forward and backward, AdamW's step;
+    parameters). What ``estimate_training_bytes`` sums, and ``parallel.plan`` reads per rank."""
     c = run_config.model_config(vocab_size)
     b, L = run_config.optim.batch_size, run_config.data.seq_len
     t = run_config.train
@@ -229,7 +230,7 @@ def estimate_training_bytes(run_config, vocab_size: int | None = None, device=No
     """Peak bytes of one training step of ``run_config`` (a ``RunConfig``) on ``device`` (default: what
     ``train.device`` resolves to), with the tokenizer's ``vocab_size`` (None: the preset's). Raises
     ``ConfigError`` for an invalid model configuration. See the module docstring for what is counted."""
-    saved_by_kind, phases, params = _tensors(run_config, vocab_size, device)
+    saved_by_kind, phases, params = tensor_sizes(run_config, vocab_size, device)
     saved = [n for sizes in saved_by_kind.values() for n in sizes]
     P = sum(params)
     return MemoryEstimate(parameters=P, gradients=P, optimizer=2 * P, activations=sum(saved),
