@@ -100,10 +100,12 @@ inline void dot_rows(const TW* w, const float* x, int64_t xstride, int64_t len, 
 // is *prepared* once per matrix (prepare_x: xlen() floats a row of x, quantized as the product defines) and dot_rows
 // reads the prepared rows. Every row is summed in the same order whatever the number of rows (nx) or the rows
 // computed with it. Quantized rows are short (768 bytes for int8 at i = 768, 384 for int4), so the prefetch runs
-// kQuantAheadRows rows ahead rather than one block of rows, into L2 (prefetcht1): on the 2-core Zen 4 VM this was
-// measured on, 64 rows into L2 beat 16 or 32 rows into L1 (with or without a further L2 prefetch), 128 to 512 rows.
+// kQuantAheadRows rows ahead rather than one block of rows, into L2 (prefetcht1): on a 2-core Zen 4 VM 64 rows into
+// L2 beat 16 or 32 rows into L1 (with or without a further L2 prefetch), 128 to 512 rows; on a 2-core Zen 3 VM 8
+// or 16 rows into L2 beat 64 by 5-10 % (int8 and int4, 50280 x 768 on 2 threads, 3072 x 768 on one), 256 lost
+// 25 % (int8), none at all 50 %; 16 rows into L2 was not tried on Zen 4.
 
-constexpr int kQuantAheadRows = 64;
+constexpr int kQuantAheadRows = 16;
 
 // acc + a * b
 inline vfloat madd(vfloat acc, vfloat a, vfloat b) {
