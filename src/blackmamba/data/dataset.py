@@ -191,7 +191,9 @@ class WindowSampler:
         if self._epoch != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._offset = int(torch.randint(0, self.seq_len, (1,), generator=g))
-            self._perm = torch.randperm(self.per_epoch, generator=g)
+            # int32 (the same permutation as int64's, half the memory: 4 bytes a window) where it can hold it
+            small = self.per_epoch < 2**31
+            self._perm = torch.randperm(self.per_epoch, generator=g, dtype=torch.int32 if small else torch.int64)
             self._epoch = epoch
 
     def start(self, k: int) -> int:
