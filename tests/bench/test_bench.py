@@ -21,6 +21,7 @@ def test_quick_cpu_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["quick"] is True
     assert result["machine"]["copy_bandwidth_bytes_per_s"] > 1e8 and result["machine"]["torch_exp_per_s"] > 1e6
+    assert result["machine"]["cpu"] and f"machine: {result['machine']['cpu']}, " in text  # what the numbers ran on
     names = " ".join(r["bench"] for r in result["rows"])
     for part in ("scan fwd ", "scan fwd+bwd", "mixer", "prefill", "decode B=1 float32", "decode B=1 bfloat16",
                  "decode latency", "MoE"):
@@ -107,3 +108,16 @@ def test_gpu_bench_without_a_gpu_is_a_clear_error(capsys):
     with pytest.raises(ValueError, match="no CUDA device"):
         run_gpu_bench(quick=True)
     assert main(["bench", "--device", "cuda"]) == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_cpu_description_names_the_model_and_its_vector_extensions(tmp_path, monkeypatch):
+    import blackmamba.bench.cpu as cpu_bench
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+                    "model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma avx512f\n\n"
+                    "processor\t: 1\nmodel name\t: Other\n")
+    monkeypatch.setattr(cpu_bench, "Path", lambda _: info)
+    assert cpu_bench.cpu_description() == "AMD EPYC, family 25 model 1 (avx512f, avx2)"
+    monkeypatch.setattr(cpu_bench, "Path", lambda _: tmp_path / "absent")  # not Linux: the platform's names
+    assert cpu_bench.cpu_description()

@@ -1,7 +1,8 @@
 """CPU benchmarks (``blackmamba bench``): every number is a ratio to something measured in the same run.
 
-Machine limits, printed first: copy bandwidth (a 256 MiB copy; bytes read + written per second) and
-``torch.exp`` throughput (an L2-resident buffer, all threads). A ratio against a machine limit is not
+Machine limits, printed first: the CPU (model and vector extensions: the ratios depend on it), copy bandwidth
+(a 256 MiB copy; bytes read + written per second) and ``torch.exp`` throughput (an L2-resident buffer, all
+threads). A ratio against a machine limit is not
 taken between two separately measured bests: the workload and the limit's own workload run
 alternately, 15 pairs (7 for decode), and the median of the per-pair ratios is reported with their
 quartiles (``paired_ratios``), because on a shared machine both drift by tens of percent within
@@ -35,8 +36,10 @@ are skipped otherwise. ``quick`` runs every section at toy sizes (a smoke test; 
 from __future__ import annotations
 
 import copy
+import platform
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -90,10 +93,28 @@ def copy_bandwidth(quick: bool) -> float:
     return 2 * src.numel() * 4 / best_time(lambda: dst.copy_(src), reps=5)
 
 
+def cpu_description() -> str:
+    """The CPU the numbers come from — they depend on its model, not only on its cores (docs/quantization.md):
+    its name, x86 family and model, and which of the vector extensions the kernels could use it has."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first processor's
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        name += f", family {info['cpu family']} model {info['model']}"
+    flags = set(info.get("flags", "").split())
+    ext = [f for f in ("avx512f", "avx512_vnni", "avx_vnni", "avx2") if f in flags]
+    return f"{name} ({', '.join(ext)})" if ext else name
+
+
 def machine_limits(quick: bool) -> dict:
     exps, count = exp_workload(quick)
-    return {"copy_bandwidth_bytes_per_s": copy_bandwidth(quick), "torch_exp_per_s": count / best_time(exps, reps=5),
-            "threads": torch.get_num_threads()}
+    return {"cpu": cpu_description(), "copy_bandwidth_bytes_per_s": copy_bandwidth(quick),
+            "torch_exp_per_s": count / best_time(exps, reps=5), "threads": torch.get_num_threads()}
 
 
 def exp_workload(quick: bool) -> tuple[Callable[[], None], int]:
@@ -446,8 +467,9 @@ def run_cpu_bench(quick: bool = False, log: Callable[[str], None] = print) -> di
     if not cpu_ops.available():
         log("note: the fused CPU kernels are unavailable (no compiler?): measuring the reference ops")
     limits = machine_limits(quick)
-    log(f"machine: {limits['threads']} threads, copy bandwidth {limits['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s"
-        f" (read + write), torch.exp {limits['torch_exp_per_s'] / 1e9:.2f} G/s")
+    log(f"machine: {limits['cpu']}, {limits['threads']} threads, copy bandwidth "
+        f"{limits['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (read + write), torch.exp "
+        f"{limits['torch_exp_per_s'] / 1e9:.2f} G/s")
     rows: list = []
     for section, fn in (("scan", lambda: bench_scan(sz, quick)),
                         ("scan fwd+bwd", lambda: bench_scan_grad(sz, quick)),

@@ -209,7 +209,8 @@ def run_quant_bench(model: str | None = None, quick: bool = False, log: Callable
     from .cpu import machine_limits
 
     limits = machine_limits(quick)
-    log(f"machine: {limits['threads']} threads, copy bandwidth {limits['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    log(f"machine: {limits['cpu']}, {limits['threads']} threads, copy bandwidth "
+        f"{limits['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
     log("... decode: bfloat16, int8, int4")
     rows = bench_decode(quick)
     result = {"device": "cpu", "quick": quick, "torch": torch.__version__, "machine": limits}
