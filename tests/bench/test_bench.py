@@ -112,12 +112,15 @@ def test_gpu_bench_without_a_gpu_is_a_clear_error(capsys):
 
 def test_cpu_description_names_the_model_and_its_vector_extensions(tmp_path, monkeypatch):
     import blackmamba.bench.cpu as cpu_bench
+    from blackmamba.ops.cpu.build import cpu_info
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
                     "model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma avx512f\n\n"
-                    "processor\t: 1\nmodel name\t: Other\n")
-    monkeypatch.setattr(cpu_bench, "Path", lambda _: info)
+                    "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+    assert cpu_info(info)["model name"] == "AMD EPYC"  # the first processor's block
+    assert cpu_info(tmp_path / "absent") == {}
+    monkeypatch.setattr(cpu_bench, "cpu_info", lambda: cpu_info(info))
     assert cpu_bench.cpu_description() == "AMD EPYC, family 25 model 1 (avx512f, avx2)"
-    monkeypatch.setattr(cpu_bench, "Path", lambda _: tmp_path / "absent")  # not Linux: the platform's names
+    monkeypatch.setattr(cpu_bench, "cpu_info", lambda: {})  # not Linux: the platform's names
     assert cpu_bench.cpu_description()

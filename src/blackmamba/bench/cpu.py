@@ -39,7 +39,6 @@ import copy
 import platform
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -50,6 +49,7 @@ from ..generation.stepper import Stepper
 from ..layers import GatedMLP, MambaMixer, MoE
 from ..model import BlackMambaLM
 from ..ops import cpu as cpu_ops
+from ..ops.cpu.build import cpu_info
 from ..ops.scan import selective_scan
 from .harness import best_time, decode_bytes_per_token, optional, paired_ratio, paired_ratios, row
 
@@ -96,13 +96,7 @@ def copy_bandwidth(quick: bool) -> float:
 def cpu_description() -> str:
     """The CPU the numbers come from — they depend on its model, not only on its cores (docs/quantization.md):
     its name, x86 family and model, and which of the vector extensions the kernels could use it has."""
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())  # the first processor's
-    except OSError:
-        pass
+    info = cpu_info()
     name = info.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in info and "model" in info:
         name += f", family {info['cpu family']} model {info['model']}"

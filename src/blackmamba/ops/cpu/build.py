@@ -68,14 +68,27 @@ def _is_clang(compiler: str) -> bool:
     return "clang" in out.lower()
 
 
+def cpu_info(path: str | Path = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields of Linux's /proc/cpuinfo ("model name", "flags", ...); {} elsewhere."""
+    info: dict[str, str] = {}
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block ends at a blank line
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
 def _cpu_signature() -> str:
     """The host's instruction-set flags: a -march=native binary is only reused on a match."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
+    info = cpu_info()
+    flags = info.get("flags") or info.get("Features")  # x86, ARM
+    if flags:
+        return f"flags: {flags}"
     return f"{platform.machine()} {platform.processor()} {torch.backends.cpu.get_cpu_capability()}"
 
 

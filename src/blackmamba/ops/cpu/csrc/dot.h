@@ -35,6 +35,20 @@ inline float hsum(vfloat v) {
   return s;
 }
 
+// out[i] = hsum(v[i]) for i < n <= lanes: the same sums in the same order, a block of vectors at once (their
+// additions interleaved rather than each a chain of dependent ones)
+inline void hsums(const vfloat* v, int n, float* out) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  constexpr int W = lanes<float>;
+  float t[W][W], s[W] = {};
+  for (int i = 0; i < W; ++i) vstore_as<float>(t[i], i < n ? v[i] : vfloat{}, W);
+  for (int lane = 0; lane < W; ++lane)
+    for (int i = 0; i < W; ++i) s[i] += t[i][lane];
+  std::copy(s, s + n, out);
+}
+
 // rows [r0, r1) of w (o x len); x row q at x + q * xstride; y[q * ystride + row]. NX is a template
 // parameter so that the accumulators live in registers.
 template <int NX, typename TW>
@@ -102,8 +116,8 @@ inline void dot_rows(const TW* w, const float* x, int64_t xstride, int64_t len, 
 // computed with it. Quantized rows are short (768 bytes for int8 at i = 768, 384 for int4), so the prefetch runs
 // kQuantAheadRows rows ahead rather than one block of rows, into L2 (prefetcht1): on a 2-core Zen 4 VM 64 rows into
 // L2 beat 16 or 32 rows into L1 (with or without a further L2 prefetch), 128 to 512 rows; on a 2-core Zen 3 VM 8
-// or 16 rows into L2 beat 64 by 5-10 % (int8 and int4, 50280 x 768 on 2 threads, 3072 x 768 on one), 256 lost
-// 25 % (int8), none at all 50 %; 16 rows into L2 was not tried on Zen 4.
+// and 16 rows into L2 beat 64 by 5-11 % and 1-6 % (int8 and int4, 50280 x 768 on 2 threads, 3072 x 768 on one),
+// 256 lost 25 % (int8), none at all 50 %; 16 rows into L2 was not tried on Zen 4.
 
 constexpr int kQuantAheadRows = 16;
 
@@ -576,7 +590,7 @@ inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t ro
 }
 
 // weight rows a block: 4 at a batch of 1 or 2, 2 beyond (registers). Eight int4 rows at batch 1 (more independent
-// chains) need 8 scale and 8 accumulator registers of AVX2's 16, and spill: 7-15 % slower than four (docs/kernels.md)
+// chains) need 8 scale and 8 accumulator registers of AVX2's 16, and spill: 3-15 % slower than four (docs/kernels.md)
 template <int NX, typename View>
 constexpr int kQuantBlock = NX <= 2 ? 4 : 2;
 

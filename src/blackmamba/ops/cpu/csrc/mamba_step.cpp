@@ -44,31 +44,17 @@ inline vfloat vsoftplus(vfloat v) {
   return (v > zero ? v : zero) + 2.0f * t * p;
 }
 
-// one channel's causal conv step: acc = bias + sum_k w[k] s[k] (k < K-1, in order) + w[K-1] xin; the state (K-1
-// values) shifted by one and xin appended. KC: the width known at compile time, or 0 (K given)
+// one channel's causal conv step of width K: acc = bias + sum_k w[k] s[k] (k < K-1, in order) + w[K-1] xin; the
+// state (K-1 values) shifted by one and xin appended. KC: K known at compile time (the loops unrolled), or 0
 template <int KC, typename TW, typename TS>
-inline float conv_channel(const TW* w, float bias, TS* s, float xin, int64_t K = KC) {
-  if constexpr (KC > 0) K = KC;
+inline float conv_channel(const TW* w, float bias, TS* s, float xin, int64_t width) {
+  const int64_t K = KC > 0 ? KC : width;
   float acc = bias;
   for (int64_t k = 0; k < K - 1; ++k) acc += to_float(w[k]) * to_float(s[k]);
   acc += to_float(w[K - 1]) * xin;
   for (int64_t k = 0; k + 1 < K - 1; ++k) s[k] = s[k + 1];
   if (K > 1) s[K - 2] = from_float<TS>(xin);
   return acc;
-}
-
-// out[i] = hsum(v[i]) for i < n (dot.h's order: lane 0 first), for a block of channels at once: their sums
-// interleaved rather than each a chain of dependent additions
-inline void hsums(const vfloat* v, int n, float* out) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#endif
-  constexpr int W = lanes<float>;
-  float t[W][W], s[W] = {};
-  for (int i = 0; i < W; ++i) vstore_as<float>(t[i], i < n ? v[i] : vfloat{}, W);
-  for (int lane = 0; lane < W; ++lane)
-    for (int i = 0; i < W; ++i) s[i] += t[i][lane];
-  std::copy(s, s + n, out);
 }
 
 constexpr int64_t kRowBlock = 16;  // weight rows per OpenMP work item in the projections
@@ -115,7 +101,7 @@ void mamba_step(const StepShape& sh, const TH* h_in, const P& w_in, const TW* co
       for (int64_t q = 0; q < b; ++q) {
         const float bias = conv_b ? val(conv_b, c) : 0.0f, xin = xz[q * 2 * I + c];
         TS* s = conv_state + (q * I + c) * (K - 1);
-        xs[q * I + c] = K == 4 ? conv_channel<4>(conv_w + c * K, bias, s, xin)  // Mamba's width, unrolled
+        xs[q * I + c] = K == 4 ? conv_channel<4>(conv_w + c * K, bias, s, xin, K)  // Mamba's width, unrolled
                                : conv_channel<0>(conv_w + c * K, bias, s, xin, K);
       }
     }
