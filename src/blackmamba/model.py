@@ -28,6 +28,7 @@ from .config import BlackMambaConfig
 from .layers import Attention, GatedMLP, MambaMixer, MoE, RMSNorm
 from .ops.linear import linear
 from .ops.norm import bind_add_rmsnorm
+from .ops import replayable
 from .state import State
 
 
@@ -263,16 +264,23 @@ class BlackMambaLM(nn.Module):
         """``step`` with every layer's weights bound: a callable (tokens, state) → logits, valid while no weight
         is replaced, moved or changed — for one generation. Each layer's ops are bound once (ops/registry.py:
         Binding; on CPU the kernels' operands checked and their addresses taken), which at batch 1 on a CPU is a
-        measurable part of a token; a ``Stepper`` and the serve engine bind once and step many times."""
+        measurable part of a token; a ``Stepper`` and the serve engine bind once and step many times. On a CPU the
+        block loop is also ``ops.replayable``: recorded at a state's second step and from the third made in one
+        call (the same kernel calls, bit-identical; docs/kernels.md "Replay")."""
         blocks = [blk.bind_step() for blk in self.decoder.layers]
         embed, head = self.embedding.word_embeddings, self._head
 
-        @torch.no_grad()
-        def step(tokens: torch.Tensor, state: State) -> torch.Tensor:
-            h = embed(tokens)  # (b, H)
+        def run_blocks(h: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor]:
             residual = None
             for blk, st in zip(blocks, state.layers):
                 h, residual = blk(h, residual, st)
+            return h, residual
+
+        run_blocks = replayable(run_blocks)  # on a CPU, from a state's third step on: one C call
+
+        @torch.no_grad()
+        def step(tokens: torch.Tensor, state: State) -> torch.Tensor:
+            h, residual = run_blocks(embed(tokens), state)  # (b, H) each; overwritten by the next replay
             state.seqlen += 1
             return head(h, residual)
 

@@ -4,9 +4,10 @@ a trained model, and the memory of a loaded 1.5B-shaped model.
 - **decode**: batch-1 greedy decoding of a 12 × (Mamba, 8-expert MoE) model, hidden 768, vocab 50280 (random
   weights; the CPU section's BlackMamba-pattern model): int8 and int4 tokens/s against the same model with
   bfloat16 weights, and each against the bandwidth roofline of its own bytes per token (the active weights as
-  stored, the state); int4 decoding with its weights bound once a generation against bound every token
-  (``model.step``: what binding saves, docs/kernels.md); and the LM head's matrix-vector product alone (the
-  kernels without the rest of a step: the scan, the Python between the layers) against the same roofline.
+  stored, the state); int4 decoding as the Stepper makes it (weights bound once a generation, the blocks' kernel
+  calls replayed in one call) against each kernel called from Python, and against the weights bound every token
+  (``model.step``: what replay and binding save, docs/kernels.md); and the LM head's matrix-vector product alone
+  (the kernels without the rest of a step: the scan, the Python between the layers) against the same roofline.
   Each ratio is the median of alternated pairs (``harness.paired_ratio``).
 - **accuracy** (``--model RUN_DIR``, e.g. the main job's ``runs/shakespeare``): on the run's held-out text, the
   quantized models' next-token predictions against the float32 model's — top-1 agreement and mean KL(fp32 ‖
@@ -22,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,11 +44,23 @@ TARGETS = {"int8_vs_bf16": ("min", 1.6), "int4_vs_bf16": ("min", 2.5), "vs_roofl
 MODES = ("int8", "int4")
 
 
-def _decode_run(model, tokens: int, bind_once: bool = True) -> Callable[[], None]:
+def _decode_run(model, tokens: int, bind_once: bool = True, replay: bool = True) -> Callable[[], None]:
+    """``tokens`` more greedy tokens a call, as ``generate`` makes them (``bind_once=False``: through ``model.step``;
+    ``replay=False``: the Stepper bound with ``BLACKMAMBA_CPU_REPLAY=0``, each kernel called from Python)."""
     from .cpu import _decode_tokens
 
     prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    return _decode_tokens(model, prompt, tokens, bind_once)
+    if replay:
+        return _decode_tokens(model, prompt, tokens, bind_once)
+    saved = os.environ.get("BLACKMAMBA_CPU_REPLAY")
+    os.environ["BLACKMAMBA_CPU_REPLAY"] = "0"  # read when the Stepper binds the step
+    try:
+        return _decode_tokens(model, prompt, tokens, bind_once)
+    finally:
+        if saved is None:
+            del os.environ["BLACKMAMBA_CPU_REPLAY"]
+        else:
+            os.environ["BLACKMAMBA_CPU_REPLAY"] = saved
 
 
 def bench_decode(quick: bool) -> list:
@@ -92,10 +106,16 @@ def bench_decode(quick: bool) -> list:
         fraction, spread, rate = vs_roofline(run, m)
         row(rows, name, rate, "tok/s", "bandwidth roofline (its own bytes per token)", fraction,
             TARGETS["vs_roofline"], quick, spread=spread)
-    # binding (docs/kernels.md): int4 decoding with the weights bound once a generation, against bound every token
-    p = paired_ratio(_decode_run(models["int4"], tokens, bind_once=False), _decode_run(models["int4"], tokens), reps)
-    row(rows, f"int4 decode, weights bound once a generation (Stepper), {dims}", tokens / p.best_b, "tok/s",
-        "the same, bound every token (model.step)", p.median, spread=p.quartiles())
+    # binding and replay (docs/kernels.md): int4 decoding as a Stepper makes it (bound once a generation, the
+    # blocks' kernel calls replayed in one call), against each kernel called from Python, and bound every token
+    stepper = _decode_run(models["int4"], tokens)
+    for other, what in ((_decode_run(models["int4"], tokens, replay=False),
+                         "the same, each kernel called from Python (BLACKMAMBA_CPU_REPLAY=0)"),
+                        (_decode_run(models["int4"], tokens, bind_once=False),
+                         "the same, bound every token (model.step)")):
+        p = paired_ratio(other, stepper, reps)
+        row(rows, f"int4 decode, bound once a generation, blocks replayed (Stepper), {dims}", tokens / p.best_b,
+            "tok/s", what, p.median, spread=p.quartiles())
     for mode, m in (("bfloat16", bf16), *models.items()):
         fraction, spread, rate = head_vs_roofline(m)
         row(rows, f"LM head alone ({vocab}x{hidden} matrix-vector), {mode} weights", rate, "GB/s",

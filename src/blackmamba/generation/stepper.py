@@ -10,8 +10,9 @@ On CUDA (Triton installed, no attention layers: their keys grow, so their step h
 captures ``model.step`` once per batch size into a ``torch.cuda.CUDAGraph`` over a preallocated state and token
 buffer, and each step is then: copy the tokens in, replay, read the logits. Replays run exactly the kernels the
 eager ``model.step`` runs, so the output is the same. Elsewhere, with ``BLACKMAMBA_CUDA_GRAPHS=0``, or if the
-capture fails (logged), a step is ``model.step`` itself. The graphs are cached on the model per batch size and
-captured again when a weight is replaced or changed in place.
+capture fails (logged), a step is ``model.step`` itself — which on a CPU replays its block loop's kernel calls,
+recorded at the second step, in one call (``ops.replayable``). The graphs are cached on the model per batch size
+and captured again when a weight is replaced or changed in place.
 
     stepper = Stepper.for_model(model, batch_size)
     state = stepper.reset()                        # zeroed; the prefill fills it: model(ids, state=state)

@@ -35,7 +35,8 @@ log = logging.getLogger("blackmamba")
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("scan_forward.cpp", "scan_backward.cpp", "conv.cpp", "step.cpp", "mamba_step.cpp", "gemv.cpp",
-           "qgemv.cpp", "norm.cpp", "fastexp.cpp", "grouped_mlp.cpp", "moe_step.cpp")
+           "qgemv.cpp", "norm.cpp", "fastexp.cpp", "grouped_mlp.cpp", "moe_step.cpp",
+           "replay.cpp")
 HEADERS = ("simd.h", "dot.h", "scan.h", "act.h")
 # -march: the host's (native) unless BLACKMAMBA_CPU_ARCH names another target, e.g. x86-64-v3 (AVX2, the
 # portable code paths) to test them on an AVX-512 machine or to build for an older CPU
@@ -174,6 +175,9 @@ SIGNATURES = {
     # ..., threads, then the experts' quant code (0 plain, 1 int8, 2 int4), fc1 / fc2 scale-pointer arrays, group
     "bm_moe_step": (_INT, [_INT, _INT, _INT, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _INT,
                            _INT, _P, _P, _I64]),
+    # a recorded run of the calls above (ops/cpu/replay.py): the calls, their count, where the failing index goes
+    "bm_replay_max_args": (_INT, []),
+    "bm_replay": (_INT, [_P, _I64, _P]),
 }
 
 

@@ -9,6 +9,7 @@ import torch
 from .. import registry
 from ..conv import causal_conv1d_reference, causal_conv1d_step_reference
 from .build import DTYPE_CODE, available, grad_needed, library, ptr, threads_for
+from .replay import launch
 
 
 def conv_forward(x, weight, bias, initial_state):
@@ -17,8 +18,8 @@ def conv_forward(x, weight, bias, initial_state):
     K = weight.shape[1]
     y = torch.empty(b, l, d, dtype=x.dtype)
     final = torch.empty(b, d, K - 1, dtype=weight.dtype)
-    rc = library().bm_conv_forward(DTYPE_CODE[x.dtype], ptr(x), x.stride(0), x.stride(1), ptr(weight), ptr(bias),
-                                   ptr(initial_state), ptr(y), ptr(final), b, l, d, K, threads_for(b * l * d * K))
+    rc = launch(library().bm_conv_forward, DTYPE_CODE[x.dtype], ptr(x), x.stride(0), x.stride(1), ptr(weight),
+                ptr(bias), ptr(initial_state), ptr(y), ptr(final), b, l, d, K, threads_for(b * l * d * K))
     if rc:
         raise RuntimeError(f"blackmamba cpu conv: unsupported inputs (code {rc})")
     return y, final
@@ -46,9 +47,9 @@ class _ConvFunction(torch.autograd.Function):
         dinit = torch.empty(b, d, K - 1, dtype=S)
         dw = torch.empty(b, d, K, dtype=S)
         dbias = torch.empty(b, d, dtype=S)
-        rc = library().bm_conv_backward(DTYPE_CODE[x.dtype], ptr(x), x.stride(0), x.stride(1), ptr(weight),
-                                        ptr(initial_state), ptr(dy), ptr(dfinal), ptr(dx), ptr(dinit), ptr(dw),
-                                        ptr(dbias), b, l, d, K, threads_for(b * l * d * K))
+        rc = launch(library().bm_conv_backward, DTYPE_CODE[x.dtype], ptr(x), x.stride(0), x.stride(1), ptr(weight),
+                    ptr(initial_state), ptr(dy), ptr(dfinal), ptr(dx), ptr(dinit), ptr(dw), ptr(dbias), b, l, d, K,
+                    threads_for(b * l * d * K))
         if rc:
             raise RuntimeError(f"blackmamba cpu conv backward: unsupported inputs (code {rc})")
         return (dx, dw.sum(0), dbias.sum(0) if ctx.has_bias else None,
@@ -81,8 +82,8 @@ def causal_conv1d_step_cpu(x, weight, bias, state):
     weight = weight.to(x.dtype).contiguous()
     bias = bias.to(x.dtype).contiguous() if bias is not None else None
     y = torch.empty_like(x)
-    library().bm_conv_step(DTYPE_CODE[x.dtype], ptr(x), ptr(weight), ptr(bias), ptr(state), ptr(y), b, d,
-                           weight.shape[1], threads_for(b * d * weight.shape[1]))
+    launch(library().bm_conv_step, DTYPE_CODE[x.dtype], ptr(x), ptr(weight), ptr(bias), ptr(state), ptr(y), b, d,
+           weight.shape[1], threads_for(b * d * weight.shape[1]))
     return y
 
 

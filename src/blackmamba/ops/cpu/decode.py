@@ -27,6 +27,7 @@ from ..moe import moe_step_reference
 from ..norm import add_rmsnorm_reference
 from ..quant import QuantizedWeight
 from .build import DTYPE_CODE, KERNEL_DTYPES, MAX_ROWS, available, grad_needed, library, ptr, threads_for
+from .replay import launch
 
 ACTIVATION_CODE = {"silu": 0, "gelu": 1}  # csrc/act.h kSilu, kGelu
 QUANT_MODE_CODE = {"int8": 0, "int4": 1}  # csrc/qgemv.cpp bm_qgemv
@@ -113,7 +114,7 @@ def bind_mamba_step_cpu(in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A, D, out_p
             return reference(h, conv_state, ssm_state)
         h = h.contiguous()
         out = torch.empty(b, H, dtype=h.dtype)
-        rc = kernel(DTYPE_CODE[h.dtype], w_code, DTYPE_CODE[conv_state.dtype], h.data_ptr(), *operands,
+        rc = launch(kernel, DTYPE_CODE[h.dtype], w_code, DTYPE_CODE[conv_state.dtype], h.data_ptr(), *operands,
                     conv_state.data_ptr(), ssm_state.data_ptr(), out.data_ptr(), b, *sizes, threads_for(b * work),
                     *quantization)
         if rc:
@@ -169,8 +170,8 @@ def bind_moe_step_cpu(router_w, router_b, fc1, fc2, activation):
             return reference(h)
         h = h.contiguous()
         out = torch.empty(b, H, dtype=h.dtype)
-        rc = kernel(DTYPE_CODE[h.dtype], w_code, act, h.data_ptr(), *router, out.data_ptr(), b, H, F2 // 2, E,
-                    threads_for(b * work), quant, fc1_s, fc2_s, group)
+        rc = launch(kernel, DTYPE_CODE[h.dtype], w_code, act, h.data_ptr(), *router, out.data_ptr(), b, H, F2 // 2,
+                    E, threads_for(b * work), quant, fc1_s, fc2_s, group)
         if rc:
             raise RuntimeError(f"blackmamba cpu moe_step: unsupported inputs (code {rc})")
         return out
@@ -196,8 +197,8 @@ def linear_cpu(x, weight, bias=None):
     xf = x.reshape(rows, i).float().contiguous()
     b = bias.float().contiguous() if bias is not None else None
     y = torch.empty(rows, o, dtype=torch.float32)
-    rc = library().bm_gemv(DTYPE_CODE[weight.dtype], xf.data_ptr(), weight.data_ptr(), ptr(b), y.data_ptr(), rows,
-                           i, o, threads_for(rows * i * o))
+    rc = launch(library().bm_gemv, DTYPE_CODE[weight.dtype], xf.data_ptr(), weight.data_ptr(), ptr(b), y.data_ptr(),
+                rows, i, o, threads_for(rows * i * o))
     if rc:
         raise RuntimeError(f"blackmamba cpu linear: unsupported inputs (code {rc})")
     return y.reshape(*x.shape[:-1], o).to(x.dtype)
@@ -218,8 +219,8 @@ def _quantized_linear_cpu(x, weight, bias):
     xf = x.reshape(rows, i).float().contiguous()
     b = bias.float().contiguous() if bias is not None else None
     y = torch.empty(rows, o, dtype=torch.float32)
-    rc = library().bm_qgemv(QUANT_MODE_CODE[weight.mode], xf.data_ptr(), q.data_ptr(), scales.data_ptr(), ptr(b),
-                            y.data_ptr(), rows, i, o, weight.group_size, threads_for(rows * i * o))
+    rc = launch(library().bm_qgemv, QUANT_MODE_CODE[weight.mode], xf.data_ptr(), q.data_ptr(), scales.data_ptr(),
+                ptr(b), y.data_ptr(), rows, i, o, weight.group_size, threads_for(rows * i * o))
     if rc:
         raise RuntimeError(f"blackmamba cpu linear: unsupported quantized inputs (code {rc})")
     return y.reshape(*x.shape[:-1], o).to(x.dtype)
@@ -251,8 +252,8 @@ def bind_add_rmsnorm_cpu(weight, eps, residual_dtype):
         res_out = torch.empty(h.shape, dtype=res_dtype)
         rows = h.numel() // H if H else 0
         if rows:
-            kernel(DTYPE_CODE[h.dtype], DTYPE_CODE[res_dtype], DTYPE_CODE[w_dtype], h.data_ptr(), ptr(residual), w_ptr,
-                   out.data_ptr(), res_out.data_ptr(), rows, H, eps, threads_for(rows * H * 8))
+            launch(kernel, DTYPE_CODE[h.dtype], DTYPE_CODE[res_dtype], DTYPE_CODE[w_dtype], h.data_ptr(),
+                   ptr(residual), w_ptr, out.data_ptr(), res_out.data_ptr(), rows, H, eps, threads_for(rows * H * 8))
         return out, res_out
 
     return step
@@ -267,7 +268,7 @@ def exp_approx(x: torch.Tensor) -> torch.Tensor:
     """The kernels' float32 exp applied elementwise (to validate it against ``torch.exp``)."""
     x = x.float().contiguous()
     out = torch.empty_like(x)
-    library().bm_exp(ptr(x), ptr(out), x.numel(), torch.get_num_threads())
+    launch(library().bm_exp, ptr(x), ptr(out), x.numel(), torch.get_num_threads())
     return out
 
 

@@ -27,6 +27,7 @@ from ..linear import all_tensors
 from ..moe import PermuteRows, experts_on_sorted, moe_experts_reference, sort_by_expert
 from . import build, mkl
 from .decode import ACTIVATION_CODE
+from .replay import launch
 
 # in-place activations and the derivatives (gelu: exact erf, as the released inference code)
 _ACTIVATION_INPLACE = {"silu": lambda a: F.silu(a, inplace=True), "gelu": torch.ops.aten.gelu_}
@@ -62,7 +63,7 @@ def _by_expert(E: int, live, blocks) -> list:
 
 
 def _kernel_call(name: str, *args) -> None:
-    rc = getattr(build.library(), name)(mkl.sgemm_address(), *args, torch.get_num_threads())
+    rc = launch(getattr(build.library(), name), mkl.sgemm_address(), *args, torch.get_num_threads())
     if rc == 1:
         raise MemoryError(f"grouped_mlp: {name} could not allocate its per-thread scratch memory")
     if rc:

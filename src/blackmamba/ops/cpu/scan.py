@@ -16,6 +16,7 @@ import torch
 from .. import registry
 from ..scan import selective_scan_reference, selective_scan_step_reference
 from .build import DTYPE_CODE, ScanTensors, available, grad_needed, library, ptr, threads_for
+from .replay import launch
 
 
 def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -72,7 +73,7 @@ def scan_forward(x, delta, A, B, C, D, z, initial_state, save_checkpoints: bool)
     desc = _describe(x, delta, A, B, C, D, z, initial_state)
     threads = threads_for(b * l * d * n)
     ranges = lib.bm_scan_ranges(b, d, A.element_size(), threads, 1)
-    rc = lib.bm_scan_forward(ctypes.byref(desc), ptr(y), ptr(final), ptr(ckpt), ranges, threads)
+    rc = launch(lib.bm_scan_forward, ctypes.byref(desc), ptr(y), ptr(final), ptr(ckpt), ranges, threads)
     if rc:
         raise RuntimeError(f"blackmamba cpu scan: unsupported inputs (code {rc})")
     return y, final, ckpt
@@ -95,8 +96,8 @@ def scan_backward(x, delta, A, B, C, D, z, ckpt, dy, dfinal):
     dC = torch.empty(ranges, b, l, n, dtype=S)
     dinit = torch.empty(b, d, n, dtype=S)
     desc = _describe(x, delta, A, B, C, D, z, None)
-    rc = lib.bm_scan_backward(ctypes.byref(desc), ptr(ckpt), ptr(dy), ptr(dfinal), ptr(dx), ptr(ddelta),
-                              ptr(dz), ptr(dA), ptr(dD), ptr(dB), ptr(dC), ptr(dinit), ranges, threads)
+    rc = launch(lib.bm_scan_backward, ctypes.byref(desc), ptr(ckpt), ptr(dy), ptr(dfinal), ptr(dx), ptr(ddelta),
+                ptr(dz), ptr(dA), ptr(dD), ptr(dB), ptr(dC), ptr(dinit), ranges, threads)
     if rc:
         raise RuntimeError(f"blackmamba cpu scan backward: unsupported inputs (code {rc})")
     return (dx, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0) if dD is not None else None, dz, dinit)
@@ -141,7 +142,8 @@ def selective_scan_step_cpu(x, delta, A, B, C, D, z, state):
     b, d = x.shape
     f32 = [None if t is None else t.float().contiguous() for t in (x, delta, A, B, C, D, z)]
     y = torch.empty(b, d, dtype=torch.float32)
-    library().bm_ssm_step(*(ptr(t) for t in f32), ptr(state), ptr(y), b, d, A.shape[1], threads_for(b * d * A.shape[1]))
+    launch(library().bm_ssm_step, *(ptr(t) for t in f32), ptr(state), ptr(y), b, d, A.shape[1],
+           threads_for(b * d * A.shape[1]))
     return y.to(x.dtype)
 
 
