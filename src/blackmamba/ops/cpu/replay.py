@@ -13,16 +13,20 @@ does here:
 A replay makes exactly the calls the recording made, with the same arguments — the same kernels, the bound
 weights, the state's tensors (read and updated in place), the buffers allocated while recording, the same
 thread counts — so its outputs are bit-identical to fn's. Every kernel call goes through ``launch``, which a
-recording on the same thread notes.
+recording on the same thread notes; a replayable called inside a recording runs fn (its kernels are recorded).
 
-Checked: while recording, nothing computes but the kernels — a torch op other than an allocation (a backend
-handing a call to its reference, a copy, an attention cache growing) or a kernel csrc/replay.cpp does not make
-refuses the recording, and calls of that shape and dtype run fn from then on; at each replay, the state is the
-recorded one (the same tensor objects, at the same addresses: ``State.select`` and ``State.cat`` make new ones,
-recorded anew; ``reset`` and ``put`` write in place and keep the recording) and torch's thread count is unchanged.
-Assumed (true of the model's block loop): fn has no effect but its kernel calls, and those read nothing but their
-bound weights, x, the state and what the run allocates. The outputs are the recording's buffers, overwritten by
-the next replay: use them before calling again.
+Checked: while recording, a dispatch mode sees every torch op: one other than an allocation (a backend handing a
+call to its reference, a copy, an attention cache growing), or a kernel csrc/replay.cpp does not make, refuses
+the recording, and that state's steps run fn; at each replay, the state is the recorded one (the same tensor
+objects, at the same addresses: ``State.select`` and ``State.cat`` make new ones, recorded anew; ``reset`` and
+``put`` write in place and keep the recording) and torch's thread count is unchanged. Assumed (true of the
+model's block loop, and not visible to a dispatch mode): fn has no effect but its kernel calls and torch ops —
+no Python state it changes, no C code it calls other than through ``launch`` —, and its kernels read nothing but
+their bound weights, x, the state and what the run allocates. The recording reads a copy of x (the caller's
+tensor is never written); its outputs are the recording's buffers, overwritten by the next replay: use them
+before calling again. Memory: each recording keeps the buffers of its run (for the model, about three (b, H)
+vectors a block); ``MAX_RECORDINGS`` states are kept recorded per replayable function, the least recently
+recorded dropped first.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from .build import library
 log = logging.getLogger("blackmamba")
 
 REPLAY_CODE = {"bm_add_rmsnorm": 0, "bm_mamba_step": 1, "bm_moe_step": 2}  # csrc/replay.cpp Kernel
-MAX_RECORDINGS = 8  # states kept recorded per replayable function (a server steps a few groups in turn)
+MAX_RECORDINGS = 16  # states kept recorded per replayable function (a server steps its groups in turn)
+MAX_SEEN = 64  # states met once, remembered to be recorded at their next step
 
 _local = threading.local()  # .calls: the list a recording running on this thread appends to
 
@@ -100,43 +105,58 @@ class _Recording:
             c.kernel = REPLAY_CODE[kernel.__name__]
             c.a[:len(args)] = [_slot(v, t) for v, t in zip(args, kernel.argtypes, strict=True)]
         self.lib, self.failed = lib, ctypes.c_int64()
+        self.held = calls  # the kernels and their arguments: the ctypes address tables the slots point into
         self.x, self.outputs, self.made = x, outputs, made  # made: every buffer the calls write, kept alive
         self.shape, self.dtype, self.threads = x.shape, x.dtype, torch.get_num_threads()
         self.state = weakref.ref(state)
         tensors = list(state.tensors())  # held weakly: a dropped state is never replayed into
         self.tensors = [(weakref.ref(t), t.data_ptr()) for t in tensors]
 
-    def fits(self, x: torch.Tensor, state) -> bool:
+    def live(self, x: torch.Tensor, state) -> list | None:
+        """The state's tensors if this recording replays (x, state) — the recorded state, its tensors the same
+        objects at the same addresses, x of the recorded shape and dtype, torch's thread count the same —, else
+        None."""
         if (x.shape != self.shape or x.dtype is not self.dtype or state is not self.state()
                 or torch.get_num_threads() != self.threads):
-            return False
-        n = 0
-        for n, t in enumerate(state.tensors(), 1):
-            if n > len(self.tensors):
-                return False
-            ref, address = self.tensors[n - 1]
+            return None
+        tensors = list(state.tensors())
+        if len(tensors) != len(self.tensors):
+            return None
+        for t, (ref, address) in zip(tensors, self.tensors):
             if ref() is not t or t.data_ptr() != address:
-                return False
-        return n == len(self.tensors)
+                return None
+        return tensors
 
-    def replay(self, x: torch.Tensor) -> tuple:
-        if x is not self.x:
-            self.x.copy_(x)
+    def replay(self, x: torch.Tensor, tensors: list) -> tuple:
+        """The recorded calls made again on x (copied into the recorded input); ``tensors``, the state's, are held
+        through the call (the GIL is released in it: another thread replacing one must not free it)."""
+        self.x.copy_(x)
         rc = self.lib.bm_replay(ctypes.addressof(self.calls), len(self.calls), ctypes.byref(self.failed))
         if rc:
             raise RuntimeError(f"blackmamba cpu replay: recorded call {self.failed.value} failed (code {rc})")
         return self.outputs
 
 
+class _Refused:
+    """A state whose recording was refused: its steps run fn."""
+
+    def __init__(self, state):
+        self.state = weakref.ref(state)
+
+
 def _record(fn, x, state):
-    """fn(x, state) run once, and its recording, or None (with the reason logged) if it cannot be replayed."""
-    watch, calls = _Watch(), []
+    """fn(x, state) run once on a copy of x, and its recording (reading that copy: the caller's x is never written),
+    or a _Refused (the reason logged) if it cannot be replayed."""
+    with torch.inference_mode(False):  # a normal tensor: later replays copy into it whatever the mode then
+        buffer = torch.empty(x.shape, dtype=x.dtype)  # (contiguous, as the kernels read it)
+    buffer.copy_(x)
+    watch, calls, outer = _Watch(), [], getattr(_local, "calls", None)
     _local.calls = calls
     try:
         with watch:
-            outputs = fn(x, state)
+            outputs = fn(buffer, state)
     finally:
-        _local.calls = None
+        _local.calls = outer
     made = watch.made
     if watch.other:
         why = f"it runs torch ops besides the kernels ({', '.join(sorted({str(f) for f in watch.other})[:3])})"
@@ -147,41 +167,45 @@ def _record(fn, x, state):
     elif not (isinstance(outputs, tuple) and all(any(o is m for m in made) for o in outputs)):
         why = "its outputs are not tensors it allocates"
     else:
-        return outputs, _Recording(x, state, outputs, calls, made, library())
+        return outputs, _Recording(buffer, state, outputs, calls, made, library())
     log.debug("blackmamba: a decode step of shape %s is not replayed: %s", tuple(x.shape), why)
-    return outputs, None
-
-
-_SEEN = object()  # a key met once: recorded at the next call
+    return outputs, _Refused(state)
 
 
 class _Replayable:
     def __init__(self, fn: Callable):
         self.fn = fn
-        self.recordings: dict = {}  # (id(state), shape, dtype) → _SEEN or a _Recording
-        self.refused: set = set()  # (shape, dtype) whose recording was refused: fn runs
+        self.recordings: dict = {}  # (id(state), shape, dtype) → _Recording or _Refused
+        self.seen: dict = {}  # the keys met once: recorded at their next call
+        self.lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor, state) -> tuple:
-        if not x.is_cpu or torch.is_grad_enabled():
-            return self.fn(x, state)
+        if not x.is_cpu or torch.is_grad_enabled() or getattr(_local, "calls", None) is not None:
+            return self.fn(x, state)  # (inside a recording: its kernels are recorded, not a replay of them)
         key = (id(state), x.shape, x.dtype)
         rec = self.recordings.get(key)
-        if rec is not None and rec is not _SEEN and rec.fits(x, state):
-            return rec.replay(x)
-        if rec is None or (x.shape, x.dtype) in self.refused or library() is None:
-            self._keep(key, _SEEN)
+        if rec is not None and rec.state() is state:
+            if type(rec) is _Refused:
+                return self.fn(x, state)
+            tensors = rec.live(x, state)
+            if tensors is not None:
+                return rec.replay(x, tensors)
+        elif key not in self.seen:  # (or a dropped state's key: an id met again)
+            self._keep(self.seen, key, None, MAX_SEEN)
+            return self.fn(x, state)
+        if library() is None:
             return self.fn(x, state)
         outputs, rec = _record(self.fn, x, state)
-        if rec is None:
-            self.refused.add((x.shape, x.dtype))
-        self._keep(key, rec or _SEEN)
+        self._keep(self.recordings, key, rec, MAX_RECORDINGS)
+        self.seen.pop(key, None)
         return outputs
 
-    def _keep(self, key, value) -> None:
-        self.recordings.pop(key, None)  # (re)inserted last: the oldest is dropped first
-        self.recordings[key] = value
-        if len(self.recordings) > MAX_RECORDINGS:
-            del self.recordings[next(iter(self.recordings))]
+    def _keep(self, table: dict, key, value, limit: int) -> None:
+        with self.lock:
+            table.pop(key, None)  # (re)inserted last: the oldest is dropped first
+            table[key] = value
+            while len(table) > limit:
+                del table[next(iter(table))]
 
 
 def replayable(fn: Callable) -> Callable:
