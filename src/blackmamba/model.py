@@ -267,16 +267,8 @@ class BlackMambaLM(nn.Module):
         measurable part of a token; a ``Stepper`` and the serve engine bind once and step many times. On a CPU the
         block loop is also ``ops.replayable``: recorded at a state's second step and from the third made in one
         call (the same kernel calls, bit-identical; docs/kernels.md "Replay")."""
-        blocks = [blk.bind_step() for blk in self.decoder.layers]
+        run_blocks = replayable(self.bind_blocks())  # on a CPU, from a state's third step on: one C call
         embed, head = self.embedding.word_embeddings, self._head
-
-        def run_blocks(h: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor]:
-            residual = None
-            for blk, st in zip(blocks, state.layers):
-                h, residual = blk(h, residual, st)
-            return h, residual
-
-        run_blocks = replayable(run_blocks)  # on a CPU, from a state's third step on: one C call
 
         @torch.no_grad()
         def step(tokens: torch.Tensor, state: State) -> torch.Tensor:
@@ -285,6 +277,20 @@ class BlackMambaLM(nn.Module):
             return head(h, residual)
 
         return step
+
+    def bind_blocks(self) -> Callable[[torch.Tensor, State], tuple[torch.Tensor, torch.Tensor]]:
+        """The residual loop of ``step`` with every block's weights bound (each ``Block.bind_step``): a callable
+        (h (b, H), state) → the last block's (h, residual), what ``bind_step`` runs between the embedding and the
+        head (and makes ``ops.replayable``)."""
+        blocks = [blk.bind_step() for blk in self.decoder.layers]
+
+        def run_blocks(h: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor]:
+            residual = None
+            for blk, st in zip(blocks, state.layers):
+                h, residual = blk(h, residual, st)
+            return h, residual
+
+        return run_blocks
 
     def step(self, tokens: torch.Tensor, state: State) -> torch.Tensor:
         """One token per row: tokens (b,) → next-token logits (b, V); consumes them into ``state`` in place.

@@ -90,19 +90,6 @@ def test_generation_and_a_stepper_replay(replays):
     assert out.shape == (2, 12)
 
 
-def _block_loop(model):
-    """The model's block loop as ``model.bind_step`` writes it, unwrapped: fn(h, state) → (h, residual)."""
-    blocks = [blk.bind_step() for blk in model.decoder.layers]
-
-    def fn(h, state):
-        residual = None
-        for blk, s in zip(blocks, state.layers):
-            h, residual = blk(h, residual, s)
-        return h, residual
-
-    return fn
-
-
 @functools.lru_cache(maxsize=None)
 def _wide_model(seed):
     return _model("int8", seed=seed, hidden_size=128)  # (wide enough for the kernels to run on 2 threads)
@@ -183,14 +170,11 @@ def test_replay_follows_the_eager_step_through_state_operations(actions, seed):
 
 def test_a_run_that_computes_outside_the_kernels_is_never_replayed(replays, caplog):
     model = _model("fp32")
-    blocks = [blk.bind_step() for blk in model.decoder.layers]
+    loop = model.bind_blocks()
 
     def fn(h, state):
-        residual = None
-        for blk, s in zip(blocks, state.layers):
-            h, residual = blk(h, residual, s)
-            h = h * 1.0  # a torch op between the kernels: a replay would skip it
-        return h, residual
+        h, residual = loop(h, state)
+        return h * 1.0, residual  # a torch op besides the kernels: a replay would skip it
 
     run, state, twin = replayable(fn), model.new_state(1), model.new_state(1)
     x = torch.randn(1, model.config.hidden_size)
@@ -206,7 +190,7 @@ def test_a_run_that_computes_outside_the_kernels_is_never_replayed(replays, capl
 
 def test_the_callers_input_is_never_written_and_the_outputs_are_reused(replays):
     model = _model("int4")
-    run, state = replayable(_block_loop(model)), model.new_state(2)
+    run, state = replayable(model.bind_blocks()), model.new_state(2)
     xs = torch.randn(4, 2, model.config.hidden_size)
     kept = xs.clone()
     with torch.no_grad():
@@ -219,9 +203,9 @@ def test_a_replayable_inside_a_recording_is_recorded_not_replayed(replays):
     """The inner one's kernels are recorded into the outer recording (a replay of the inner one, a C call no
     dispatch mode sees, would be missing from it)."""
     model = _model("int8")
-    inner = replayable(_block_loop(model))
+    inner = replayable(model.bind_blocks())
     outer = replayable(lambda h, state: inner(h, state))
-    eager = _block_loop(model)
+    eager = model.bind_blocks()
     s_outer, s_eager = model.new_state(1), model.new_state(1)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -316,7 +300,7 @@ def test_the_replay_dispatch_declares_the_kernels_as_defined():
 
 def test_a_recording_replays_only_the_live_state_it_was_made_for():
     model = _model("int4")
-    run, state = replayable(_block_loop(model)), model.new_state(2)
+    run, state = replayable(model.bind_blocks()), model.new_state(2)
     x = torch.randn(2, model.config.hidden_size)
     threads = torch.get_num_threads()
     with torch.no_grad():
