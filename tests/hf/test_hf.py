@@ -161,6 +161,48 @@ def test_greedy_generate_equals_core_generate_in_padded_batches(lm, hf, prompts)
     assert uncached.tolist() == want.tolist()
 
 
+def test_generate_binds_the_decode_step_once_a_call(lm, hf, prompts, monkeypatch):
+    from blackmamba.hf import modeling
+
+    ids = torch.tensor([prompts[0]])
+    want = lm.generate(ids, max_new_tokens=6)
+    binds, steps = [], []
+    real = lm.bind_step
+
+    def bind_step():  # counts the bindings and the steps made with each
+        step = real()
+        binds.append(1)
+
+        def counted(tokens, state):
+            steps.append(tokens.tolist())
+            return step(tokens, state)
+
+        return counted
+
+    monkeypatch.setattr(lm, "bind_step", bind_step)
+    got = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    assert got.tolist() == want.tolist()
+    # one binding for the call; the prefill's forward gives the first token, the bound step the other five
+    assert len(binds) == 1 and steps == [[t] for t in want[0, 7:-1].tolist()]
+    assert modeling._GENERATING.steps == {}  # nothing stays bound after the call...
+
+    class Fails(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=PAD,
+                    stopping_criteria=StoppingCriteriaList([Fails()]))
+    assert modeling._GENERATING.steps == {}  # ...nor after one that raised
+    # a forward outside generate() binds for its own step (the core model's one-token path), as before
+    binds.clear()
+    cache = BlackMambaCache()
+    with torch.no_grad():
+        hf(ids, cache=cache)
+        hf(want[:, 7:8], cache=cache)
+    assert len(binds) == 1
+
+
 def test_beam_search_with_cache_equals_without(hf, prompts):
     ids = torch.tensor([prompts[0]])
     kw = dict(max_new_tokens=8, num_beams=4, num_return_sequences=3, do_sample=False, pad_token_id=PAD,

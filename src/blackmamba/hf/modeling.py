@@ -9,6 +9,9 @@ A thin adapter, not a second implementation: the model's top-level modules *are*
   ``State``, see ``blackmamba.hf.cache``), which the forward creates on the first call: greedy, sampling, beam
   search, streamers, stopping criteria. transformers 5.24 and later pass the cache as ``cache``, 5.23 as
   ``cache_params``; the forward takes either and returns it under the name the installed release reads.
+  Within a ``generate()`` call the one-token steps run the core model's decode step with the weights bound once
+  for the call (``BlackMambaLM.bind_step``; on a CPU the block loop replayed, docs/kernels.md), as blackmamba's
+  own ``generate`` does, rather than binding them every token.
 - Logits are cut to ``config.vocab_size``: the padded embedding rows are never tokens.
 - ``from_pretrained`` loads transformers / native folders (they are the same format) and, through
   ``blackmamba.load_pretrained``, release-format folders and hub ids (``Zyphra/BlackMamba-1.5B``).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -41,6 +45,10 @@ _LOSS_KWARGS = ("num_items_in_batch",)
 # transformers 5.24 renamed every model's cache argument and output field to ``cache``; 5.23 calls a Mamba-style
 # model's cache ``cache_params`` (and finds it in the output under that name)
 CACHE_FIELD = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "cache_params"
+
+
+# id(model) → its decode step bound for the generate() call running in this thread (see BlackMambaForCausalLM.generate)
+_GENERATING = threading.local()
 
 
 # loss, logits (b, l, vocab_size) and the cache, under CACHE_FIELD (a dataclass field of that one name: on 5.24 a
@@ -145,7 +153,21 @@ class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
             raise CheckpointError("\n".join([f"{pretrained_model_name_or_path} does not fit the model:", *problems]))
         return (model, info) if want_info else model
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ generate and forward
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate``, its one-token steps made by the core model's decode step bound once for
+        this call (``BlackMambaLM.bind_step``: the weights cannot change within it) instead of once a token."""
+        bound = _GENERATING.__dict__.setdefault("steps", {})
+        outer = bound.get(id(self))  # a generate() within a generate() (a logits processor's, say) keeps its own
+        bound[id(self)] = self.lm.bind_step()
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            if outer is None:
+                del bound[id(self)]
+            else:
+                bound[id(self)] = outer
+
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 cache: BlackMambaCache | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, return_dict: bool | None = None,
@@ -184,8 +206,16 @@ class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
                                  f"({b}, {past + l}) over the {past} cached and the new ones; got "
                                  f"{tuple(attention_mask.shape)}")
             mask = attention_mask[:, -l:]
-        logits = self.lm(input_ids, state=cache.state if cache is not None else None,
-                         attention_mask=mask).logits[..., : self.config.vocab_size]
+        step = _GENERATING.__dict__.get("steps", {}).get(id(self))
+        if (step is not None and cache is not None and l == 1 and labels is None and not self.training
+                and not torch.is_grad_enabled() and (mask is None or bool(mask.all()))):
+            # a decoding step within generate(): what the core forward's one-token path does, bound once
+            self.lm.check_inputs(input_ids, None, cache.state)
+            logits = step(input_ids[:, 0], cache.state)[:, None, : self.config.vocab_size]
+            cache.state.started = [True] * b
+        else:
+            logits = self.lm(input_ids, state=cache.state if cache is not None else None,
+                             attention_mask=mask).logits[..., : self.config.vocab_size]
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
