@@ -194,6 +194,9 @@ def test_generate_binds_the_decode_step_once_a_call(lm, hf, prompts, monkeypatch
         hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=PAD,
                     stopping_criteria=StoppingCriteriaList([Fails()]))
     assert modeling._GENERATING.steps == {}  # ...nor after one that raised
+    binds.clear()
+    hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=PAD, use_cache=False)
+    assert binds == []  # without a cache there is no step to bind
     # a forward outside generate() binds for its own step (the core model's one-token path), as before
     binds.clear()
     cache = BlackMambaCache()

@@ -47,7 +47,8 @@ _LOSS_KWARGS = ("num_items_in_batch",)
 CACHE_FIELD = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "cache_params"
 
 
-# id(model) → its decode step bound for the generate() call running in this thread (see BlackMambaForCausalLM.generate)
+# id(model) → [its decode step bound for the generate() call running in this thread, or None until the first
+# step binds it] (see BlackMambaForCausalLM.generate)
 _GENERATING = threading.local()
 
 
@@ -159,7 +160,7 @@ class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
         this call (``BlackMambaLM.bind_step``: the weights cannot change within it) instead of once a token."""
         bound = _GENERATING.__dict__.setdefault("steps", {})
         outer = bound.get(id(self))  # a generate() within a generate() (a logits processor's, say) keeps its own
-        bound[id(self)] = self.lm.bind_step()
+        bound[id(self)] = [None]  # bound at the first one-token step (none without a cache)
         try:
             return super().generate(*args, **kwargs)
         finally:
@@ -206,12 +207,14 @@ class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
                                  f"({b}, {past + l}) over the {past} cached and the new ones; got "
                                  f"{tuple(attention_mask.shape)}")
             mask = attention_mask[:, -l:]
-        step = _GENERATING.__dict__.get("steps", {}).get(id(self))
-        if (step is not None and cache is not None and l == 1 and labels is None and not self.training
+        bound = _GENERATING.__dict__.get("steps", {}).get(id(self))
+        if (bound is not None and cache is not None and l == 1 and labels is None and not self.training
                 and not torch.is_grad_enabled() and (mask is None or bool(mask.all()))):
             # a decoding step within generate(): what the core forward's one-token path does, bound once
             self.lm.check_inputs(input_ids, None, cache.state)
-            logits = step(input_ids[:, 0], cache.state)[:, None, : self.config.vocab_size]
+            if bound[0] is None:
+                bound[0] = self.lm.bind_step()
+            logits = bound[0](input_ids[:, 0], cache.state)[:, None, : self.config.vocab_size]
             cache.state.started = [True] * b
         else:
             logits = self.lm(input_ids, state=cache.state if cache is not None else None,
