@@ -51,7 +51,15 @@ def test_lora_on_every_documented_target_trains_saves_and_loads(tmp_path):
         # generate() through the adapters (the decode step bound once a call) continues as the full forward does
         kw = dict(input_ids=batch[:1, :5], attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=6,
                   do_sample=False, pad_token_id=0)
-        assert model.generate(**kw).tolist() == model.generate(**kw, use_cache=False).tolist()
+        lm, binds = base.lm, []
+        real = lm.bind_step
+        lm.bind_step = lambda: binds.append(1) or real()
+        try:
+            cached = model.generate(**kw)
+        finally:
+            del lm.bind_step
+        assert binds == [1]  # the adapters' generate took the bound step
+        assert cached.tolist() == model.generate(**kw, use_cache=False).tolist()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").is_file()
     fresh = BlackMambaForCausalLM.from_core(tiny_model(seed=4))

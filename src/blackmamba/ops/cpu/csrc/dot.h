@@ -590,15 +590,16 @@ inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t ro
   dot_block<NX, G, 0>(w, xp, xs, row, y, ystride);
 }
 
-// weight rows a block: int8 on AVX2 one row at a time (its row then read as one sequential stream: on a 2-core
-// Zen 3 VM 1.15-1.53x faster than blocks of 4 at a batch of 1 for the model's shapes, 1.1x at 2 or 3, even at 4;
-// the four interleaved 768-byte rows of a block streamed no faster than 10-11 GB/s a core, although the product
-// runs at 33 GB/s a core from cache: docs/kernels.md; the float way elsewhere was not measured and keeps blocks);
-// otherwise 4 at a batch of 1 or 2, 2 beyond (registers; int4's product is the limit, and one or two int4 rows
-// were 2-7 % slower). Eight int4 rows at batch 1 (more independent chains) need 8 scale and 8 accumulator
-// registers of AVX2's 16, and spill: 3-15 % slower than four (docs/kernels.md)
+// weight rows a block: int8 one row at a time, its row then read as one sequential stream (the integer way on a
+// 2-core Zen 3 VM: 1.15-1.53x faster than blocks of 4 at a batch of 1 for the model's shapes, 1.1x at 2 or 3,
+// even at 4; the four interleaved 768-byte rows of a block streamed no faster than 10-11 GB/s a core, although the
+// product runs at 33 GB/s a core from cache: docs/kernels.md; the float way, on CPUs without AVX2 and FMA, takes
+// the same blocks, unmeasured, so that one code path is tested); int4 4 at a batch of 1 or 2, 2 beyond
+// (registers; int4's product is the limit, and one or two int4 rows were 2-7 % slower). Eight int4 rows at batch 1
+// (more independent chains) need 8 scale and 8 accumulator registers of AVX2's 16, and spill: 3-15 % slower than
+// four (docs/kernels.md)
 template <int NX, typename View>
-constexpr int kQuantBlock = BM_INT8_INT16_X && std::is_same_v<View, Int8Rows> ? 1 : NX <= 2 ? 4 : 2;
+constexpr int kQuantBlock = std::is_same_v<View, Int8Rows> ? 1 : NX <= 2 ? 4 : 2;
 
 // rows [r0, r1) of a quantized view, for nx rows of (prepared, if View::kPrepared) x, xs floats apart.
 template <int NX, typename View>
