@@ -39,6 +39,27 @@ def test_token_by_token_decode_equals_full(model):
     torch.testing.assert_close(steps, full, rtol=0, atol=1e-5)
 
 
+def test_one_token_forward_is_the_step_bound_or_not(model):
+    ids = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(5))
+    bound, calls = model.bind_step(), []
+
+    def counted(tokens, state):
+        calls.append(tokens.tolist())
+        return bound(tokens, state)
+
+    with torch.no_grad():
+        plain, ones, given = (model.new_state(batch_size=3) for _ in range(3))
+        for t in range(6):
+            tok = ids[:, t:t + 1]
+            a = model(tok, state=plain).logits
+            b = model(tok, state=ones, attention_mask=torch.ones_like(tok)).logits  # all ones: the step too
+            c = model(tok, state=given, bound_step=counted).logits
+            assert torch.equal(a, b) and torch.equal(a, c)
+    assert calls == [ids[:, t].tolist() for t in range(6)]  # the bound step, not one bound per call
+    for state in (plain, ones, given):
+        assert state.seqlen == 6 and state.started == [True] * 3  # a step consumes a real token a row
+
+
 def test_logits_to_keep_is_the_last_positions_logits(model):
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

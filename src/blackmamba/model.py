@@ -223,25 +223,27 @@ class BlackMambaLM(nn.Module):
     # ------------------------------------------------------------------ forward and step
     def forward(self, input_ids: torch.Tensor, state: State | None = None,
                 attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> ModelOutput:
+                logits_to_keep: int = 0, bound_step: Callable | None = None) -> ModelOutput:
         """input_ids (b, l) → logits (b, l, V).
 
         ``state``: consume the tokens from it and update it in place (chunked prefill and decode; at inference
-        one token with a state and no mask is ``step``). ``attention_mask`` (b, l): 1 for tokens, 0 for (left)
-        padding, which then never reaches any state. ``targets`` (b, l): also return the mean cross-entropy
-        (-100 is ignored). ``logits_to_keep`` (transformers' name): only the last n positions' logits,
-        (b, min(n, l), V) (0: all) — a prefill needs only the last one, and the head is a large part of a short
-        prompt's work.
+        one token a row with a state and no padding is ``step``, or ``bound_step`` if given: ``bind_step()``'s
+        callable, so that a decoding loop calling forward binds the weights once, not every token).
+        ``attention_mask`` (b, l): 1 for tokens, 0 for (left) padding, which then never reaches any state.
+        ``targets`` (b, l): also return the mean cross-entropy (-100 is ignored). ``logits_to_keep``
+        (transformers' name): only the last n positions' logits, (b, min(n, l), V) (0: all) — a prefill needs only
+        the last one, and the head is a large part of a short prompt's work.
         """
         self.check_inputs(input_ids, attention_mask, state)
         if logits_to_keep and (not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool)
                                or logits_to_keep < 0 or targets is not None):
             raise ValueError(f"logits_to_keep must be an integer >= 0, and 0 with targets; got {logits_to_keep!r}")
         b, l = input_ids.shape
-        if state is not None and l == 1 and attention_mask is None and targets is None and not (
-                torch.is_grad_enabled() or self.training):
-            return ModelOutput(logits=self.step(input_ids[:, 0], state)[:, None])
         mask = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
+        if state is not None and l == 1 and mask is None and targets is None and not (
+                torch.is_grad_enabled() or self.training):
+            step = bound_step if bound_step is not None else self.step
+            return ModelOutput(logits=step(input_ids[:, 0], state)[:, None])
         h = self.embedding.word_embeddings(input_ids.long())
         residual = None
         for i, blk in enumerate(self.decoder.layers):
@@ -274,6 +276,7 @@ class BlackMambaLM(nn.Module):
         def step(tokens: torch.Tensor, state: State) -> torch.Tensor:
             h, residual = run_blocks(embed(tokens), state)  # (b, H) each; overwritten by the next replay
             state.seqlen += 1
+            state.started = [True] * state.batch_size  # every row consumed a real token
             return head(h, residual)
 
         return step

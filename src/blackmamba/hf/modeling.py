@@ -158,7 +158,9 @@ class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
     def generate(self, *args, **kwargs):
         """transformers' ``generate``, its one-token steps made by the core model's decode step bound once for
         this call (``BlackMambaLM.bind_step``: the weights cannot change within it) instead of once a token."""
-        bound = _GENERATING.__dict__.setdefault("steps", {})
+        if not hasattr(_GENERATING, "steps"):
+            _GENERATING.steps = {}
+        bound = _GENERATING.steps
         outer = bound.get(id(self))  # a generate() within a generate() (a logits processor's, say) keeps its own
         bound[id(self)] = [None]  # bound at the first one-token step (none without a cache)
         try:
@@ -207,18 +209,14 @@ class BlackMambaForCausalLM(BlackMambaPreTrainedModel, GenerationMixin):
                                  f"({b}, {past + l}) over the {past} cached and the new ones; got "
                                  f"{tuple(attention_mask.shape)}")
             mask = attention_mask[:, -l:]
-        bound = _GENERATING.__dict__.get("steps", {}).get(id(self))
-        if (bound is not None and cache is not None and l == 1 and labels is None and not self.training
-                and not torch.is_grad_enabled() and (mask is None or bool(mask.all()))):
-            # a decoding step within generate(): what the core forward's one-token path does, bound once
-            self.lm.check_inputs(input_ids, None, cache.state)
+        step = None
+        bound = getattr(_GENERATING, "steps", {}).get(id(self))
+        if bound is not None and cache is not None and l == 1:  # within generate(): the step bound for the call
             if bound[0] is None:
                 bound[0] = self.lm.bind_step()
-            logits = bound[0](input_ids[:, 0], cache.state)[:, None, : self.config.vocab_size]
-            cache.state.started = [True] * b
-        else:
-            logits = self.lm(input_ids, state=cache.state if cache is not None else None,
-                             attention_mask=mask).logits[..., : self.config.vocab_size]
+            step = bound[0]
+        logits = self.lm(input_ids, state=cache.state if cache is not None else None, attention_mask=mask,
+                         bound_step=step).logits[..., : self.config.vocab_size]
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
