@@ -57,6 +57,9 @@ def check_close(y, x, qw, bias, rel=1e-5):
 @example(o=37, i=784, rows=3, mode="int8", group=32, bf16=False, bias=False, seed=2)
 @example(o=9, i=48, rows=8, mode="int8", group=32, bf16=True, bias=True, seed=3)
 @example(o=40, i=256, rows=1, mode="int4", group=64, bf16=False, bias=True, seed=4)
+# int4 rows of 768 bytes or more (dot.h kLongRowBytes: taken one at a time), partial chunk of groups
+@example(o=9, i=1536, rows=1, mode="int4", group=32, bf16=False, bias=False, seed=5)
+@example(o=7, i=1664, rows=3, mode="int4", group=64, bf16=False, bias=True, seed=6)
 def test_kernel_matches_f_linear_on_the_dequantized_weight(o, i, rows, mode, group, bf16, bias, seed):
     qw, x, b = case(o, i, rows, mode, group, seed, bias)
     if bf16:
@@ -97,6 +100,7 @@ def test_any_stored_bytes(i, group):
        group=st.sampled_from([32, 64, 6]), bias=st.booleans(), seed=st.integers(0, 2**16))
 @example(o=21, i=160, mode="int8", group=32, bias=True, seed=1)  # the integer ways (x rows four at a time: int8)
 @example(o=21, i=192, mode="int4", group=64, bias=False, seed=2)
+@example(o=11, i=1536, mode="int4", group=32, bias=False, seed=3)  # rows of 768 bytes: one at a time
 def test_rows_are_batch_invariant(o, i, mode, group, bias, seed):
     """Each row of a few-row product is bit-identical to that row alone and to it within any other batch."""
     qw, x, b = case(o, i, cpu.MAX_ROWS, mode, group, seed, bias)

@@ -7,6 +7,7 @@
 #include "simd.h"
 
 #include <algorithm>
+#include <utility>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -504,36 +505,45 @@ inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t ro
 // rows [row, row + G) of an int4 view the integer way (Int4Rows::int8_x(): group GS = 32 or 64); prepared x row q at
 // xp + q * xs floats. The groups are taken 8 at a time (a chunk: 4 steps of group 32, 8 of group 64): their
 // float16 scales converted and multiplied by x's d, c added times the scales, and the same bytes prefetched
-// kQuantAheadRows rows ahead; then each step's int32 lanes are multiplied by their group's scale (a permutation
-// of the chunk's) and added.
+// kQuantAheadRows rows ahead; then each step's int32 lanes are multiplied by their group's scales and added. A
+// step's scales are an in-lane permute (vpermilps) of a vector ordered once a chunk: group 32 (s0 s2 s4 s6 | s1
+// s3 s5 s7), step t's lanes 0-3 group 2t and 4-7 group 2t + 1; group 64 (s0..s3 | s0..s3) and (s4..s7 | s4..s7),
+// step t group t. (A cross-lane permute a step, vpermps, cost a quarter of the product's time on Zen 3.) One
+// accumulator a row: every row summed in one order whatever G and NX.
 template <int NX, int G, int GS>
 inline void dot_block_int8_x(const Int4Rows& w, const float* xp, int64_t xs, int64_t row, float* y,
                              int64_t ystride) {
-  constexpr int kChunk = 8, S = Int4Rows::kIntStep;
+  constexpr int kChunk = 8, S = Int4Rows::kIntStep, kSteps = kChunk * GS / S;  // steps a whole chunk
   const int64_t len = w.len, rb = w.row_bytes(), ng = w.groups(), ngp = w.padded_groups();
   const uint8_t* wr = w.q + row * rb;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[NX][G];
   for (int q = 0; q < NX; ++q)
     for (int g = 0; g < G; ++g) acc[q][g] = _mm256_setzero_ps();
-  for (int64_t g0 = 0; g0 < ng; g0 += kChunk) {
-    const int cnt = static_cast<int>(std::min<int64_t>(kChunk, ng - g0));
-    __m256 sc[NX][G];  // scale[row + g, g0 + j] · d[q, g0 + j], 0 past cnt
+  // groups [g0, g0 + cnt), cnt <= kChunk (the lambdas inlined: called, their accumulators went through memory)
+  auto chunk = [&](int64_t g0, int cnt) __attribute__((always_inline)) {
+    __m256 sr[NX][G][GS == 32 ? 1 : 2];  // the chunk's scale[row + g, .] · d[q, .], ordered as above
     for (int g = 0; g < G; ++g) {
-      const uint16_t* sr = w.scales + (row + g) * ng + g0;
+      const uint16_t* srow = w.scales + (row + g) * ng + g0;
       __m128i h;
       if (cnt == kChunk) {
-        h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sr));
+        h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(srow));
       } else {
         alignas(16) uint16_t tmp[kChunk] = {};
-        std::copy(sr, sr + cnt, tmp);
+        std::copy(srow, srow + cnt, tmp);
         h = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
       }
       const __m256 sw = _mm256_cvtph_ps(h);
       for (int q = 0; q < NX; ++q) {
         const float* dq = xp + q * xs + len / 4;
-        sc[q][g] = _mm256_mul_ps(sw, _mm256_loadu_ps(dq + g0));
+        const __m256 sc = _mm256_mul_ps(sw, _mm256_loadu_ps(dq + g0));
         acc[q][g] = _mm256_fmadd_ps(sw, _mm256_loadu_ps(dq + ngp + g0), acc[q][g]);
+        if constexpr (GS == 32) {
+          sr[q][g][0] = _mm256_permutevar8x32_ps(sc, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+        } else {
+          sr[q][g][0] = _mm256_permute2f128_ps(sc, sc, 0x00);
+          sr[q][g][1] = _mm256_permute2f128_ps(sc, sc, 0x11);
+        }
       }
     }
     const int64_t b0 = g0 * GS / 2, b1 = (g0 + cnt) * GS / 2;
@@ -541,13 +551,8 @@ inline void dot_block_int8_x(const Int4Rows& w, const float* xp, int64_t xs, int
       const uint8_t* ahead = wr + (kQuantAheadRows + g) * rb;  // a prefetch never faults
       for (int64_t b = b0; b < b1; b += 64) __builtin_prefetch(ahead + b, 0, 2);
     }
-    const int steps = cnt * GS / S;
-    for (int t = 0; t < steps; ++t) {
-      const int64_t k = g0 * GS + t * S;  // the step's first element
-      // lane j of the step: group (t * S + 8 j) / GS of the chunk
-      const __m256i idx = GS == 32 ? _mm256_setr_epi32(2 * t, 2 * t, 2 * t, 2 * t, 2 * t + 1, 2 * t + 1, 2 * t + 1,
-                                                       2 * t + 1)
-                                   : _mm256_set1_epi32(t);
+    auto step = [&]<int T>(std::integral_constant<int, T>) __attribute__((always_inline)) {
+      const int64_t k = g0 * GS + T * S;  // the step's first element
       __m256i xe[NX], xo[NX];
       for (int q = 0; q < NX; ++q) {
         const int8_t* xb = reinterpret_cast<const int8_t*>(xp + q * xs) + k;
@@ -560,11 +565,19 @@ inline void dot_block_int8_x(const Int4Rows& w, const float* xp, int64_t xs, int
         for (int q = 0; q < NX; ++q) {
           const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[q]), _mm256_maddubs_epi16(hi, xo[q]));
           const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-          acc[q][g] = _mm256_fmadd_ps(f, _mm256_permutevar8x32_ps(sc[q][g], idx), acc[q][g]);
+          const __m256 s = _mm256_permute_ps(sr[q][g][T / 4], 0x55 * (T % 4));  // lanes (T % 4, T % 4 + 4)
+          acc[q][g] = _mm256_fmadd_ps(f, s, acc[q][g]);
         }
       }
-    }
-  }
+    };
+    const int steps = cnt * GS / S;  // the steps 0, 1, ... of the chunk, as constants (the permute's immediate)
+    [&]<int... T>(std::integer_sequence<int, T...>) __attribute__((always_inline)) {
+      ((T < steps ? step(std::integral_constant<int, T>{}) : void()), ...);
+    }(std::make_integer_sequence<int, kSteps>{});
+  };
+  int64_t g0 = 0;
+  for (; g0 + kChunk <= ng; g0 += kChunk) chunk(g0, kChunk);
+  if (g0 < ng) chunk(g0, static_cast<int>(ng - g0));
   for (int q = 0; q < NX; ++q)
     for (int g = 0; g < G; ++g) y[q * ystride + row + g] = sum_lanes(acc[q][g]);
 }
@@ -595,11 +608,13 @@ inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t ro
 // even at 4; the four interleaved 768-byte rows of a block streamed no faster than 10-11 GB/s a core, although the
 // product runs at 33 GB/s a core from cache: docs/kernels.md; the float way, on CPUs without AVX2 and FMA, takes
 // the same blocks, unmeasured, so that one code path is tested); int4 4 at a batch of 1 or 2, 2 beyond
-// (registers; int4's product is the limit, and one or two int4 rows were 2-7 % slower). Eight int4 rows at batch 1
-// (more independent chains) need 8 scale and 8 accumulator registers of AVX2's 16, and spill: 3-15 % slower than
-// four (docs/kernels.md)
+// (registers; int4's product is the limit), except rows of kLongRowBytes or more, one at a time as int8's (out_proj
+// and fc2 at hidden 768: 1.3-1.5x on one thread on the Zen 3 VM; 384-byte rows one at a time were 5-10 % slower).
+// Eight int4 rows at batch 1 (more independent chains) need 8 scale and 8 accumulator registers of AVX2's 16, and
+// spill: 3-15 % slower than four (docs/kernels.md)
 template <int NX, typename View>
 constexpr int kQuantBlock = std::is_same_v<View, Int8Rows> ? 1 : NX <= 2 ? 4 : 2;
+constexpr int64_t kLongRowBytes = 768;
 
 // rows [r0, r1) of a quantized view, for nx rows of (prepared, if View::kPrepared) x, xs floats apart.
 template <int NX, typename View>
@@ -607,7 +622,10 @@ template <int NX, typename View>
 inline void dot_rows_n(const View& w, const float* x, int64_t xs, int64_t r0, int64_t r1, float* y, int64_t ystride) {
   constexpr int G = kQuantBlock<NX, View>;
   int64_t row = r0;
-  for (; row + G <= r1; row += G) dot_block<NX, G>(w, x, xs, row, y, ystride);
+  bool blocks = true;
+  if constexpr (std::is_same_v<View, Int4Rows>) blocks = w.row_bytes() < kLongRowBytes;
+  if (blocks)
+    for (; row + G <= r1; row += G) dot_block<NX, G>(w, x, xs, row, y, ystride);
   for (; row < r1; ++row) dot_block<NX, 1>(w, x, xs, row, y, ystride);
 }
 
