@@ -57,8 +57,9 @@ def check_close(y, x, qw, bias, rel=1e-5):
 @example(o=37, i=784, rows=3, mode="int8", group=32, bf16=False, bias=False, seed=2)
 @example(o=9, i=48, rows=8, mode="int8", group=32, bf16=True, bias=True, seed=3)
 @example(o=40, i=256, rows=1, mode="int4", group=64, bf16=False, bias=True, seed=4)
-# int4 rows of 768 bytes or more (dot.h kLongRowBytes: taken one at a time), partial chunk of groups
-@example(o=9, i=1536, rows=1, mode="int4", group=32, bf16=False, bias=False, seed=5)
+# int4 rows of 768 bytes or more (dot.h kLongRowBytes: taken one at a time), each ending in a partial chunk of
+# groups (54 groups of 32: 6 chunks of 8 and one of 6; 26 of 64: 3 and one of 2)
+@example(o=9, i=1728, rows=1, mode="int4", group=32, bf16=False, bias=False, seed=5)
 @example(o=7, i=1664, rows=3, mode="int4", group=64, bf16=False, bias=True, seed=6)
 def test_kernel_matches_f_linear_on_the_dequantized_weight(o, i, rows, mode, group, bf16, bias, seed):
     qw, x, b = case(o, i, rows, mode, group, seed, bias)
@@ -101,6 +102,8 @@ def test_any_stored_bytes(i, group):
 @example(o=21, i=160, mode="int8", group=32, bias=True, seed=1)  # the integer ways (x rows four at a time: int8)
 @example(o=21, i=192, mode="int4", group=64, bias=False, seed=2)
 @example(o=11, i=1536, mode="int4", group=32, bias=False, seed=3)  # rows of 768 bytes: one at a time
+# int4 (the integer way): rows 20-22 one at a time at a batch of 1, rows 20-21 a block of 2 at 3 or more
+@example(o=23, i=192, mode="int4", group=32, bias=True, seed=4)
 def test_rows_are_batch_invariant(o, i, mode, group, bias, seed):
     """Each row of a few-row product is bit-identical to that row alone and to it within any other batch."""
     qw, x, b = case(o, i, cpu.MAX_ROWS, mode, group, seed, bias)
