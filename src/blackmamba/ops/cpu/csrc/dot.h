@@ -608,8 +608,9 @@ inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t ro
 // even at 4; the four interleaved 768-byte rows of a block streamed no faster than 10-11 GB/s a core, although the
 // product runs at 33 GB/s a core from cache: docs/kernels.md; the float way, on CPUs without AVX2 and FMA, takes
 // the same blocks, unmeasured, so that one code path is tested); int4 4 at a batch of 1 or 2, 2 beyond
-// (registers; int4's product is the limit), except rows of kLongRowBytes or more, one at a time as int8's (out_proj
-// and fc2 at hidden 768: 1.3-1.5x on one thread on the Zen 3 VM; 384-byte rows one at a time were 5-10 % slower).
+// (registers), except rows of kLongRowBytes or more, one at a time as int8's (out_proj
+// and fc2 at hidden 768: 1.3-1.5x on one thread on the Zen 3 VM, the integer way; the float way takes the same
+// rule, unmeasured, one code path; 384-byte rows one at a time were up to 13 % slower).
 // Eight int4 rows at batch 1 (more independent chains) need 8 scale and 8 accumulator registers of AVX2's 16, and
 // spill: 3-15 % slower than four (docs/kernels.md)
 template <int NX, typename View>
