@@ -212,6 +212,20 @@ inline float sum_lanes(__m256 v) {
   for (int j = 0; j < 8; ++j) s += l[j];
   return s;
 }
+
+// G rows' vectors summed by one tree, ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), whatever G (batch
+// invariance): four rows with three horizontal adds, one row by the same adds of the vector with itself
+template <int G> inline void sum_lanes_tree(const __m256 (&v)[G], float* out) {
+  if constexpr (G == 4) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  } else {
+    for (int g = 0; g < G; ++g) {
+      const __m256 p = _mm256_hadd_ps(v[g], v[g]), h = _mm256_hadd_ps(p, p);
+      out[g] = _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    }
+  }
+}
 #endif
 
 // int8, one float32 scale a row, times x quantized to int16 per kInt8XGroup elements (quantize_groups):
@@ -511,10 +525,11 @@ inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t ro
 // step t group t. (A cross-lane permute a step, vpermps, cost a quarter of the product's time on Zen 3.) One
 // accumulator a row: every row summed in one order whatever G and NX.
 template <int NX, int G, int GS>
-inline void dot_block_int8_x(const Int4Rows& w, const float* xp, int64_t xs, int64_t row, float* y,
+__attribute__((always_inline)) inline void dot_block_int8_x(const Int4Rows& w, const float* xp, int64_t xs, int64_t row, float* y,
                              int64_t ystride) {
   constexpr int kChunk = 8, S = Int4Rows::kIntStep, kSteps = kChunk * GS / S;  // steps a whole chunk
-  const int64_t len = w.len, rb = w.row_bytes(), ng = w.groups(), ngp = w.padded_groups();
+  constexpr int W = lanes<float>;  // (len a multiple of 64: the counts without divisions)
+  const int64_t len = w.len, rb = len / 2, ng = len / GS, ngp = (ng + W - 1) / W * W;
   const uint8_t* wr = w.q + row * rb;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[NX][G];
@@ -578,21 +593,22 @@ inline void dot_block_int8_x(const Int4Rows& w, const float* xp, int64_t xs, int
   int64_t g0 = 0;
   for (; g0 + kChunk <= ng; g0 += kChunk) chunk(g0, kChunk);
   if (g0 < ng) chunk(g0, static_cast<int>(ng - g0));
-  for (int q = 0; q < NX; ++q)
-    for (int g = 0; g < G; ++g) y[q * ystride + row + g] = sum_lanes(acc[q][g]);
+  for (int q = 0; q < NX; ++q) sum_lanes_tree<G>(acc[q], y + q * ystride + row);
+}
+
+// n blocks of G rows from row, one call (the block inlined: its constants and frame once, not once a block)
+template <int NX, int G, int GS>
+__attribute__((noinline)) void dot_blocks_int8_x(const Int4Rows& w, const float* xp, int64_t xs, int64_t row,
+                                                 int64_t n, float* y, int64_t ystride) {
+  for (int64_t b = 0; b < n; ++b) dot_block_int8_x<NX, G, GS>(w, xp, xs, row + b * G, y, ystride);
 }
 #endif
 
-// the usual group sizes unrolled for a batch of 1 or 2 on AVX2 / AVX-512 (code size and compile time: the generic
-// vector code compiles slowly), any other case by the general loop
+// the float way (the integer way: dot_blocks_int8_x, from dot_rows_n): the usual group sizes unrolled for a batch
+// of 1 or 2 on AVX2 / AVX-512 (code size and compile time: the generic vector code compiles slowly), any other
+// case by the general loop
 template <int NX, int G>
 inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t row, float* y, int64_t ystride) {
-#if BM_INT4_INT8_X
-  if (w.int8_x()) {
-    if (w.group == 32) return dot_block_int8_x<NX, G, 32>(w, xp, xs, row, y, ystride);
-    return dot_block_int8_x<NX, G, 64>(w, xp, xs, row, y, ystride);
-  }
-#endif
 #if defined(__AVX2__)
   if constexpr (NX <= 2) {
     constexpr int S = Int4Rows::kStep;
@@ -624,7 +640,21 @@ inline void dot_rows_n(const View& w, const float* x, int64_t xs, int64_t r0, in
   constexpr int G = kQuantBlock<NX, View>;
   int64_t row = r0;
   bool blocks = true;
-  if constexpr (std::is_same_v<View, Int4Rows>) blocks = w.row_bytes() < kLongRowBytes;
+  if constexpr (std::is_same_v<View, Int4Rows>) {
+    blocks = w.row_bytes() < kLongRowBytes;
+#if BM_INT4_INT8_X
+    if (w.int8_x()) {  // the blocks of G rows, or every row one at a time, each in one call
+      const int64_t n = blocks ? (r1 - r0) / G : 0;
+      auto run = [&]<int GS>() {
+        dot_blocks_int8_x<NX, G, GS>(w, x, xs, row, n, y, ystride);
+        dot_blocks_int8_x<NX, 1, GS>(w, x, xs, row + n * G, r1 - row - n * G, y, ystride);
+      };
+      if (w.group == 32) run.template operator()<32>();
+      else run.template operator()<64>();
+      return;
+    }
+#endif
+  }
   if (blocks)
     for (; row + G <= r1; row += G) dot_block<NX, G>(w, x, xs, row, y, ystride);
   for (; row < r1; ++row) dot_block<NX, 1>(w, x, xs, row, y, ystride);
