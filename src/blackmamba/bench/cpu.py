@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import BlackMambaConfig
+from ..generation.sampling import greedy
 from ..generation.stepper import Stepper
 from ..layers import GatedMLP, MambaMixer, MoE
 from ..model import BlackMambaLM
@@ -331,19 +332,19 @@ def _accuracy(fp32: BlackMambaLM, bf16: BlackMambaLM, ids: torch.Tensor) -> dict
 def _decode_tokens(model: BlackMambaLM, prompt: torch.Tensor, tokens: int,
                    bind_once: bool = True) -> Callable[[], None]:
     """``fn()`` greedily decodes ``tokens`` more tokens, one step at a time as ``generate`` does (its
-    ``Stepper``, then argmax), continuing the same sequence from call to call: the per-token cost does not
+    ``Stepper``, then ``greedy``), continuing the same sequence from call to call: the per-token cost does not
     depend on the context (measured below), so every call costs the same. ``bind_once=False``: each token
     through ``model.step`` instead, its weights bound for that one call (what binding once saves)."""
     with torch.no_grad():
         stepper = Stepper.for_model(model, prompt.shape[0])
-        last = [model(prompt, state=stepper.state).logits[:, -1].argmax(-1)]
+        last = [greedy(model(prompt, state=stepper.state).logits[:, -1])]
     step = stepper if bind_once else (lambda tok: model.step(tok, stepper.state))
 
     def run():
         with torch.no_grad():
             tok = last[0]
             for _ in range(tokens):
-                tok = step(tok).argmax(-1)
+                tok = greedy(step(tok))
             last[0] = tok
 
     return run

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .sampling import check_options, process_logits, row_generators
+from .sampling import check_options, greedy, process_logits, row_generators
 from .stepper import Stepper
 
 
@@ -84,7 +84,7 @@ def _stream(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top
                 probs = torch.softmax(scores, dim=-1)
                 nxt = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
             else:
-                nxt = scores.argmax(dim=-1)
+                nxt = greedy(scores)
             nxt = torch.where(done, history[:, -1], nxt)
             yield nxt
             history = torch.cat([history, nxt[:, None]], dim=1)

@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..generation.sampling import check_options, process_logits, row_generators
+from ..generation.sampling import check_options, greedy, process_logits, row_generators
 from ..generation.text import TextStream, encode_prompt
 from ..ops.cpu.build import MAX_ROWS
 from ..state import State
@@ -578,7 +578,7 @@ class Engine:
                 for j, i in enumerate(rows):
                     out[i] = int(torch.multinomial(probs[j], 1, generator=choices[i].generator))
             else:
-                for i, t in zip(rows, scores.argmax(dim=-1).tolist()):
+                for i, t in zip(rows, greedy(scores).tolist()):
                     out[i] = t
         return out
 
