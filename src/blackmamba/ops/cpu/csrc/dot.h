@@ -7,9 +7,9 @@
 #include "simd.h"
 
 #include <algorithm>
-#include <utility>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // Each product is rounded before it is added (no fused multiply-add here): with -ffp-contract=fast the compiler
@@ -525,8 +525,8 @@ inline void dot_block(const Int4Rows& w, const float* xp, int64_t xs, int64_t ro
 // step t group t. (A cross-lane permute a step, vpermps, cost a quarter of the product's time on Zen 3.) One
 // accumulator a row: every row summed in one order whatever G and NX.
 template <int NX, int G, int GS>
-__attribute__((always_inline)) inline void dot_block_int8_x(const Int4Rows& w, const float* xp, int64_t xs, int64_t row, float* y,
-                             int64_t ystride) {
+__attribute__((always_inline)) inline void dot_block_int8_x(const Int4Rows& w, const float* xp, int64_t xs,
+                                                            int64_t row, float* y, int64_t ystride) {
   constexpr int kChunk = 8, S = Int4Rows::kIntStep, kSteps = kChunk * GS / S;  // steps a whole chunk
   constexpr int W = lanes<float>;  // (len a multiple of 64: the counts without divisions)
   const int64_t len = w.len, rb = len / 2, ng = len / GS, ngp = (ng + W - 1) / W * W;
@@ -638,16 +638,15 @@ template <int NX, typename View>
   requires requires { View::kPrepared; }
 inline void dot_rows_n(const View& w, const float* x, int64_t xs, int64_t r0, int64_t r1, float* y, int64_t ystride) {
   constexpr int G = kQuantBlock<NX, View>;
-  int64_t row = r0;
-  bool blocks = true;
+  // n blocks of G rows, then the rest one at a time (int4's long rows: every row)
+  int64_t n = (r1 - r0) / G;
   if constexpr (std::is_same_v<View, Int4Rows>) {
-    blocks = w.row_bytes() < kLongRowBytes;
+    if (w.row_bytes() >= kLongRowBytes) n = 0;
 #if BM_INT4_INT8_X
-    if (w.int8_x()) {  // the blocks of G rows, or every row one at a time, each in one call
-      const int64_t n = blocks ? (r1 - r0) / G : 0;
+    if (w.int8_x()) {  // the integer way: the blocks, then the rest, each in one call
       auto run = [&]<int GS>() {
-        dot_blocks_int8_x<NX, G, GS>(w, x, xs, row, n, y, ystride);
-        dot_blocks_int8_x<NX, 1, GS>(w, x, xs, row + n * G, r1 - row - n * G, y, ystride);
+        dot_blocks_int8_x<NX, G, GS>(w, x, xs, r0, n, y, ystride);
+        dot_blocks_int8_x<NX, 1, GS>(w, x, xs, r0 + n * G, r1 - r0 - n * G, y, ystride);
       };
       if (w.group == 32) run.template operator()<32>();
       else run.template operator()<64>();
@@ -655,8 +654,8 @@ inline void dot_rows_n(const View& w, const float* x, int64_t xs, int64_t r0, in
     }
 #endif
   }
-  if (blocks)
-    for (; row + G <= r1; row += G) dot_block<NX, G>(w, x, xs, row, y, ystride);
+  int64_t row = r0;
+  for (; row < r0 + n * G; row += G) dot_block<NX, G>(w, x, xs, row, y, ystride);
   for (; row < r1; ++row) dot_block<NX, 1>(w, x, xs, row, y, ystride);
 }
 
